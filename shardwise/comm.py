@@ -1,0 +1,350 @@
+"""Differentiable collectives, named by their forward/backward pair, and the collective ledger.
+
+Megatron-LM's names, for a tensor-parallel group of t ranks:
+
+==========================  =====================  =====================
+function                    forward                backward
+==========================  =====================  =====================
+``copy_to_tp``   (*f*)      identity               all-reduce
+``reduce_from_tp`` (*g*)    all-reduce             identity
+``gather_from_tp``          all-gather (last dim)  split (keep own slice)
+``scatter_to_tp``           split (last dim)       all-gather
+``gather_seq``              all-gather (seq dim)   reduce-scatter
+``reduce_scatter_seq``      reduce-scatter (seq)   all-gather
+``scatter_seq``             split (seq dim)        all-gather
+==========================  =====================  =====================
+
+Each backward is its dual's forward. Every function takes its group explicitly and returns its
+input unchanged when the group has one rank (``None``). Sizes along the last dimension may differ
+by rank (uneven head splits): pass ``sizes``. Sequence-parallel splits must be even.
+
+The :class:`Ledger` counts every collective issued through ``torch.distributed`` while it is
+active, including raw ``dist.all_reduce`` calls outside this module (it wraps the functions of
+``torch.distributed`` for its lifetime). Code here calls ``dist.<op>`` at call time for that reason.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .mesh import ProcessGroup, group_rank, group_size
+
+# --------------------------------------------------------------------------- the ledger
+
+_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+        "reduce_scatter", "broadcast", "all_to_all_single", "send", "recv", "isend", "irecv",
+        "barrier", "broadcast_object_list", "all_gather_object")
+
+
+def _nbytes(op: str, args: tuple, kwargs: dict) -> int:
+    """Message size S in nccl-tests' sense: the full (gathered / unreduced) buffer."""
+    if not args:
+        return 0
+    first = args[0]
+    if op == "all_gather" and isinstance(first, (list, tuple)):
+        return sum(t.numel() * t.element_size() for t in first)
+    if op == "reduce_scatter" and len(args) > 1:
+        return sum(t.numel() * t.element_size() for t in args[1])
+    if op == "reduce_scatter_tensor" and len(args) > 1:
+        return args[1].numel() * args[1].element_size()
+    if isinstance(first, torch.Tensor):
+        return first.numel() * first.element_size()
+    return 0
+
+
+@dataclass
+class Tally:
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+class Ledger:
+    """Counts collectives (calls, bytes, wall seconds) by kind while active.
+
+    >>> with Ledger() as ledger:
+    ...     y = model(x)
+    >>> ledger.calls("all_reduce")
+
+    Seconds are the time spent inside the call: for synchronous collectives that is the cost the
+    rank waited for; for ``async_op=True`` it is only the launch.
+    """
+
+    _active: list["Ledger"] = []
+    _originals: dict[str, Callable[..., Any]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.tally: dict[str, Tally] = defaultdict(Tally)
+
+    def calls(self, kind: str | None = None) -> int:
+        return sum(t.calls for k, t in self.tally.items() if kind in (None, k))
+
+    def bytes(self, kind: str | None = None) -> int:
+        return sum(t.bytes for k, t in self.tally.items() if kind in (None, k))
+
+    @property
+    def seconds(self) -> float:
+        return sum(t.seconds for t in self.tally.values())
+
+    def counts(self) -> dict[str, int]:
+        return {k: t.calls for k, t in sorted(self.tally.items()) if t.calls}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {k: {"calls": t.calls, "bytes": t.bytes, "seconds": round(t.seconds, 6)}
+                for k, t in sorted(self.tally.items()) if t.calls}
+
+    def reset(self) -> None:
+        self.tally.clear()
+
+    def record(self, kind: str, nbytes: int, seconds: float) -> None:
+        t = self.tally[kind]
+        t.calls += 1
+        t.bytes += nbytes
+        t.seconds += seconds
+
+    def __enter__(self) -> "Ledger":
+        with Ledger._lock:
+            if not Ledger._active:
+                _install()
+            Ledger._active.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with Ledger._lock:
+            Ledger._active.remove(self)
+            if not Ledger._active:
+                _uninstall()
+
+
+def record(kind: str, nbytes: int, seconds: float) -> None:
+    """Report a collective that did not go through ``torch.distributed`` (e.g. shared memory)."""
+    for ledger in Ledger._active:
+        ledger.record(kind, nbytes, seconds)
+
+
+def _wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            record(op, _nbytes(op, args, kwargs), time.perf_counter() - start)
+    return counted
+
+
+def _install() -> None:
+    for op in _OPS:
+        if hasattr(dist, op):
+            Ledger._originals[op] = getattr(dist, op)
+            setattr(dist, op, _wrap(op, getattr(dist, op)))
+
+
+def _uninstall() -> None:
+    for op, fn in Ledger._originals.items():
+        setattr(dist, op, fn)
+    Ledger._originals.clear()
+
+
+# --------------------------------------------------------------------------- raw helpers
+
+def all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Sum ``x`` over ``group`` into a new tensor (the input is left as it was)."""
+    if group_size(group) == 1:
+        return x
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def all_gather_last(x: torch.Tensor, group: ProcessGroup | None,
+                    sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along the last dimension; ``sizes`` for uneven pieces."""
+    t = group_size(group)
+    if t == 1:
+        return x
+    width = max(sizes) if sizes else x.shape[-1]
+    if x.shape[-1] < width:  # pad uneven pieces to a common width, gather, trim
+        x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+    out = torch.empty((t,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    pieces = [out[r][..., : (sizes[r] if sizes else width)] for r in range(t)]
+    return torch.cat(pieces, dim=-1)
+
+
+def split_last(x: torch.Tensor, group: ProcessGroup | None,
+               sizes: Sequence[int] | None = None) -> torch.Tensor:
+    t = group_size(group)
+    if t == 1:
+        return x
+    sizes = list(sizes) if sizes else [x.shape[-1] // t] * t
+    if sum(sizes) != x.shape[-1]:
+        raise ValueError(f"cannot split a last dimension of {x.shape[-1]} into {sizes}")
+    r = group_rank(group)
+    start = sum(sizes[:r])
+    return x[..., start:start + sizes[r]].contiguous()
+
+
+def _check_seq(n: int, t: int, dim: int) -> None:
+    if n % t:
+        raise ValueError(f"sequence parallelism splits dimension {dim} of size {n} over tp={t} "
+                         f"ranks: it must be divisible; pad the sequence to {-(-n // t) * t}")
+
+
+def all_gather_dim(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.Tensor:
+    t = group_size(group)
+    if t == 1:
+        return x
+    out = torch.empty((t,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    # (t, ..., n/t, ...) -> (..., t, n/t, ...) -> (..., n, ...)
+    out = out.movedim(0, dim)
+    return out.reshape(x.shape[:dim] + (t * x.shape[dim],) + x.shape[dim + 1:])
+
+
+def reduce_scatter_dim(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.Tensor:
+    t = group_size(group)
+    if t == 1:
+        return x
+    _check_seq(x.shape[dim], t, dim)
+    # (..., n, ...) -> (t, ..., n/t, ...) contiguous so that rank r's piece is one block
+    parts = x.reshape(x.shape[:dim] + (t, x.shape[dim] // t) + x.shape[dim + 1:])
+    parts = parts.movedim(dim, 0).contiguous()
+    out = torch.empty(parts.shape[1:], dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, parts, group=group)
+    return out
+
+
+def split_dim(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.Tensor:
+    t = group_size(group)
+    if t == 1:
+        return x
+    _check_seq(x.shape[dim], t, dim)
+    return x.chunk(t, dim=dim)[group_rank(group)].contiguous()
+
+
+# --------------------------------------------------------------------------- autograd pairs
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_reduce(dy, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sizes):
+        ctx.group, ctx.sizes = group, sizes
+        return all_gather_last(x, group, sizes)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return split_last(dy, ctx.group, ctx.sizes), None, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sizes):
+        ctx.group, ctx.sizes = group, sizes
+        return split_last(x, group, sizes)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_gather_last(dy, ctx.group, ctx.sizes), None, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather_dim(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return reduce_scatter_dim(dy, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return reduce_scatter_dim(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_gather_dim(dy, ctx.group, ctx.dim), None, None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return split_dim(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_gather_dim(dy, ctx.group, ctx.dim), None, None
+
+
+def _trivial(group: ProcessGroup | None) -> bool:
+    return group_size(group) == 1
+
+
+def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """*f*: identity forward, all-reduce backward. Enters a tensor-parallel region."""
+    return x if _trivial(group) else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """*g*: all-reduce forward, identity backward. Leaves a tensor-parallel region."""
+    return x if _trivial(group) else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group: ProcessGroup | None,
+                   sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """All-gather along the last dimension forward; keep own slice backward."""
+    return x if _trivial(group) else _GatherFromTP.apply(x, group, tuple(sizes) if sizes else None)
+
+
+def scatter_to_tp(x: torch.Tensor, group: ProcessGroup | None,
+                  sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Keep own slice of the last dimension forward; all-gather backward."""
+    return x if _trivial(group) else _ScatterToTP.apply(x, group, tuple(sizes) if sizes else None)
+
+
+def gather_seq(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+    """Sequence parallelism: all-gather along ``dim`` forward, reduce-scatter backward."""
+    return x if _trivial(group) else _GatherSeq.apply(x, group, dim)
+
+
+def reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+    """Sequence parallelism: reduce-scatter along ``dim`` forward, all-gather backward."""
+    return x if _trivial(group) else _ReduceScatterSeq.apply(x, group, dim)
+
+
+def scatter_seq(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
+    """Enter sequence parallelism: keep own piece of ``dim`` forward, all-gather backward."""
+    return x if _trivial(group) else _ScatterSeq.apply(x, group, dim)

@@ -1,0 +1,272 @@
+"""Megatron-style sharded layers.
+
+Column parallel, weight ``W`` of shape ``(out, in)`` split by output rows ``W = [W_1; ...; W_t]``::
+
+    Y_i = X W_i^T          X replicated (b, s, in)  ->  Y_i (b, s, out_i)
+    dX  = sum_i dY_i W_i   (all-reduce: *f*'s backward, overlapped with the weight gradient)
+    dW_i = dY_i^T X        (local)
+
+Row parallel, ``W = [W_1, ..., W_t]`` split by input columns, input already split ``X = [X_1 ... X_t]``::
+
+    Y  = sum_i X_i W_i^T + b   (all-reduce: *g*; the bias added once, after the sum)
+    dX_i = dY W_i, dW_i = dY^T X_i   (local)
+
+A column layer followed by a row layer (attention: QKV then output; MLP: gate/up then down)
+costs one all-reduce forward and one backward. With sequence parallelism the activations between
+blocks are split along the sequence: the column layer all-gathers its input (reduce-scatter
+backward) and the row layer reduce-scatters its output (all-gather backward).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import comm
+from .mesh import ProcessGroup, group_rank, group_size
+from .partition import Partition
+from .shards import Piece
+
+
+def even_pieces(full: int, group: ProcessGroup | None, *, dim: int = 0, unit_size: int = 1,
+                unit: str = "features") -> list[Piece]:
+    """One piece: this rank's share of ``full`` (= units x unit_size), split as evenly as possible."""
+    part = Partition(full // unit_size, group_size(group), unit=unit)
+    start, stop = part.range(group_rank(group))
+    return [Piece("", dim, start * unit_size, stop * unit_size, full)]
+
+
+def _all_sizes(full: int, group: ProcessGroup | None) -> list[int]:
+    return Partition(full, group_size(group), unit="features").sizes
+
+
+def _mark(p: nn.Parameter, pieces: list[Piece] | None = None, *, sp_partial: bool = False) -> None:
+    if pieces is not None:
+        p.pieces = pieces
+    if sp_partial:
+        p.sequence_parallel_partial = True  # grad is a partial sum over sequence shards
+
+
+class _ColumnMatmul(torch.autograd.Function):
+    """``Y = X W^T (+ b)`` entering a TP region: *f* fused with the matmul so that the backward
+    all-reduce of dX runs while dW is computed (Megatron's async grad all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dy.matmul(weight)
+        work = comm.dist.all_reduce(dx, group=ctx.group, async_op=True)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dw = dy2.t().matmul(x.reshape(-1, x.shape[-1]))
+        db = dy2.sum(0) if ctx.has_bias else None
+        work.wait()
+        return dx, dw, db, None
+
+
+class ColumnParallelLinear(nn.Module):
+    """``Y = X W^T + b`` with ``W`` split by output rows.
+
+    ``out`` is the full output size (split evenly) or an explicit list of :class:`Piece` (fused
+    layouts: QKV, gate/up). ``gather_output`` all-gathers the output (only for an even/uneven split
+    of one tensor). ``sequence_parallel``: the input is split along the sequence (dim 1) and is
+    all-gathered first.
+    """
+
+    def __init__(self, in_features: int, out: int | Sequence[Piece], *,
+                 group: ProcessGroup | None, bias: bool = False, gather_output: bool = False,
+                 sequence_parallel: bool = False, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        self.in_features = in_features
+        if isinstance(out, int):
+            self.gather_sizes = _all_sizes(out, group)
+            pieces = even_pieces(out, group)
+        else:
+            if gather_output:
+                raise ValueError("gather_output needs a plain split, not fused pieces")
+            self.gather_sizes, pieces = None, list(out)
+        local = sum(p.length for p in pieces)
+        self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype, device=device))
+        _mark(self.weight, [Piece(p.key, 0, p.start, p.stop, p.full, p.pad) for p in pieces])
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(local, dtype=dtype, device=device))
+            _mark(self.bias, [Piece(p.key, 0, p.start, p.stop, p.full, p.pad) for p in pieces])
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        if self.sequence_parallel:
+            y = F.linear(comm.gather_seq(x, self.group), weight, self.bias)
+        elif group_size(self.group) > 1 and torch.is_grad_enabled() and x.requires_grad:
+            y = _ColumnMatmul.apply(x, weight, self.bias, self.group)
+        else:
+            y = F.linear(x, weight, self.bias)
+        if self.gather_output:
+            y = comm.gather_from_tp(y, self.group, self.gather_sizes)
+        return y
+
+
+class RowParallelLinear(nn.Module):
+    """``Y = X W^T + b`` with ``W`` split by input columns; the partial products are summed.
+
+    ``input_is_parallel``: the input already holds this rank's columns (the usual case after a
+    column layer); otherwise it is split first. ``in_pieces`` gives an uneven split explicitly
+    (e.g. 5 + 4 heads x head_dim). The bias is replicated and added once, after the reduction.
+    ``sequence_parallel``: reduce-scatter the output along the sequence instead of all-reducing.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, group: ProcessGroup | None,
+                 bias: bool = False, input_is_parallel: bool = True,
+                 sequence_parallel: bool = False, in_pieces: Sequence[Piece] | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.group, self.input_is_parallel = group, input_is_parallel
+        self.sequence_parallel = sequence_parallel
+        pieces = [Piece(p.key, 1, p.start, p.stop, p.full) for p in in_pieces] if in_pieces \
+            else even_pieces(in_features, group, dim=1)
+        self.split_sizes = None if in_pieces else _all_sizes(in_features, group)
+        local = sum(p.length for p in pieces)
+        self.weight = nn.Parameter(torch.empty(out_features, local, dtype=dtype, device=device))
+        _mark(self.weight, pieces)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+            _mark(self.bias, sp_partial=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = comm.scatter_to_tp(x, self.group, self.split_sizes)
+        y = F.linear(x, self.weight)
+        y = comm.reduce_scatter_seq(y, self.group) if self.sequence_parallel \
+            else comm.reduce_from_tp(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split over ranks, padded to a multiple of ``tp x multiple``.
+
+    Rank r owns rows ``[start, stop)``. Ids outside it look up row 0 and are zeroed; the partial
+    embeddings are summed (all-reduce, or reduce-scatter along the sequence under sequence
+    parallelism). Padded rows are zero and belong to no token.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: ProcessGroup | None,
+                 pad_multiple: int = 1, sequence_parallel: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.num_embeddings = num_embeddings
+        self.partition = Partition(num_embeddings, group_size(group), unit="vocabulary rows",
+                                   multiple=max(1, pad_multiple))
+        self.start, self.stop = self.partition.range(group_rank(group))
+        real0, real1 = self.partition.real_range(group_rank(group))
+        self.weight = nn.Parameter(torch.empty(self.stop - self.start, embedding_dim,
+                                               dtype=dtype, device=device))
+        _mark(self.weight, [Piece("", 0, real0, real1, num_embeddings,
+                                  pad=(self.stop - self.start) - (real1 - real0))])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if group_size(self.group) == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.stop)
+        local = torch.where(outside, 0, ids - self.start)
+        out = F.embedding(local, self.weight) * (~outside).unsqueeze(-1).to(self.weight.dtype)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_seq(out, self.group)
+        return comm.reduce_from_tp(out, self.group)
+
+
+class ParallelLMHead(nn.Module):
+    """Vocabulary-parallel output projection: local logits ``(b, s, V_pad / t)``.
+
+    Shares the partition (and, when tied, the weight) of a :class:`VocabParallelEmbedding`.
+    Logits of padded rows are set to ``-inf`` so they never win an argmax or a softmax.
+    """
+
+    def __init__(self, embedding: VocabParallelEmbedding, *, tied: bool,
+                 sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.group, self.sequence_parallel = embedding.group, sequence_parallel
+        self.partition, self.start, self.stop = embedding.partition, embedding.start, embedding.stop
+        self.num_embeddings = embedding.num_embeddings
+        self.valid = max(0, min(self.stop, self.num_embeddings) - self.start)
+        # not a submodule: the embedding is registered once, by the model
+        object.__setattr__(self, "_tied", embedding if tied else None)
+        if not tied:
+            w = embedding.weight
+            self.weight = nn.Parameter(torch.empty_like(w))
+            _mark(self.weight, list(w.pieces))
+
+    def local_weight(self) -> torch.Tensor:
+        return self._tied.weight if self._tied is not None else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = comm.gather_seq(x, self.group)
+            logits = F.linear(x, self.local_weight())
+        elif group_size(self.group) > 1 and torch.is_grad_enabled() and x.requires_grad:
+            logits = _ColumnMatmul.apply(x, self.local_weight(), None, self.group)
+        else:
+            logits = F.linear(x, self.local_weight())
+        if self.valid < logits.shape[-1]:
+            logits = logits.clone()
+            logits[..., self.valid:] = float("-inf")
+        return logits
+
+
+def gather_logits(local: torch.Tensor, head: ParallelLMHead) -> torch.Tensor:
+    """Full logits ``(..., vocab)`` from the vocabulary-parallel pieces (padding dropped)."""
+    full = comm.all_gather_last(local, head.group)
+    return full[..., : head.num_embeddings]
+
+
+@torch.no_grad()
+def finalize_grads(module: nn.Module, group: ProcessGroup | None) -> int:
+    """Complete the gradients that backward leaves partial across the TP group, in one all-reduce:
+
+    * parameters replicated across TP whose gradient is a partial sum over sequence shards
+      (norm weights and row-parallel biases under sequence parallelism);
+    * rows of KV heads held by several ranks (uneven or replicated head layouts), summed over the
+      ranks that hold them (the others contribute zeros).
+
+    Call after backward (after all micro-batches), before clipping and the optimizer step.
+    Returns the number of elements reduced (0: no collective was issued).
+    """
+    if group_size(group) == 1:
+        return 0
+    items: list[tuple[int, torch.Tensor | None]] = []
+    for m in module.modules():
+        if hasattr(m, "grad_sync_items"):
+            items.extend(m.grad_sync_items())
+    for p in module.parameters():
+        if getattr(p, "sequence_parallel_partial", False):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            items.append((p.numel(), p.grad))
+    total = sum(n for n, _ in items)
+    if not total:
+        return 0
+    ref = next((v for _, v in items if v is not None), None)
+    buf = torch.zeros(total, dtype=ref.dtype if ref is not None else torch.float32,
+                      device=ref.device if ref is not None else "cpu")
+    offset = 0
+    for n, view in items:
+        if view is not None:
+            buf[offset:offset + n].copy_(view.reshape(-1))
+        offset += n
+    comm.dist.all_reduce(buf, group=group)
+    offset = 0
+    for n, view in items:
+        if view is not None:
+            view.copy_(buf[offset:offset + n].view_as(view))
+        offset += n
+    return total

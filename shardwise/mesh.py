@@ -1,0 +1,148 @@
+"""The TP x PP x DP grid of ranks and its process groups.
+
+The grid is one line, ``torch.arange(world).view(pp, dp, tp)``: TP innermost, so the ranks of a
+tensor-parallel group are neighbours (one node, the fastest links), then data parallelism, then
+pipeline stages outermost. For world 8 with tp=2, pp=2, dp=2::
+
+    pp stage 0: dp 0 -> ranks [0, 1]   dp 1 -> ranks [2, 3]
+    pp stage 1: dp 0 -> ranks [4, 5]   dp 1 -> ranks [6, 7]
+
+TP groups are the rows ``[0,1] [2,3] [4,5] [6,7]``, DP groups ``[0,2] [1,3] [4,6] [5,7]`` and PP
+groups ``[0,4] [1,5] [2,6] [3,7]``.
+
+This module is the one place that reads the launcher's environment (torchrun's RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Everything else receives a :class:`Mesh` or a group.
+A group of one rank is represented by ``None``: every collective is a no-op on it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = dist.ProcessGroup
+
+
+def group_size(group: ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+_SUBGROUPS: dict[tuple[int, ...], ProcessGroup | None] = {}
+
+
+def subgroup(ranks: list[int] | tuple[int, ...]) -> ProcessGroup | None:
+    """A process group over ``ranks`` (cached). Every rank of the world must call this in the same
+    order, members or not (torch.distributed's rule). A group of one rank is ``None``."""
+    key = tuple(ranks)
+    if key not in _SUBGROUPS:
+        use = len(key) > 1 and dist.is_initialized()
+        _SUBGROUPS[key] = dist.new_group(list(key)) if use else None
+    return _SUBGROUPS[key]
+
+
+def grid(tp: int, pp: int, dp: int) -> torch.Tensor:
+    """``(pp, dp, tp)`` tensor of global ranks, TP innermost."""
+    return torch.arange(tp * pp * dp).view(pp, dp, tp)
+
+
+def validate(tp: int, pp: int, dp: int, world_size: int) -> None:
+    for name, v in (("tp", tp), ("pp", pp), ("dp", dp)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r}: each parallel degree must be an integer >= 1")
+    if tp * pp * dp != world_size:
+        raise ValueError(
+            f"tp={tp} x pp={pp} x dp={dp} = {tp * pp * dp} but the world has {world_size} "
+            f"processes: launch {tp * pp * dp} processes or choose degrees whose product is "
+            f"{world_size}")
+
+
+@dataclass
+class Mesh:
+    """Process groups of a TP x PP x DP grid (TP innermost) and this rank's coordinates."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tp_group: ProcessGroup | None = None
+    pp_group: ProcessGroup | None = None
+    dp_group: ProcessGroup | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def coords(self) -> tuple[int, int, int]:
+        """``(pp_rank, dp_rank, tp_rank)`` of this rank."""
+        r = self.rank
+        return r // (self.dp * self.tp), (r // self.tp) % self.dp, r % self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords[2]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords[1]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords[0]
+
+    def ranks(self, dim: str) -> list[int]:
+        """Global ranks of this rank's group along ``dim`` ("tp", "pp" or "dp")."""
+        g = grid(self.tp, self.pp, self.dp)
+        p, d, t = self.coords
+        return {"tp": g[p, d, :], "dp": g[p, :, t], "pp": g[:, d, t]}[dim].tolist()
+
+    @classmethod
+    def init(cls, tp: int = 1, pp: int = 1, dp: int = 1, *, backend: str | None = None,
+             timeout_s: float = 300.0) -> "Mesh":
+        """Join (or start) the default process group and build the grid's groups.
+
+        Reads torchrun's environment; without it, a world of one process needs no process group.
+        The backend defaults to NCCL when CUDA is available and gloo otherwise.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        validate(tp, pp, dp, world)
+        use_cuda = torch.cuda.is_available() and backend != "gloo"
+        device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda \
+            else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if world > 1 and not dist.is_initialized():
+            backend = backend or ("nccl" if use_cuda else "gloo")
+            dist.init_process_group(backend, rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=timeout_s))
+        mesh = cls(tp=tp, pp=pp, dp=dp, rank=rank, local_rank=local_rank, device=device)
+        mesh._build_groups()
+        return mesh
+
+    def _build_groups(self) -> None:
+        g = grid(self.tp, self.pp, self.dp)
+        p, d, t = self.coords
+        # Every rank creates every group, in the same order (torch.distributed's rule).
+        for dim, rows, mine in (("tp", g.reshape(-1, self.tp), g[p, d, :]),
+                                ("dp", g.permute(0, 2, 1).reshape(-1, self.dp), g[p, :, t]),
+                                ("pp", g.permute(1, 2, 0).reshape(-1, self.pp), g[:, d, t])):
+            for row in rows.tolist():
+                group = subgroup(row)
+                if row == mine.tolist():
+                    setattr(self, f"{dim}_group", group)
+
+    def __repr__(self) -> str:
+        p, d, t = self.coords
+        return (f"Mesh(tp={self.tp}, pp={self.pp}, dp={self.dp}, rank={self.rank} "
+                f"-> pp_rank={p}, dp_rank={d}, tp_rank={t}, device={self.device})")

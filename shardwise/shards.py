@@ -1,0 +1,120 @@
+"""Which part of a full (unsharded) tensor a rank's parameter holds.
+
+A sharded parameter carries ``param.pieces``: a list of :class:`Piece`. The local tensor is the
+concatenation, along ``dim``, of rows ``[start, stop)`` of one or more full tensors, each followed
+by ``pad`` zero rows (vocabulary padding). A fused QKV weight on a rank is three pieces::
+
+    local = cat([Wq[q0*d : q1*d], Wk[k0*d : k1*d], Wv[k0*d : k1*d]], dim=0)
+
+A piece's ``key`` names the full tensor relative to the parameter's module: ``""`` is the
+parameter itself; ``"q_proj"`` in module ``...self_attn.qkv_proj`` with attribute ``weight`` names
+``...self_attn.q_proj.weight``. Our modules are named like Hugging Face's Llama, so these names are
+exactly the checkpoint's: loading, initialising, saving and merging all follow from the pieces.
+A parameter without pieces is replicated on every rank.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Piece:
+    key: str
+    dim: int
+    start: int
+    stop: int
+    full: int  # the full tensor's size along ``dim`` (real, without padding)
+    pad: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start + self.pad
+
+
+def full_name(param_path: str, key: str) -> str:
+    """``model.layers.0.self_attn.qkv_proj.weight`` + ``q_proj`` -> ``...self_attn.q_proj.weight``."""
+    if not key:
+        return param_path
+    module, attr = param_path.rsplit(".", 1)
+    parent = module.rsplit(".", 1)[0] if "." in module else ""
+    return f"{parent}.{key}.{attr}" if parent else f"{key}.{attr}"
+
+
+def pieces_of(param: torch.Tensor) -> list[Piece] | None:
+    return getattr(param, "pieces", None)
+
+
+def full_shape(param: torch.Tensor, piece: Piece) -> tuple[int, ...]:
+    shape = list(param.shape)
+    shape[piece.dim] = piece.full
+    return tuple(shape)
+
+
+def sharded_params(module: nn.Module) -> Iterator[tuple[str, nn.Parameter, list[Piece] | None]]:
+    """``(path, parameter, pieces or None)`` for every parameter, tied ones once."""
+    for path, p in module.named_parameters(remove_duplicate=True):
+        yield path, p, pieces_of(p)
+
+
+ReadFn = Callable[[str, tuple, int, int, int], torch.Tensor]
+"""``read(name, full_shape, dim, start, stop)``: rows ``[start, stop)`` along ``dim`` of the full
+tensor ``name``, whose shape should be ``full_shape`` (readers check it)."""
+
+
+def assemble_local(path: str, param: torch.Tensor, read: ReadFn) -> torch.Tensor:
+    """The rank's local tensor for ``param``, reading only its rows through ``read``."""
+    pieces = pieces_of(param)
+    if not pieces:
+        return read(path, tuple(param.shape), 0, 0, param.shape[0] if param.dim() else 0)
+    parts = []
+    for pc in pieces:
+        part = read(full_name(path, pc.key), full_shape(param, pc), pc.dim, pc.start, pc.stop)
+        if pc.pad:
+            shape = list(part.shape)
+            shape[pc.dim] = pc.pad
+            part = torch.cat([part, part.new_zeros(shape)], dim=pc.dim)
+        parts.append(part)
+    return torch.cat(parts, dim=pieces[0].dim)
+
+
+def split_local(path: str, local: torch.Tensor) -> Iterator[tuple[str, Piece | None, torch.Tensor]]:
+    """Inverse of :func:`assemble_local`: ``(full name, piece, rows)`` without the padding."""
+    pieces = pieces_of(local)
+    if not pieces:
+        yield path, None, local
+        return
+    offset = 0
+    for pc in pieces:
+        rows = local.narrow(pc.dim, offset, pc.stop - pc.start)
+        offset += pc.length
+        yield full_name(path, pc.key), pc, rows
+
+
+def seeded_normal(name: str, shape: tuple[int, ...], *, seed: int, std: float) -> torch.Tensor:
+    """A full tensor drawn from N(0, std^2) by a generator seeded from ``seed`` and the tensor's
+    name: the same on every rank and at every tp, so initialisation does not depend on tp."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.randn(shape, generator=gen) * std
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, *, seed: int = 0, std: float = 0.02) -> None:
+    """Initialise every parameter as the unsharded model would be, then keep the local rows.
+
+    Matrices and embeddings: N(0, std^2) (Llama's ``initializer_range``); vectors named like
+    norms: ones; other vectors (biases): zeros. Each full tensor is materialised once, on CPU.
+    """
+    def read(name: str, shape: tuple, dim: int, start: int, stop: int) -> torch.Tensor:
+        if len(shape) >= 2:
+            full = seeded_normal(name, shape, seed=seed, std=std)
+        else:
+            full = torch.ones(shape) if "norm" in name else torch.zeros(shape)
+        return full.narrow(dim, start, stop - start) if full.dim() else full
+
+    for path, p, _ in sharded_params(module):
+        p.copy_(assemble_local(path, p, read).to(p.dtype))
