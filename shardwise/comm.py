@@ -38,9 +38,15 @@ from .mesh import ProcessGroup, group_rank, group_size
 
 # --------------------------------------------------------------------------- the ledger
 
-_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-        "reduce_scatter", "broadcast", "all_to_all_single", "send", "recv", "isend", "irecv",
-        "barrier", "broadcast_object_list", "all_gather_object")
+# torch.distributed function -> the kind it is counted as (old and new names count the same)
+_OPS = {"all_reduce": "all_reduce", "all_gather": "all_gather",
+        "all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather",
+        "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_single": "reduce_scatter",
+        "reduce_scatter": "reduce_scatter", "broadcast": "broadcast",
+        "all_to_all_single": "all_to_all", "send": "send", "recv": "recv", "isend": "send",
+        "irecv": "recv", "barrier": "barrier", "broadcast_object_list": "broadcast_object",
+        "all_gather_object": "all_gather_object"}
+_depth = threading.local()
 
 
 def _nbytes(op: str, args: tuple, kwargs: dict) -> int:
@@ -52,7 +58,7 @@ def _nbytes(op: str, args: tuple, kwargs: dict) -> int:
         return sum(t.numel() * t.element_size() for t in first)
     if op == "reduce_scatter" and len(args) > 1:
         return sum(t.numel() * t.element_size() for t in args[1])
-    if op == "reduce_scatter_tensor" and len(args) > 1:
+    if op in ("reduce_scatter_tensor", "reduce_scatter_single") and len(args) > 1:
         return args[1].numel() * args[1].element_size()
     if isinstance(first, torch.Tensor):
         return first.numel() * first.element_size()
@@ -133,11 +139,15 @@ def record(kind: str, nbytes: int, seconds: float) -> None:
 def _wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def counted(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_depth, "n", 0):  # a wrapped function calling another: count once
+            return fn(*args, **kwargs)
+        _depth.n = 1
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            record(op, _nbytes(op, args, kwargs), time.perf_counter() - start)
+            _depth.n = 0
+            record(_OPS[op], _nbytes(op, args, kwargs), time.perf_counter() - start)
     return counted
 
 
@@ -165,6 +175,15 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return out
 
 
+def _gather_stacked(x: torch.Tensor, group: ProcessGroup | None, t: int) -> torch.Tensor:
+    """``(t, *x.shape)``: every rank's ``x``, stacked in rank order (one collective)."""
+    x = x.contiguous()
+    out = torch.empty((t * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, x, group=group)
+    return out.view((t,) + tuple(x.shape))
+
+
 def all_gather_last(x: torch.Tensor, group: ProcessGroup | None,
                     sizes: Sequence[int] | None = None) -> torch.Tensor:
     """Concatenate every rank's ``x`` along the last dimension; ``sizes`` for uneven pieces."""
@@ -174,8 +193,7 @@ def all_gather_last(x: torch.Tensor, group: ProcessGroup | None,
     width = max(sizes) if sizes else x.shape[-1]
     if x.shape[-1] < width:  # pad uneven pieces to a common width, gather, trim
         x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
-    out = torch.empty((t,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    out = _gather_stacked(x, group, t)
     pieces = [out[r][..., : (sizes[r] if sizes else width)] for r in range(t)]
     return torch.cat(pieces, dim=-1)
 
@@ -203,8 +221,7 @@ def all_gather_dim(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> tor
     t = group_size(group)
     if t == 1:
         return x
-    out = torch.empty((t,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    out = _gather_stacked(x, group, t)
     # (t, ..., n/t, ...) -> (..., t, n/t, ...) -> (..., n, ...)
     out = out.movedim(0, dim)
     return out.reshape(x.shape[:dim] + (t * x.shape[dim],) + x.shape[dim + 1:])
@@ -219,7 +236,8 @@ def reduce_scatter_dim(x: torch.Tensor, group: ProcessGroup | None, dim: int) ->
     parts = x.reshape(x.shape[:dim] + (t, x.shape[dim] // t) + x.shape[dim + 1:])
     parts = parts.movedim(dim, 0).contiguous()
     out = torch.empty(parts.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, parts, group=group)
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, parts.view((-1,) + tuple(parts.shape[2:])), group=group)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -204,6 +205,35 @@ def test_conversion_is_atomic_and_cached(tmp_path, monkeypatch):
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a changed file gets a new entry
     assert conv.cached_hf_dir(path, cache_dir=cache) != first
+
+
+def test_big_models_are_written_as_shards(tmp_path, monkeypatch):
+    model = _tiny_model("llama", False)
+    _write_gguf(tmp_path / "tiny.gguf", model)
+    monkeypatch.setattr(conv, "MAX_SHARD_BYTES", 100_000)  # ~ 4 shards of the 0.3 MB model
+    out = conv.gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted({f for f in index["weight_map"].values()})
+    assert len(files) > 2 and not (out / "model.safetensors").exists()
+    assert all(os.stat(out / f).st_size <= 100_000 + 10_000 for f in files)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+
+
+def test_racing_converters_share_one_directory(tmp_path, monkeypatch):
+    """Another process renames its finished directory into place while we convert: we use it."""
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, _tiny_model("llama", True))
+    cache = tmp_path / "cache"
+    target = cache / conv.cache_key(path)
+
+    def other_process_wins(reader, gguf_path, out, context_length):
+        shutil.copytree(out, target)  # a complete directory appears at the target
+
+    monkeypatch.setattr(conv, "_write_tokenizer", other_process_wins)
+    assert conv.cached_hf_dir(path, cache_dir=cache) == target
+    assert sorted(p.name for p in cache.iterdir()) == sorted([target.name, target.name + ".lock"])
 
 
 # ---- the real model: SmolLM2-135M-Instruct, Q4_1 (token embedding Q8_0) -------------------------

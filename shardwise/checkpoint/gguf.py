@@ -253,8 +253,11 @@ def _dequantize(tensor: Any, dtype: torch.dtype) -> torch.Tensor:
     except NotImplementedError as e:
         raise ValueError(f"tensor {tensor.name}: the gguf package cannot dequantise "
                          f"{tensor.tensor_type.name}") from e
+    w = np.asarray(w, dtype=np.float32)
+    if not w.flags.writeable:  # F32 tensors come back as views of the read-only memory map
+        w = w.copy()
     shape = tuple(int(n) for n in reversed(tensor.shape))
-    return torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape)).to(dtype)  # copy: off the mmap
+    return torch.from_numpy(w.reshape(shape)).to(dtype)
 
 
 def _plan_shards(sizes: dict[str, int]) -> list[list[str]]:
@@ -338,7 +341,9 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         _write_tokenizer(reader, gguf_path, tmp, cfg["max_position_embeddings"])
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700, safetensors writes 0o600
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         try:
             os.rename(tmp, out_dir)  # atomic; fails if another process put a non-empty dir there
         except OSError as e:

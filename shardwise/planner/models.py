@@ -1,0 +1,212 @@
+"""Transformer shapes for the planner: parameter counts and what one tensor-parallel rank holds.
+
+A decoder layer with hidden size h, q = heads x head_dim, k = kv_heads x head_dim, FFN width f:
+
+    attention   W_q (h x q) + W_k, W_v (h x k each) + W_o (q x h)   = 2 h q + 2 h k
+    MLP         gated (SwiGLU: gate, up, down) 3 h f;  GeLU MLP 2 h f
+    norms       2 per layer: h each (RMSNorm) or 2 h (LayerNorm with bias)
+    biases      "qkv" (Qwen2): q + 2k;  "all" (GPT): q + 2k + h + f + h
+
+plus embeddings V h (+ learned positions s h), a final norm, and an output head V h unless tied.
+For GPT (q = k = h, f = 4h, biases, LayerNorm) this is Narayanan et al. 2021's
+P = 12 l h^2 (1 + 13 / (12 h) + (V + s) / (12 l h)) plus the final LayerNorm's 2h.
+
+Under tensor parallelism t, query heads split as evenly as possible (9 on 2 ranks -> 5 + 4), KV heads
+are sharded when t divides them and otherwise each rank keeps the KV heads its query heads use, the
+FFN splits into ceil(f / t) columns and the vocabulary pads to a multiple of t. Norms are replicated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One decoder-only transformer. ``source`` says where the numbers come from."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    head_dim: int = 0  # 0 means hidden // heads
+    gated_mlp: bool = True  # SwiGLU (3 matrices) vs GeLU MLP (2)
+    tied_embeddings: bool = False
+    bias: str = "none"  # "none" | "qkv" | "all"
+    norm: str = "rms"  # "rms" | "layer"
+    positions: int = 0  # learned position-embedding rows (GPT); 0 for rotary models
+    seq_len: int = 4096  # pre-training context: the default --seq-len when training
+    dropout: bool = False  # trained with dropout (stores 1-byte masks; Korthikanti et al.)
+    source: str = ""
+    published_params: float | None = None  # the exact or printed count from ``source``
+
+    # -- shapes ----------------------------------------------------------------------------
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.hd
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.hd
+
+    # -- parameter counts -------------------------------------------------------------------
+    def norm_params(self) -> int:
+        return self.hidden * (2 if self.norm == "layer" else 1)
+
+    def attn_params(self, q: int | None = None, k: int | None = None) -> int:
+        q = self.q_dim if q is None else q
+        k = self.kv_dim if k is None else k
+        w = 2 * self.hidden * q + 2 * self.hidden * k
+        if self.bias in ("qkv", "all"):
+            w += q + 2 * k
+        return w
+
+    def mlp_params(self, f: int | None = None) -> int:
+        f = self.ffn if f is None else f
+        return (3 if self.gated_mlp else 2) * self.hidden * f
+
+    def bias_params_rest(self) -> int:
+        """Biases of W_o and the MLP (GPT only): h + f + h."""
+        return 2 * self.hidden + self.ffn if self.bias == "all" else 0
+
+    def layer_params(self) -> int:
+        return self.attn_params() + self.mlp_params() + 2 * self.norm_params() + self.bias_params_rest()
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden + self.positions * self.hidden
+
+    def head_params(self) -> int:
+        return 0 if self.tied_embeddings else self.vocab * self.hidden
+
+    def total_params(self) -> int:
+        """All parameters, counted from the shapes (final norm included)."""
+        return (self.layers * self.layer_params() + self.embedding_params() + self.head_params()
+                + self.norm_params())
+
+    def non_embedding_params(self) -> int:
+        """Total minus input embeddings and untied output head (Qwen model cards' convention)."""
+        return self.total_params() - self.vocab * self.hidden - self.head_params()
+
+    def matmul_params_per_layer(self) -> int:
+        """Weights that multiply each token (the 2 N FLOPs-per-token rule counts these)."""
+        return 2 * self.hidden * self.q_dim + 2 * self.hidden * self.kv_dim + self.mlp_params()
+
+
+# -- what one TP rank holds ------------------------------------------------------------------
+def split_sizes(n: int, t: int) -> list[int]:
+    """Split n units over t ranks as evenly as possible: split_sizes(9, 2) == [5, 4]."""
+    return [n // t + (1 if r < n % t else 0) for r in range(t)]
+
+
+def heads_per_rank(m: ModelSpec, tp: int) -> int:
+    """Most query heads on any rank."""
+    return max(split_sizes(m.heads, tp))
+
+
+def kv_heads_per_rank(m: ModelSpec, tp: int) -> int:
+    """Most KV heads on any rank: kv/t when t divides kv, else the KV heads a rank's queries use.
+
+    For t a multiple of kv this is 1 (each KV head replicated t/kv times, vLLM's rule).
+    """
+    if m.kv_heads % tp == 0:
+        return m.kv_heads // tp
+    group = m.heads // m.kv_heads  # query heads per KV head
+    most, start = 0, 0
+    for n in split_sizes(m.heads, tp):
+        if n:
+            most = max(most, (start + n - 1) // group - start // group + 1)
+        start += n
+    return most
+
+
+def tp_problem(m: ModelSpec, tp: int) -> str | None:
+    """Why ``tp`` cannot shard this model, or None."""
+    if tp > m.heads:
+        return f"tp={tp} but the model has {m.heads} query heads: use tp <= {m.heads}"
+    if m.heads % m.kv_heads:
+        return f"{m.heads} query heads do not group evenly over {m.kv_heads} KV heads"
+    return None
+
+
+def layer_params_per_rank(m: ModelSpec, tp: int) -> int:
+    """Parameters of one layer held by the busiest TP rank (norms replicated)."""
+    q = heads_per_rank(m, tp) * m.hd
+    k = kv_heads_per_rank(m, tp) * m.hd
+    f = math.ceil(m.ffn / tp)
+    rest = (2 * m.hidden + f) if m.bias == "all" else 0  # W_o and MLP-out biases kept on every rank
+    return m.attn_params(q, k) + m.mlp_params(f) + 2 * m.norm_params() + rest
+
+
+def matmul_params_per_rank(m: ModelSpec, tp: int) -> int:
+    """Weights one rank multiplies per token in one layer."""
+    q = heads_per_rank(m, tp) * m.hd
+    k = kv_heads_per_rank(m, tp) * m.hd
+    return 2 * m.hidden * q + 2 * m.hidden * k + m.mlp_params(math.ceil(m.ffn / tp))
+
+
+def vocab_rows_per_rank(m: ModelSpec, tp: int) -> int:
+    """Vocabulary rows per rank after padding V up to a multiple of tp."""
+    return math.ceil(m.vocab / tp)
+
+
+def layers_per_stage(m: ModelSpec, pp: int) -> int:
+    """Layers on the busiest pipeline stage."""
+    return math.ceil(m.layers / pp)
+
+
+# -- Hugging Face config.json --------------------------------------------------------------
+_GPT2_KEYS = {"hidden": "n_embd", "layers": "n_layer", "heads": "n_head"}
+_LLAMA_KEYS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+               "ffn": "intermediate_size", "vocab": "vocab_size"}
+
+
+def from_hf_config(path: str) -> ModelSpec:
+    """Read an HF ``config.json`` (Llama, Mistral, Qwen2, SmolLM, GPT-2 families) with ``json``."""
+    try:
+        with open(path) as fh:
+            cfg = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read model config {path!r}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    if experts and experts > 1:
+        raise ValueError(f"{path}: mixture-of-experts models ({experts} experts) are not modelled")
+    name = os.path.basename(os.path.dirname(os.path.abspath(path))) or "config"
+    kind = cfg.get("model_type", "llama")
+    keys = _GPT2_KEYS if kind == "gpt2" else _LLAMA_KEYS
+    missing = [v for v in keys.values() if v not in cfg]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)} (model_type={kind!r})")
+    if kind == "gpt2":
+        h = cfg["n_embd"]
+        return ModelSpec(name=name, hidden=h, layers=cfg["n_layer"], heads=cfg["n_head"],
+                         kv_heads=cfg["n_head"], ffn=cfg.get("n_inner") or 4 * h,
+                         vocab=cfg.get("vocab_size", 50257), gated_mlp=False, tied_embeddings=True,
+                         bias="all", norm="layer", positions=cfg.get("n_positions", 1024),
+                         seq_len=cfg.get("n_positions", 1024), dropout=True, source=path)
+    bias = "qkv" if kind == "qwen2" or cfg.get("attention_bias") else "none"
+    heads = cfg["num_attention_heads"]
+    spec = ModelSpec(
+        name=name, hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=heads,
+        kv_heads=cfg.get("num_key_value_heads") or heads, ffn=cfg["intermediate_size"],
+        vocab=cfg["vocab_size"], head_dim=cfg.get("head_dim") or 0,
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)), bias=bias,
+        seq_len=min(cfg.get("max_position_embeddings", 4096), 8192),
+        dropout=bool(cfg.get("attention_dropout", 0.0)), source=path)
+    if cfg.get("mlp_bias"):
+        raise ValueError(f"{path}: mlp_bias=true is not modelled")
+    return spec
+
+
+def with_name(m: ModelSpec, name: str) -> ModelSpec:
+    return replace(m, name=name)

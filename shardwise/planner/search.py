@@ -1,0 +1,292 @@
+"""Enumerate (tp, pp, dp) with tp x pp x dp = GPUs, evaluate each, reject with reasons, rank.
+
+Ranks are laid out as ``arange(world).view(pp, dp, tp)`` (TP innermost, as ``shardwise.mesh``), so a
+TP group is ``tp`` neighbouring GPUs, a DP group strides by ``tp`` and pipeline neighbours are
+``tp x dp`` apart. A group stays inside a node when its span divides the GPUs per node.
+
+Training ranks feasible layouts by tokens/s; serving by output tokens/s among layouts that meet
+the latency targets. Each (tp, pp, dp) appears once: in training with the micro-batch that gives
+the highest throughput, in serving with batch ceil(concurrency / dp) per replica.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .gpus import GPUSpec, Link, intra_link, network_link
+from .memory import GiB, WEIGHT_BYTES, Memory, kv_bytes_per_token, serving_memory, training_memory
+from .memory import stage_params_per_rank
+from .models import ModelSpec, tp_problem
+from .timing import ServeTime, TrainTime, serve_time, train_time
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpu: GPUSpec
+    gpus: int
+    gpus_per_node: int
+    interconnect: str
+    network_gbps: float
+    measured: Link | None = None  # from --calibration: replaces the catalog's intra-node link
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1:
+            raise ValueError(f"--gpus must be at least 1, got {self.gpus}")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"--gpus-per-node must be at least 1, got {self.gpus_per_node}")
+        if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            lo = self.gpus // self.gpus_per_node * self.gpus_per_node
+            raise ValueError(f"{self.gpus} GPUs is not a whole number of {self.gpus_per_node}-GPU nodes: "
+                             f"use --gpus {lo} or {lo + self.gpus_per_node}, or set --gpus-per-node")
+
+    @property
+    def node_size(self) -> int:
+        return min(self.gpus, self.gpus_per_node)
+
+    def intra(self, size: int, stride: int = 1) -> Link:
+        return self.measured or intra_link(self.gpu, self.interconnect, size if stride == 1 else 99)
+
+    def within_node(self, size: int, stride: int) -> bool:
+        span = size * stride
+        return span <= self.node_size and self.node_size % span == 0
+
+    def link(self, size: int, stride: int) -> Link:
+        """What a group of ``size`` ranks ``stride`` apart sees."""
+        intra = self.intra(size, stride)
+        if size <= 1 or self.within_node(size, stride):
+            return intra
+        members = max(1, min(size, self.node_size // stride))
+        return network_link(self.network_gbps, members, intra)
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+
+    def short(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp}"
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    seq: int
+    global_batch: int
+    micro_batch: int | None = None
+    precision: str = "bf16"
+    sp: bool = False
+    recompute: str = "selective"
+    zero1: bool = False
+    dp_overlap: bool = True
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    prompt: int
+    output: int
+    concurrency: int
+    precision: str = "bf16"
+    kv_bytes: float = 2.0
+    ttft_target_s: float | None = None
+    tpot_target_s: float | None = None
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    memory: Memory | None = None
+    time: TrainTime | ServeTime | None = None
+    throughput: float = 0.0  # tokens/s (training) or output tokens/s (serving)
+    reason: str | None = None  # why rejected; None when feasible
+
+    @property
+    def fits(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class Plan:
+    workload: str
+    model: ModelSpec
+    cluster: Cluster
+    request: TrainRequest | ServeRequest
+    candidates: list[Candidate] = field(default_factory=list)  # feasible, best first
+    rejected: list[Candidate] = field(default_factory=list)
+    pinned: bool = False
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(n: int, *, tp: int | None = None, pp: int | None = None, dp: int | None = None):
+    """Every (tp, pp, dp) with product n that agrees with the pinned values."""
+    for t in _divisors(n):
+        for p in _divisors(n // t):
+            d = n // t // p
+            if (tp or t) == t and (pp or p) == p and (dp or d) == d:
+                yield t, p, d
+
+
+def _check_pins(m: ModelSpec, c: Cluster, tp, pp, dp) -> None:
+    pins = {k: v for k, v in (("tp", tp), ("pp", pp), ("dp", dp)) if v is not None}
+    for k, v in pins.items():
+        if v < 1:
+            raise ValueError(f"--{k} must be at least 1, got {v}")
+    prod = (tp or 1) * (pp or 1) * (dp or 1)
+    desc = " x ".join(f"{k}={v}" for k, v in pins.items())
+    if len(pins) == 3 and prod != c.gpus:
+        raise ValueError(f"{desc} = {prod} GPUs but --gpus is {c.gpus}")
+    if c.gpus % prod:
+        raise ValueError(f"{desc} = {prod} does not divide {c.gpus} GPUs")
+    if tp and (why := tp_problem(m, tp)):
+        raise ValueError(why)
+    if pp and pp > m.layers:
+        raise ValueError(f"pp={pp} but the model has {m.layers} layers: use pp <= {m.layers}")
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.1f} GiB"
+
+
+def _oom(mem: Memory, cap: float, what: str = "") -> str:
+    return (f"out of memory by {_gib(mem.total - cap)}: needs {_gib(mem.total)} per GPU of {_gib(cap)}"
+            f" (weights {_gib(mem.weights)}{what})")
+
+
+def _tp_cross(c: Cluster, tp: int) -> str | None:
+    if c.within_node(tp, 1):
+        return None
+    far, near = c.link(tp, 1), c.intra(tp)
+    return (f"TP across nodes: tp={tp} does not fit in one {c.node_size}-GPU node, so its all-reduces "
+            f"would run over the network ({far.busbw_GBps:.0f} GB/s, {far.alpha_s * 1e6:.0f} us) instead "
+            f"of {near.kind} ({near.busbw_GBps:.0f} GB/s, {near.alpha_s * 1e6:.0f} us)")
+
+
+def _train_one(m, c, r: TrainRequest, t, p, d, mb, pinned) -> Candidate:
+    lay = Layout(t, p, d, mb)
+    micro = r.global_batch // (d * mb)
+    cap = c.gpu.memory_bytes
+    mem = training_memory(m, tp=t, pp=p, dp=d, micro_batch=mb, micro_batches=micro, seq=r.seq,
+                          sp=r.sp, recompute=r.recompute, zero1=r.zero1, capacity=cap)
+    params = sum(stage_params_per_rank(m, t, p))
+    tm = train_time(m, c.gpu, tp=t, pp=p, dp=d, micro_batch=mb, micro_batches=micro, seq=r.seq,
+                    precision=r.precision, sp=r.sp, recompute=r.recompute, zero1=r.zero1,
+                    dp_overlap=r.dp_overlap, stage_params=params, tp_link=c.link(t, 1),
+                    pp_link=c.link(p, t * d), dp_link=c.link(d, t))
+    cand = Candidate(lay, mem, tm, r.global_batch * r.seq / tm.step_s)
+    if mem.total > cap:
+        cand.reason = _oom(mem, cap, f", activations {_gib(mem.activations)}")
+    elif not pinned and (why := _tp_cross(c, t)):
+        cand.reason = why
+    return cand
+
+
+def _train(m, c, r: TrainRequest, pins, pinned) -> tuple[list, list]:
+    ok, bad = [], []
+    for t, p, d in layouts(c.gpus, **pins):
+        lay = Layout(t, p, d, r.micro_batch or 1)
+        why = tp_problem(m, t) or (f"pp={p} exceeds the model's {m.layers} layers" if p > m.layers else None)
+        if not why and r.global_batch % d:
+            why = f"global batch {r.global_batch} does not split over dp={d} ({r.global_batch} % {d} = {r.global_batch % d})"
+        if not why and r.micro_batch and (r.global_batch // d) % r.micro_batch:
+            why = (f"{r.global_batch // d} sequences per replica do not split into micro-batches of "
+                   f"{r.micro_batch}")
+        if why:
+            bad.append(Candidate(lay, reason=why))
+            continue
+        per = r.global_batch // d
+        mbs = [r.micro_batch] if r.micro_batch else [b for b in (1, 2, 4, 8) if per % b == 0]
+        tried = [_train_one(m, c, r, t, p, d, mb, pinned) for mb in mbs]
+        good = [x for x in tried if x.fits]
+        if good:
+            ok.append(max(good, key=lambda x: (x.throughput, x.layout.micro_batch)))
+        else:
+            bad.append(tried[0])
+    return ok, bad
+
+
+def _serve(m, c, r: ServeRequest, pins, pinned, batch_pin) -> tuple[list, list]:
+    ok, bad = [], []
+    cap = c.gpu.memory_bytes
+    for t, p, d in layouts(c.gpus, **pins):
+        b = batch_pin or -(-r.concurrency // d)
+        lay = Layout(t, p, d, b)
+        why = tp_problem(m, t) or (f"pp={p} exceeds the model's {m.layers} layers" if p > m.layers else None)
+        if not why and r.concurrency < d:
+            why = f"dp={d} replicas but only {r.concurrency} concurrent requests: {d - r.concurrency} would idle"
+        if why:
+            bad.append(Candidate(lay, reason=why))
+            continue
+        mem = serving_memory(m, tp=t, pp=p, batch=b, prompt=r.prompt, output=r.output,
+                             precision=r.precision, kv_bytes=r.kv_bytes, capacity=cap)
+        kv_tok = kv_bytes_per_token(m, t, p, r.kv_bytes)
+        tm = serve_time(m, c.gpu, tp=t, pp=p, dp=d, batch=b, prompt=r.prompt, output=r.output,
+                        precision=r.precision, weight_bytes=mem.weights, kv_token_bytes=kv_tok,
+                        tp_link=c.link(t, 1), pp_link=c.link(p, t * d))
+        cand = Candidate(lay, mem, tm, tm.throughput)
+        if mem.total > cap:
+            free = cap - mem.total + mem.kv_cache
+            fit = int(max(0.0, free) // ((r.prompt + r.output) * kv_tok))
+            kv = f", KV cache {_gib(mem.kv_cache)} for {b} x {r.prompt + r.output} tokens"
+            cand.reason = _oom(mem, cap, kv) + (f"; at most {fit} sequences fit" if fit else "")
+        elif not pinned and (w := _tp_cross(c, t)):
+            cand.reason = w
+        elif r.ttft_target_s and tm.ttft_s > r.ttft_target_s:
+            cand.reason = f"TTFT {tm.ttft_s * 1e3:.0f} ms misses the {r.ttft_target_s * 1e3:.0f} ms target"
+        elif r.tpot_target_s and tm.tpot_s > r.tpot_target_s:
+            cand.reason = f"TPOT {tm.tpot_s * 1e3:.1f} ms misses the {r.tpot_target_s * 1e3:.1f} ms target"
+        (ok if cand.fits else bad).append(cand)
+    return ok, bad
+
+
+def plan(model: ModelSpec, cluster: Cluster, request: TrainRequest | ServeRequest, *,
+         tp: int | None = None, pp: int | None = None, dp: int | None = None) -> Plan:
+    """Search (or, with pins, evaluate) the layouts for ``request`` on ``cluster``."""
+    _check_pins(model, cluster, tp, pp, dp)
+    pins = {"tp": tp, "pp": pp, "dp": dp}
+    pinned = None not in (tp, pp, dp)
+    if isinstance(request, TrainRequest):
+        _check_train(request, dp)
+        ok, bad = _train(model, cluster, request, pins, pinned)
+        workload = "train"
+    else:
+        _check_serve(request, dp)
+        ok, bad = _serve(model, cluster, request, pins, pinned, None)
+        workload = "serve"
+    ok.sort(key=lambda x: (-x.throughput, x.memory.total if x.memory else 0))
+    bad.sort(key=lambda x: (x.time is None, -x.throughput))
+    return Plan(workload, model, cluster, request, ok, bad, pinned)
+
+
+def _check_train(r: TrainRequest, dp: int | None) -> None:
+    if r.seq < 1 or r.global_batch < 1:
+        raise ValueError(f"--seq-len and --global-batch must be positive, got {r.seq} and {r.global_batch}")
+    if r.micro_batch is not None and (r.micro_batch < 1 or r.global_batch % r.micro_batch):
+        raise ValueError(f"global batch {r.global_batch} cannot be split into micro-batches of {r.micro_batch}")
+    if dp and r.global_batch % dp:
+        near = sorted({r.global_batch // dp * dp, (r.global_batch // dp + 1) * dp} - {0})
+        raise ValueError(f"global batch {r.global_batch} cannot be split over dp={dp} "
+                         f"({r.global_batch} % {dp} = {r.global_batch % dp}): use a multiple of {dp} "
+                         f"such as {' or '.join(map(str, near))}")
+    if dp and r.micro_batch and (r.global_batch // dp) % r.micro_batch:
+        raise ValueError(f"{r.global_batch} sequences over dp={dp} is {r.global_batch // dp} per replica, "
+                         f"which micro-batches of {r.micro_batch} cannot split")
+    if r.precision not in ("bf16", "fp16"):
+        raise ValueError(f"training precision must be bf16 or fp16, got {r.precision!r}")
+
+
+def _check_serve(r: ServeRequest, dp: int | None) -> None:
+    if r.prompt < 1 or r.output < 1 or r.concurrency < 1:
+        raise ValueError(f"--prompt-len, --output-len and --concurrency must be positive, got "
+                         f"{r.prompt}, {r.output} and {r.concurrency}")
+    if dp and r.concurrency < dp:
+        raise ValueError(f"{r.concurrency} concurrent requests cannot be split over dp={dp} replicas: "
+                         f"use --concurrency >= {dp} or a smaller dp")
+    if r.precision not in WEIGHT_BYTES:
+        raise ValueError(f"serving precision must be one of {', '.join(WEIGHT_BYTES)}, got {r.precision!r}")
