@@ -90,6 +90,7 @@ class ServeRequest:
     kv_bytes: float = 2.0
     ttft_target_s: float | None = None
     tpot_target_s: float | None = None
+    batch: int | None = None  # sequences per replica; default ceil(concurrency / dp)
 
 
 @dataclass
@@ -211,11 +212,11 @@ def _train(m, c, r: TrainRequest, pins, pinned) -> tuple[list, list]:
     return ok, bad
 
 
-def _serve(m, c, r: ServeRequest, pins, pinned, batch_pin) -> tuple[list, list]:
+def _serve(m, c, r: ServeRequest, pins, pinned) -> tuple[list, list]:
     ok, bad = [], []
     cap = c.gpu.memory_bytes
     for t, p, d in layouts(c.gpus, **pins):
-        b = batch_pin or -(-r.concurrency // d)
+        b = r.batch or -(-r.concurrency // d)
         lay = Layout(t, p, d, b)
         why = tp_problem(m, t) or (f"pp={p} exceeds the model's {m.layers} layers" if p > m.layers else None)
         if not why and r.concurrency < d:
@@ -251,13 +252,15 @@ def plan(model: ModelSpec, cluster: Cluster, request: TrainRequest | ServeReques
     _check_pins(model, cluster, tp, pp, dp)
     pins = {"tp": tp, "pp": pp, "dp": dp}
     pinned = None not in (tp, pp, dp)
+    if request.precision == "bf16" and cluster.gpu.bf16_tflops is None:
+        raise ValueError(f"{cluster.gpu.name} has no BF16 tensor cores: use --precision fp16")
     if isinstance(request, TrainRequest):
         _check_train(request, dp)
         ok, bad = _train(model, cluster, request, pins, pinned)
         workload = "train"
     else:
         _check_serve(request, dp)
-        ok, bad = _serve(model, cluster, request, pins, pinned, None)
+        ok, bad = _serve(model, cluster, request, pins, pinned)
         workload = "serve"
     ok.sort(key=lambda x: (-x.throughput, x.memory.total if x.memory else 0))
     bad.sort(key=lambda x: (x.time is None, -x.throughput))
@@ -288,5 +291,7 @@ def _check_serve(r: ServeRequest, dp: int | None) -> None:
     if dp and r.concurrency < dp:
         raise ValueError(f"{r.concurrency} concurrent requests cannot be split over dp={dp} replicas: "
                          f"use --concurrency >= {dp} or a smaller dp")
+    if r.batch is not None and r.batch < 1:
+        raise ValueError(f"--micro-batch (sequences per replica) must be positive, got {r.batch}")
     if r.precision not in WEIGHT_BYTES:
         raise ValueError(f"serving precision must be one of {', '.join(WEIGHT_BYTES)}, got {r.precision!r}")
