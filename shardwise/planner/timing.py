@@ -120,13 +120,23 @@ def train_time(m: ModelSpec, gpu: GPUSpec, *, tp: int, pp: int, dp: int, micro_b
 
 @dataclass(frozen=True)
 class ServeTime:
-    ttft_s: float
-    prefill_comm_s: float
+    ttft_s: float  # prefill of one prompt through all stages
+    prefill_busy_s: float  # how long one prefill occupies a stage (pipelined prefills overlap)
+    prefill_comm_s: float  # TP all-reduce inside prefill_busy_s
     tpot_s: float
     decode_compute_s: float  # per token, summed over stages
     decode_memory_s: float
     decode_comm_s: float
-    throughput: float  # output tokens/s over all replicas
+    batch: int  # sequences per replica
+    output: int
+    dp: int
+
+    @property
+    def throughput(self) -> float:
+        """Output tokens/s of all replicas: each replica generates batch x output tokens in
+        output x TPOT of decode plus batch prefills."""
+        cycle = self.output * self.tpot_s + self.batch * self.prefill_busy_s
+        return self.dp * self.batch * self.output / cycle
 
     @property
     def decode_comm_share(self) -> float:
@@ -148,8 +158,8 @@ def serve_time(m: ModelSpec, gpu: GPUSpec, *, tp: int, pp: int, dp: int, batch: 
     # prefill of one prompt: stages run one after another
     pf = layers * (2 * prompt * w + 2 * prompt * prompt * q) + head
     pf_comm = layers * 2 * allreduce_s(prompt * h * 2, tp, tp_link)
-    stage = max(pf / peak, weight_bytes / hbm) + pf_comm
-    ttft = pp * stage + (pp - 1) * p2p_s(prompt * h * 2, pp_link)
+    pf_hop = p2p_s(prompt * h * 2, pp_link) if pp > 1 else 0.0
+    stage = max(pf / peak, weight_bytes / hbm) + pf_comm + pf_hop
     # decode: p micro-batches of ceil(b / p) sequences, each token crosses p stages
     bm = -(-batch // pp)
     ctx = prompt + output / 2
@@ -159,5 +169,4 @@ def serve_time(m: ModelSpec, gpu: GPUSpec, *, tp: int, pp: int, dp: int, batch: 
     c, mem = dflops / peak, dbytes / hbm
     hop = p2p_s(bm * h * 2, pp_link) if pp > 1 else 0.0
     tpot = pp * (max(c, mem) + comm + hop)
-    per_replica = batch * output / (output * tpot + batch * ttft)
-    return ServeTime(ttft, pp * pf_comm, tpot, pp * c, pp * mem, pp * comm, dp * per_replica)
+    return ServeTime(pp * stage, stage, pf_comm, tpot, pp * c, pp * mem, pp * comm, batch, output, dp)

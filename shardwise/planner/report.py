@@ -1,0 +1,261 @@
+"""Turn a :class:`~shardwise.planner.search.Plan` into sentences, a table and a JSON object."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+from . import gpus as G
+from . import timing as T
+from .memory import FRAGMENTATION, GiB, RUNTIME_BYTES, WEIGHT_BYTES
+from .search import Candidate, Plan, TrainRequest
+from .timing import ServeTime, TrainTime, training_flops
+
+SHOW = 8  # rows of each table in the text report
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.1f} ms" if x < 10 else f"{x:.1f} s"
+
+
+def _pct(x: float) -> str:
+    return "<1%" if 0 < x < 0.005 else f"{100 * x:.0f}%"
+
+
+def components(c: Candidate) -> dict[str, float]:
+    """Where the time goes. Training: seconds of one step. Serving: seconds per generated token of
+    the whole deployment (they sum to 1 / throughput), split into decode and prefill parts."""
+    t = c.time
+    if isinstance(t, TrainTime):
+        m = t.micro_batches
+        return {"compute": m * t.compute_s, "TP all-reduce": m * t.tp_comm_s,
+                "pipeline sends": m * t.p2p_s, "pipeline bubble": t.bubble_s,
+                "DP all-reduce (exposed)": t.dp_exposed_s, "optimizer": t.optimizer_s}
+    assert isinstance(t, ServeTime)
+    per_dec = t.output / (t.dp * t.batch * t.output)  # decode steps per generated token
+    per_pre = t.batch / (t.dp * t.batch * t.output)  # prefills per generated token
+    main = max(t.decode_compute_s, t.decode_memory_s)
+    hop = t.tpot_s - main - t.decode_comm_s
+    what = "reading weights and KV cache" if t.decode_memory_s >= t.decode_compute_s else "compute"
+    return {f"decode {what}": main * per_dec, "decode TP all-reduce": t.decode_comm_s * per_dec,
+            "pipeline hops": max(0.0, hop) * per_dec,
+            "prefill": (t.prefill_busy_s - t.prefill_comm_s) * per_pre,
+            "prefill TP all-reduce": t.prefill_comm_s * per_pre}
+
+
+def tp_share(c: Candidate) -> float:
+    """Share of a training step, or of a decode step, spent in TP collectives."""
+    t = c.time
+    return t.tp_share if isinstance(t, TrainTime) else t.decode_comm_share
+
+
+def _headline(p: Plan, c: Candidate) -> str:
+    lay, mem, cap = c.layout, c.memory.total / GiB, p.cluster.gpu.memory_gib
+    if p.workload == "train":
+        t = c.time
+        return (f"{lay.short()} with micro-batch {lay.micro_batch}: {c.throughput:,.0f} tokens/s, step "
+                f"{_ms(t.step_s)}, {mem:.1f} of {cap:g} GiB per GPU")
+    t = c.time
+    return (f"{lay.short()} ({lay.micro_batch} sequences per replica): {c.throughput:,.0f} output tokens/s, "
+            f"TTFT {_ms(t.ttft_s)}, TPOT {_ms(t.tpot_s)}, {mem:.1f} of {cap:g} GiB per GPU")
+
+
+def _placement(p: Plan, c: Candidate) -> str:
+    tp = c.layout.tp
+    if tp == 1:
+        return "No tensor parallelism: every GPU holds whole layers, so no all-reduce sits on the critical path."
+    cl = p.cluster
+    link = cl.link(tp, 1)
+    where = "inside one node" if cl.within_node(tp, 1) else "across nodes"
+    head = (f"Its TP group of {tp} GPUs sits {where} on {link.kind} ({link.busbw_GBps:.0f} GB/s bus "
+            f"bandwidth, {link.alpha_s * 1e6:.0f} us latency)")
+    t = c.time
+    if p.workload == "serve":
+        return (f"{head}: the {2 * p.model.layers} all-reduces of a decode step take "
+                f"{_ms(t.decode_comm_s)} of its {_ms(t.tpot_s)} ({_pct(t.decode_comm_share)}), and "
+                f"{_ms(t.prefill_comm_s * c.layout.pp)} of the {_ms(t.ttft_s)} prefill.")
+    per = (6 if p.request.recompute == "full" else 4) * -(-p.model.layers // c.layout.pp)
+    kind = "all-gather/reduce-scatter pairs" if p.request.sp else "all-reduces"
+    return f"{head}: its {per} {kind} per micro-batch take {_pct(t.tp_share)} of the step."
+
+
+def _why_split(p: Plan) -> str | None:
+    m, gpu = p.model, p.cluster.gpu
+    wb = 2 if p.workload == "train" else WEIGHT_BYTES[p.request.precision]
+    need = m.total_params() * wb
+    if need <= gpu.memory_bytes:
+        return None
+    shards = math.ceil(need / gpu.memory_bytes)
+    prec = "16-bit" if p.workload == "train" else p.request.precision
+    return (f"The weights alone are {need / 1e9:.0f} GB ({need / GiB:.1f} GiB) at {prec}, more than one "
+            f"{gpu.memory_gib:g} GiB {gpu.name}, so each copy must be split over at least {shards} GPUs "
+            f"(tp x pp >= {shards}).")
+
+
+def _versus(p: Plan, best: Candidate, other: Candidate) -> str:
+    a, b = components(best), components(other)
+    key = max(b, key=lambda k: b[k] - a.get(k, 0.0))
+    loss = 1 - other.throughput / best.throughput
+    if p.workload == "train":
+        gap = other.time.step_s - best.time.step_s
+        return (f"{other.layout.short()} (micro-batch {other.layout.micro_batch}) is {_pct(loss)} slower: "
+                f"step {_ms(other.time.step_s)} ({'+' if gap >= 0 else ''}{_ms(gap)}), mostly "
+                f"{key} ({_ms(b[key])} vs {_ms(a.get(key, 0.0))}).")
+    us = lambda x: f"{x * 1e3:.2f} ms" if x >= 1e-3 else f"{x * 1e6:.0f} us"  # noqa: E731
+    return (f"{other.layout.short()} gives {_pct(loss)} less throughput ({other.throughput:,.0f} tokens/s, "
+            f"TPOT {_ms(other.time.tpot_s)}, TTFT {_ms(other.time.ttft_s)}): per generated token it "
+            f"spends {us(b[key])} on {key} vs {us(a.get(key, 0.0))}.")
+
+
+def _rejections(p: Plan) -> str | None:
+    if not p.rejected:
+        return None
+    kinds: dict[str, list[Candidate]] = {}
+    for c in p.rejected:
+        r = c.reason or ""
+        k = ("out of memory" if r.startswith("out of memory") else "TP across nodes"
+             if r.startswith("TP across") else "latency target missed" if "target" in r else "invalid")
+        kinds.setdefault(k, []).append(c)
+    parts = [f"{len(v)} {k} (e.g. {v[0].layout.short()})" for k, v in kinds.items()]
+    return f"{len(p.rejected)} layouts rejected: " + "; ".join(parts) + "."
+
+
+def explain(p: Plan) -> list[str]:
+    """A few plain sentences: the winner, why it splits the way it does, the runners-up."""
+    best = p.best
+    out = [s for s in (_why_split(p),) if s]
+    if best is None:
+        sized = [c for c in p.rejected if c.memory is not None] or p.rejected
+        near = min(sized, key=lambda c: c.memory.total if c.memory else 0.0) if sized else None
+        return out + ([f"No layout fits. Closest: {near.layout.short()}: {near.reason}."] if near else [])
+    out.insert(0, ("Evaluated " if p.pinned else "Best: ") + _headline(p, best) + ".")
+    out.append(_placement(p, best))
+    out += [_versus(p, best, o) for o in p.candidates[1:3]]
+    if p.workload == "serve" and len(p.candidates) > 1:
+        fastest = min(p.candidates, key=lambda c: c.time.tpot_s)
+        if fastest is not best:
+            rank = p.candidates.index(fastest) + 1
+            out.append(f"{fastest.layout.short()} has the lowest TPOT ({_ms(fastest.time.tpot_s)}, "
+                       f"{_pct(fastest.time.decode_comm_share)} of it all-reduce) but ranks {rank} on "
+                       f"throughput; set --tpot-ms to rank by a latency target.")
+    if (r := _rejections(p)):
+        out.append(r)
+    return out
+
+
+def assumptions(p: Plan) -> list[str]:
+    cl = p.cluster
+    link = cl.intra(8)
+    out = [f"compute at {_pct(T.MATMUL_EFFICIENCY)} of dense {cl.gpu.name} peak; memory streams at "
+           f"{_pct(T.HBM_EFFICIENCY)} of {cl.gpu.hbm_GBps:g} GB/s",
+           f"intra-node: {link.describe()}",
+           f"network: {cl.network_gbps:g} Gb/s per GPU at {_pct(G.NETWORK_EFFICIENCY)}, "
+           f"{G.ALPHA_S['network'] * 1e6:.0f} us",
+           f"overhead per GPU: {RUNTIME_BYTES / GiB:g} GiB runtime + {_pct(FRAGMENTATION)} of capacity"]
+    if p.workload == "train":
+        out.append("mixed-precision Adam: 16-bit weights and grads, fp32 master + m + v (16 B/param); "
+                   "1F1B pipeline schedule")
+    else:
+        out.append("TTFT = prefill of one prompt on an idle replica; throughput counts each request's "
+                   "prefill and its decode steps at the full batch; int8/int4 are weight-only "
+                   "(16-bit compute), embeddings stay 16-bit")
+    return out
+
+
+def _cand_dict(p: Plan, c: Candidate) -> dict:
+    d: dict = {"layout": asdict(c.layout)}
+    if c.reason:
+        d["reason"] = c.reason
+    if c.memory is not None:
+        d["memory_per_gpu_gib"] = round(c.memory.total / GiB, 3)
+        d["memory_gib"] = c.memory.gib()
+    t = c.time
+    if isinstance(t, TrainTime):
+        n = p.cluster.gpus
+        r = p.request
+        flops = training_flops(p.model, r.global_batch, r.seq, r.recompute)
+        model_flops = training_flops(p.model, r.global_batch, r.seq, "none")
+        peak = p.cluster.gpu.peak_flops(r.precision)
+        d.update(step_time_s=t.step_s, throughput_tokens_per_s=c.throughput,
+                 tflops_per_gpu=flops / t.step_s / n / 1e12, mfu=model_flops / t.step_s / n / peak,
+                 tp_comm_share=t.tp_share, bubble_share=t.bubble_s / t.step_s,
+                 dp_allreduce_s=t.dp_comm_s, dp_exposed_s=t.dp_exposed_s)
+    elif isinstance(t, ServeTime):
+        d.update(ttft_s=t.ttft_s, tpot_s=t.tpot_s, throughput_tokens_per_s=c.throughput,
+                 decode_allreduce_share=t.decode_comm_share, prefill_allreduce_s=t.prefill_comm_s)
+    return d
+
+
+def to_json(p: Plan) -> dict:
+    """One object: chosen layout, memory, times, throughput, ranked candidates, rejections, why."""
+    cl, best = p.cluster, p.best
+    obj: dict = {
+        "workload": p.workload,
+        "model": {"name": p.model.name, "params": p.model.total_params(), "source": p.model.source},
+        "cluster": {"gpu": cl.gpu.name, "gpus": cl.gpus, "gpus_per_node": cl.node_size,
+                    "nodes": math.ceil(cl.gpus / cl.node_size), "interconnect": cl.interconnect,
+                    "network_gbps_per_gpu": cl.network_gbps, "gpu_memory_gib": cl.gpu.memory_gib,
+                    "measured_link": cl.measured is not None},
+        "request": asdict(p.request),
+        "pinned": p.pinned,
+        "layout": asdict(best.layout) if best else None,
+        "fits": best is not None,
+    }
+    if best:
+        bd = _cand_dict(p, best)
+        obj.update(memory_per_gpu_gib=bd["memory_per_gpu_gib"], memory_per_gpu_bytes=int(best.memory.total),
+                   memory_gib=bd["memory_gib"],
+                   throughput={"value": best.throughput,
+                               "unit": "tokens/s" if p.workload == "train" else "output tokens/s"})
+        keys = (("step_time_s", "tflops_per_gpu", "mfu", "tp_comm_share", "bubble_share")
+                if p.workload == "train" else ("ttft_s", "tpot_s", "decode_allreduce_share"))
+        obj.update({k: bd[k] for k in keys})
+    obj["candidates"] = [_cand_dict(p, c) for c in p.candidates]
+    obj["rejected"] = [_cand_dict(p, c) for c in p.rejected]
+    obj["explanation"] = explain(p)
+    obj["assumptions"] = assumptions(p)
+    return obj
+
+
+def _row(p: Plan, i, c: Candidate) -> list[str]:
+    lay = c.layout
+    mem = f"{c.memory.total / GiB:.1f}" if c.memory else "-"
+    base = [str(i), str(lay.tp), str(lay.pp), str(lay.dp), str(lay.micro_batch), mem]
+    t = c.time
+    if isinstance(t, TrainTime):
+        return base + [_ms(t.step_s), f"{c.throughput:,.0f}", _pct(t.tp_share), _pct(t.bubble_s / t.step_s)]
+    if isinstance(t, ServeTime):
+        return base + [_ms(t.ttft_s), _ms(t.tpot_s), f"{c.throughput:,.0f}", _pct(t.decode_comm_share)]
+    return base + ["-"] * 4
+
+
+def _table(rows: list[list[str]], head: list[str]) -> list[str]:
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(x.rjust(w[i]) for i, x in enumerate(r))  # noqa: E731
+    return [fmt(head)] + [fmt(r) for r in rows]
+
+
+def to_text(p: Plan) -> str:
+    cl, m = p.cluster, p.model
+    req = p.request
+    prec = req.precision
+    what = (f"train, seq {req.seq}, global batch {req.global_batch}, {prec}, recompute {req.recompute}"
+            f"{', sequence parallel' if req.sp else ''}" if isinstance(req, TrainRequest) else
+            f"serve, prompt {req.prompt} + output {req.output} tokens, {req.concurrency} concurrent, {prec}")
+    lines = [f"{m.name} ({m.total_params() / 1e9:.2f}B params) on {cl.gpus} x {cl.gpu.name} "
+             f"({math.ceil(cl.gpus / cl.node_size)} node(s) of {cl.node_size}, {cl.interconnect}): {what}", ""]
+    head = ["#", "tp", "pp", "dp", "mb" if p.workload == "train" else "batch", "GiB/GPU"]
+    head += (["step", "tokens/s", "TP comm", "bubble"] if p.workload == "train"
+             else ["TTFT", "TPOT", "tokens/s", "AR/decode"])
+    if p.candidates:
+        lines += _table([_row(p, i + 1, c) for i, c in enumerate(p.candidates[:SHOW])], head)
+        if len(p.candidates) > SHOW:
+            lines.append(f"... {len(p.candidates) - SHOW} more feasible layouts (--json lists all)")
+    else:
+        lines.append("no feasible layout")
+    if p.rejected:
+        lines += ["", "rejected:"]
+        lines += [f"  {c.layout.short()}: {c.reason}" for c in p.rejected[:SHOW]]
+        if len(p.rejected) > SHOW:
+            lines.append(f"  ... {len(p.rejected) - SHOW} more (--json lists all)")
+    lines += ["", "why:"] + [f"  {s}" for s in explain(p)]
+    return "\n".join(lines)
