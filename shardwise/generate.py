@@ -1,0 +1,168 @@
+"""``shardwise generate``: one prompt through a tensor-parallel model, token by token.
+
+Every rank runs the same loop: prefill the prompt, then one token per step with a KV cache of
+its own KV heads. Sampling exchanges only what it must (``shardwise.sampling``); every rank
+decodes the text itself to check stop strings, so no rank needs to tell the others to stop.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .checkpoint.source import ModelSource, build_model, load_tokenizer, resolve
+from .comm import Ledger
+from .mesh import Mesh
+from .models.cache import KVCache
+from .partition import HeadLayout
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class GenerateJob:
+    model: str
+    tp: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: str | None = "stdout"  # where rank 0 streams text: "stdout", "stderr" or None
+    dtype: str = "float32"
+    eos_ids: list[int] = field(default_factory=list)
+
+
+def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:
+    """The chat template when the tokenizer has one (and ``chat``), else plain tokenization."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def check_request(source: ModelSource, tp: int, n_prompt: int, max_new: int) -> None:
+    cfg = source.config
+    HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
+    ctx = cfg.max_position_embeddings
+    if n_prompt >= ctx:
+        raise ValueError(f"the prompt has {n_prompt} tokens but the model's context is {ctx}")
+    if n_prompt + max_new > ctx:
+        raise ValueError(f"{n_prompt} prompt tokens + {max_new} new tokens exceed the context of "
+                         f"{ctx}: use --max-new-tokens <= {ctx - n_prompt}")
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return min(cuts) if cuts else None
+
+
+@torch.inference_mode()
+def run_generation(job: GenerateJob) -> dict:
+    """Worker body (also runs in-process for tp=1). Returns this rank's result and signals."""
+    t0 = time.perf_counter()
+    mesh = Mesh.init(tp=job.tp)
+    source = resolve(job.model)
+    model = build_model(source, group=mesh.tp_group, dtype=getattr(torch, job.dtype),
+                        device=mesh.device).eval()
+    tokenizer = load_tokenizer(source) if source.tokenizer else None
+    load_s = time.perf_counter() - t0
+    p = job.params
+    gen = torch.Generator().manual_seed(p.seed if p.seed is not None else 0)
+    ids = torch.tensor([job.prompt_ids], device=mesh.device)
+    cache = KVCache(model, 1, len(job.prompt_ids) + p.max_tokens)
+    head = model.lm_head
+    out_ids: list[int] = []
+    text, shown = "", 0
+    stream = {"stdout": sys.stdout, "stderr": sys.stderr}.get(job.stream or "") \
+        if mesh.tp_rank == 0 and mesh.rank == 0 else None
+    times = []
+    with Ledger() as ledger:
+        for step in range(p.max_tokens):
+            start = time.perf_counter()
+            logits = model(ids, cache.positions(1, ids.shape[1]), attend=cache.attend)
+            cache.advance(ids.shape[1])
+            nxt = int(sample(logits[:, -1], [p], [gen], start=head.start,
+                             vocab=head.num_embeddings, group=mesh.tp_group)[0])
+            times.append(time.perf_counter() - start)
+            if nxt in job.eos_ids:
+                break
+            out_ids.append(nxt)
+            if tokenizer is not None:
+                text = tokenizer.decode(out_ids, skip_special_tokens=True)
+                cut = _stop_at(text, p.stop)
+                if cut is not None:
+                    text = text[:cut]
+                if stream and len(text) > shown:
+                    stream.write(text[shown:])
+                    stream.flush()
+                    shown = len(text)
+                if cut is not None:
+                    break
+            ids = torch.tensor([[nxt]], device=mesh.device)
+    if stream:
+        stream.write("\n")
+        stream.flush()
+    total = sum(times)
+    decode = times[1:]
+    signals = {
+        "rank": mesh.rank,
+        "prompt_tokens": len(job.prompt_ids),
+        "generated_tokens": len(out_ids),
+        "load_s": round(load_s, 3),
+        "prefill_tokens_per_s": round(len(job.prompt_ids) / times[0], 1) if times else 0.0,
+        "decode_tokens_per_s": round(len(decode) / sum(decode), 1) if decode else 0.0,
+        "param_mib": round(sum(q.numel() * q.element_size() for q in model.parameters()) / 2**20, 1),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+        "comm_s": round(ledger.seconds, 4),
+        "compute_s": round(max(0.0, total - ledger.seconds), 4),
+        "comm_fraction": round(ledger.seconds / total, 3) if total else 0.0,
+        "collectives": ledger.counts(),
+    }
+    if mesh.device.type == "cuda":
+        signals["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {"text": text, "token_ids": out_ids, "signals": signals}
+
+
+def _peak_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+def generate(job: GenerateJob) -> list[dict]:
+    """Run ``job`` on ``job.tp`` ranks (in this process when tp=1); results by rank."""
+    if job.tp == 1 and "WORLD_SIZE" not in os.environ:
+        return [run_generation(job)]
+    from .launch import spawn
+    return spawn(run_generation, job.tp, job)
+
+
+def summarize(results: list[dict]) -> dict:
+    first = results[0]
+    per_rank = [r["signals"] for r in results]
+    return {"text": first["text"], "token_ids": first["token_ids"],
+            "signals": {"prefill_tokens_per_s": per_rank[0]["prefill_tokens_per_s"],
+                        "decode_tokens_per_s": per_rank[0]["decode_tokens_per_s"],
+                        "ranks": per_rank}}
+
+
+def format_signals(summary: dict) -> str:
+    s = summary["signals"]
+    lines = [f"prefill {s['prefill_tokens_per_s']} tok/s, decode {s['decode_tokens_per_s']} tok/s"]
+    for r in s["ranks"]:
+        lines.append(f"rank {r['rank']}: params {r['param_mib']} MiB, peak RSS {r['peak_rss_mib']}"
+                     f" MiB, comm {r['comm_s']} s vs compute {r['compute_s']} s "
+                     f"({100 * r['comm_fraction']:.0f}% in collectives), {r['collectives']}")
+    return "\n".join(lines)
+
+
+def job_json(summary: dict) -> str:
+    return json.dumps(summary)
+
+
+__all__ = ["GenerateJob", "SamplingParams", "generate", "summarize", "encode_prompt",
+           "check_request", "format_signals", "asdict"]

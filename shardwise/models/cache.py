@@ -1,0 +1,49 @@
+"""A contiguous KV cache for one batch of sequences that advance together (``generate``).
+
+Each rank stores only its KV heads: ``(batch, kv_local, max_len, head_dim)`` per layer. The
+serving engine has its own paged cache (``shardwise.serve``); both plug into the model through
+the ``attend(layer, q, k, v, kv_index)`` hook.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .llama import LlamaForCausalLM, expand_kv
+
+
+class KVCache:
+    def __init__(self, model: LlamaForCausalLM, batch: int, max_len: int,
+                 dtype: torch.dtype | None = None) -> None:
+        cfg = model.config
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"a cache of {max_len} positions exceeds the model's context of "
+                             f"{cfg.max_position_embeddings}")
+        dev = model.inv_freq.device
+        dtype = dtype or next(model.parameters()).dtype
+        self.k, self.v = {}, {}
+        for name, layer in model.model.layers.items():
+            shape = (batch, layer.self_attn.nkv, max_len, cfg.dim_per_head)
+            self.k[int(name)] = torch.zeros(shape, dtype=dtype, device=dev)
+            self.v[int(name)] = torch.zeros(shape, dtype=dtype, device=dev)
+        self.length, self.max_len = 0, max_len
+
+    def positions(self, batch: int, s: int) -> torch.Tensor:
+        if self.length + s > self.max_len:
+            raise ValueError(f"{self.length} cached + {s} new tokens exceed the cache of "
+                             f"{self.max_len} positions")
+        return torch.arange(self.length, self.length + s).expand(batch, s)
+
+    def attend(self, layer: int, q, k, v, kv_index) -> torch.Tensor:
+        s, end = q.shape[2], self.length + q.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        keys = expand_kv(self.k[layer][:, :, :end], kv_index)   # (b, nq, end, d)
+        vals = expand_kv(self.v[layer][:, :, :end], kv_index)
+        mask = None
+        if s > 1:  # query i (position length + i) sees keys 0 .. length + i
+            mask = torch.ones(s, end, dtype=torch.bool, device=q.device).tril(self.length)
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+
+    def advance(self, s: int) -> None:
+        self.length += s

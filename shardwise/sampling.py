@@ -1,0 +1,105 @@
+"""Choosing the next token from vocabulary-parallel logits, exchanging as little as possible.
+
+Rank r holds logits of vocabulary rows ``[start, stop)`` (padding set to ``-inf``).
+
+* Greedy: each rank sends its best (value, index) per row; the global argmax is the best of those
+  (ties go to the lowest index, as ``torch.argmax``). Two numbers per rank per row.
+* Temperature sampling without top-k/top-p: the Gumbel-max trick,
+  ``argmax_v (z_v / T + G_v)`` with ``G_v = -log(-log U_v)`` is a sample of ``softmax(z / T)``.
+  Every rank draws the noise of the *whole* vocabulary from the request's seeded generator and
+  keeps its columns, so the sample is the same at any tp; then the parallel argmax above.
+* Top-k / top-p: the rows that need them gather their full logits (one row of V floats), filter,
+  and use the same Gumbel noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from .comm import all_gather_last, gather_stacked
+from .mesh import ProcessGroup, group_size
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def parallel_argmax(local: torch.Tensor, start: int, group: ProcessGroup | None) -> torch.Tensor:
+    """Global argmax over the vocabulary of local logits (n, V_local) -> (n,) int64."""
+    val, idx = local.max(dim=-1)
+    if group_size(group) == 1:
+        return idx + start
+    mine = torch.stack([val.double(), (idx + start).double()], dim=-1)  # (n, 2)
+    out = gather_stacked(mine, group, group_size(group))  # (t, n, 2)
+    vals, idxs = out[..., 0], out[..., 1]                 # (t, n)
+    best = vals.max(dim=0).values                         # (n,)
+    cand = torch.where(vals == best, idxs, float("inf"))  # lowest index among ties
+    return cand.min(dim=0).values.long()
+
+
+def gumbel(vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Gumbel noise for the whole vocabulary (the same on every rank for the same generator)."""
+    u = torch.rand(vocab, generator=generator, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-16)
+    return -torch.log(-torch.log(u))
+
+
+def _filter(row: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. row: (V,) already / T."""
+    if top_k and top_k < row.numel():
+        kth = row.topk(top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_, order = row.sort(descending=True)
+        cum = sorted_.softmax(-1).cumsum(-1)
+        drop = cum - sorted_.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        row = row.clone()
+        row[order[drop]] = float("-inf")
+    return row
+
+
+def sample(local: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None], *, start: int, vocab: int,
+           group: ProcessGroup | None) -> torch.Tensor:
+    """Next token for each row of local logits (n, V_local); ``vocab`` is the real size."""
+    n, width = local.shape
+    z = local.double()
+    filtered = [i for i, p in enumerate(params) if not p.greedy and (p.top_k or p.top_p < 1.0)]
+    full = None
+    if filtered:
+        full = all_gather_last(local[filtered].contiguous(), group)[:, :vocab].double()
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        noise = gumbel(vocab, generators[i])
+        if full is not None and i in filtered:
+            row = _filter(full[filtered.index(i)] / p.temperature, p.top_k, p.top_p) + noise
+            z[i] = float("-inf")
+            lo, hi = start, min(start + width, vocab)
+            if hi > lo:
+                z[i, : hi - lo] = row[lo:hi]
+        else:
+            piece = torch.full((width,), float("-inf"), dtype=z.dtype)
+            hi = max(0, min(width, vocab - start))
+            piece[:hi] = noise[start:start + hi]
+            z[i] = z[i] / p.temperature + piece
+    return parallel_argmax(z, start, group)
