@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml requirements-dev.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/shardwise demo
+	$(BIN)/shardwise generate --model smollm2-135m --tp 3 --prompt "What is the capital of France?"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
