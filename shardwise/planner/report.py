@@ -14,7 +14,7 @@ SHOW = 8  # rows of each table in the text report
 
 
 def _ms(x: float) -> str:
-    return f"{x * 1e3:.1f} ms" if x < 10 else f"{x:.1f} s"
+    return f"{x * 1e3:.1f} ms" if abs(x) < 1 else f"{x:.1f} s"
 
 
 def _pct(x: float) -> str:
@@ -119,6 +119,18 @@ def _rejections(p: Plan) -> str | None:
     return f"{len(p.rejected)} layouts rejected: " + "; ".join(parts) + "."
 
 
+def _remedies(p: Plan) -> str:
+    r = p.request
+    if p.workload == "train":
+        tips = (["--sequence-parallel (activations / tp)"] if not r.sp else []) + \
+               (["--recompute full (2 s b h per layer)"] if r.recompute != "full" else []) + \
+               (["--zero1 (Adam states / dp)"] if not r.zero1 else []) + ["a shorter --seq-len", "more GPUs"]
+    else:
+        tips = (["a lower --precision (fp8, int8, int4)"] if r.precision in ("bf16", "fp16") else []) + \
+               (["--kv-dtype fp8"] if r.kv_bytes > 1 else []) + ["a lower --concurrency", "more GPUs"]
+    return "To make it fit, try " + ", ".join(tips[:-1]) + " or " + tips[-1] + "."
+
+
 def explain(p: Plan) -> list[str]:
     """A few plain sentences: the winner, why it splits the way it does, the runners-up."""
     best = p.best
@@ -126,7 +138,8 @@ def explain(p: Plan) -> list[str]:
     if best is None:
         sized = [c for c in p.rejected if c.memory is not None] or p.rejected
         near = min(sized, key=lambda c: c.memory.total if c.memory else 0.0) if sized else None
-        return out + ([f"No layout fits. Closest: {near.layout.short()}: {near.reason}."] if near else [])
+        out += [f"No layout fits. Closest: {near.layout.short()}: {near.reason}."] if near else []
+        return out + [_remedies(p)]
     out.insert(0, ("Evaluated " if p.pinned else "Best: ") + _headline(p, best) + ".")
     out.append(_placement(p, best))
     out += [_versus(p, best, o) for o in p.candidates[1:3]]

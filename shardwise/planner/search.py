@@ -144,7 +144,9 @@ def _check_pins(m: ModelSpec, c: Cluster, tp, pp, dp) -> None:
     if len(pins) == 3 and prod != c.gpus:
         raise ValueError(f"{desc} = {prod} GPUs but --gpus is {c.gpus}")
     if c.gpus % prod:
-        raise ValueError(f"{desc} = {prod} does not divide {c.gpus} GPUs")
+        ok = [d for d in _divisors(c.gpus) if d * prod // max(pins.values()) <= c.gpus][:8]
+        hint = f" (divisors of {c.gpus}: {', '.join(map(str, ok))})" if len(pins) == 1 else ""
+        raise ValueError(f"{desc}{'' if len(pins) == 1 else f' = {prod}'} does not divide {c.gpus} GPUs{hint}")
     if tp and (why := tp_problem(m, tp)):
         raise ValueError(why)
     if pp and pp > m.layers:
@@ -164,9 +166,12 @@ def _tp_cross(c: Cluster, tp: int) -> str | None:
     if c.within_node(tp, 1):
         return None
     far, near = c.link(tp, 1), c.intra(tp)
-    return (f"TP across nodes: tp={tp} does not fit in one {c.node_size}-GPU node, so its all-reduces "
-            f"would run over the network ({far.busbw_GBps:.0f} GB/s, {far.alpha_s * 1e6:.0f} us) instead "
-            f"of {near.kind} ({near.busbw_GBps:.0f} GB/s, {near.alpha_s * 1e6:.0f} us)")
+    nodes = -(-tp // c.node_size)
+    span = f"spans {nodes} nodes" if tp > c.node_size else f"does not divide the {c.node_size} GPUs of a node"
+    return (f"TP across nodes: tp={tp} {span}, so each of its blocking all-reduces crosses the network "
+            f"({far.alpha_s * 1e6:.0f} us latency instead of {near.alpha_s * 1e6:.0f} us on {near.kind}, "
+            f"at most {far.busbw_GBps:.0f} GB/s) and competes with data- and pipeline-parallel traffic "
+            f"for the NICs; pin --tp/--pp/--dp to evaluate it anyway")
 
 
 def _train_one(m, c, r: TrainRequest, t, p, d, mb, pinned) -> Candidate:
@@ -263,7 +268,9 @@ def plan(model: ModelSpec, cluster: Cluster, request: TrainRequest | ServeReques
         ok, bad = _serve(model, cluster, request, pins, pinned)
         workload = "serve"
     ok.sort(key=lambda x: (-x.throughput, x.memory.total if x.memory else 0))
-    bad.sort(key=lambda x: (x.time is None, -x.throughput))
+    cap = cluster.gpu.memory_bytes
+    bad.sort(key=lambda x: (x.time is None, max(0.0, x.memory.total - cap) if x.memory else 0.0,
+                            -x.throughput))
     return Plan(workload, model, cluster, request, ok, bad, pinned)
 
 
