@@ -1,0 +1,119 @@
+"""The training loop one rank runs (under :func:`shardwise.launch.spawn` or torchrun).
+
+Per step ``k`` (0-based; logged as ``k + 1``)::
+
+    lr_k = warmup + cosine (optim.lr_at)
+    forward/backward of A micro-batches         StageRunner (pipelining schedule, DDP over DP)
+    finalize_grads(model, tp_group)             SP-partial norm grads, replicated KV-head grads
+    sum tied-embedding grads, first + last stage (PP with tied embeddings)
+    clip by the global norm (each parameter once across TP, PP, DP)
+    AdamW step
+    loss = mean over DP replicas of the last stage's mean micro-batch loss
+
+and a checkpoint every ``save_every`` steps and at the end.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint.source import ModelSource, build_model
+from ..comm import Ledger
+from ..layers import finalize_grads
+from ..mesh import Mesh
+from ..random import seed_everything
+from .ckpt import load_checkpoint, save_checkpoint
+from .config import TrainConfig, stage_layers
+from .data import PackedData
+from .optim import (build_optimizer, clip_, embedding_groups, global_grad_norm, lr_at,
+                    sync_tied_embedding)
+from .pipeline import StageRunner, enable_activation_checkpointing
+from .signals import Reporter, flops_per_token, gather_rank_stats, peak_memory_bytes
+
+
+def _mean_loss(local: float | None, mesh: Mesh) -> float:
+    """The last stage's loss, averaged over DP, on every rank (one all-reduce over the world)."""
+    t = torch.tensor([local or 0.0], dtype=torch.float64, device=mesh.device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t) / (mesh.tp * mesh.dp)
+
+
+def train_worker(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor) -> dict[str, Any]:
+    """Train on this rank; returns ``{"losses": [...], "steps": [...], "records": [...]}`` (the
+    same losses on every rank; records only on rank 0)."""
+    mesh = Mesh.init(cfg.tp, cfg.pp, cfg.dp)
+    try:
+        return _train(cfg, source, rows, mesh)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            from ..mesh import _SUBGROUPS
+            _SUBGROUPS.clear()
+
+
+def _train(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mesh: Mesh) -> dict[str, Any]:
+    tracker = seed_everything(mesh, cfg.seed)
+    mc = source.config
+    model = build_model(source, group=mesh.tp_group, sequence_parallel=cfg.sequence_parallel,
+                        layers=stage_layers(mc.num_hidden_layers, cfg.pp, mesh.pp_rank),
+                        device=mesh.device, seed=cfg.seed)
+    emb_group = embedding_groups(mesh)
+    opt = build_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    start = 0
+    if cfg.resume:
+        meta = load_checkpoint(cfg.resume, model, opt, mesh)
+        start = meta["step"]
+        if meta.get("rng") is not None:
+            tracker.load_state_dict(meta["rng"])
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    runner = StageRunner(model, mesh, micro_batches=cfg.accumulation, schedule=cfg.schedule,
+                         bf16=cfg.bf16)
+    data = PackedData(rows, cfg.seed)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rep = Reporter(cfg.out_dir, active=mesh.rank == 0, progress=cfg.progress, total=cfg.steps,
+                   start=start, flops_token=flops_per_token(mc, cfg.seq_len),
+                   peak_tflops=cfg.peak_tflops, world=mesh.world_size,
+                   tokens_per_step=cfg.global_batch * cfg.seq_len)
+    out: dict[str, Any] = {"losses": [], "steps": [], "records": []}
+    meta_base = {"model": source.name, "config": mc.to_hf(),
+                 "tokenizer": str(source.tokenizer) if source.tokenizer else None,
+                 "seed": cfg.seed, "global_batch": cfg.global_batch, "seq_len": cfg.seq_len}
+    for k in range(start, cfg.steps):
+        lr = lr_at(k, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids, targets = data.batch(k, global_batch=cfg.global_batch, dp=cfg.dp, dp_rank=mesh.dp_rank)
+        t0 = time.perf_counter()
+        with Ledger() as ledger:
+            opt.zero_grad(set_to_none=True)
+            local = runner.step(ids, targets)
+            finalize_grads(model, mesh.tp_group)
+            sync_tied_embedding(model, mesh, emb_group)
+            norm = global_grad_norm(model, mesh)
+            coef = clip_(model, norm, cfg.max_grad_norm)
+            opt.step()
+            loss = _mean_loss(local, mesh)
+        seconds = time.perf_counter() - t0
+        stats = gather_rank_stats([ledger.seconds, seconds, peak_memory_bytes(mesh.device),
+                                   param_bytes], mesh.device)
+        rec = rep.step(k + 1, loss=loss, lr=lr, grad_norm=float(norm), clip=coef,
+                       seconds=seconds, per_rank=stats,
+                       extra={"collectives": ledger.counts()} if mesh.rank == 0 else None)
+        out["losses"].append(loss)
+        out["steps"].append(k + 1)
+        if mesh.rank == 0:
+            out["records"].append(rec)
+        done = k + 1 == cfg.steps
+        if (cfg.save_every and (k + 1) % cfg.save_every == 0) or done:
+            save_checkpoint(f"{cfg.out_dir}/checkpoints", k + 1, model, opt, mesh,
+                            meta=meta_base, rng=tracker.state_dict(),
+                            crash=cfg.crash_during_save_at == k + 1)
+    plot = rep.close()
+    out["plot"] = str(plot) if plot else None
+    return out
