@@ -97,9 +97,14 @@ def _versus(p: Plan, best: Candidate, other: Candidate) -> str:
     loss = 1 - other.throughput / best.throughput
     if p.workload == "train":
         gap = other.time.step_s - best.time.step_s
+        note = ""
+        if key == "compute" and other.layout.pp > 1:
+            per = -(-p.model.layers // other.layout.pp)
+            note = (f"; its busiest stage holds {per} of {p.model.layers} layers plus the output layer, "
+                    f"the others wait for it")
         return (f"{other.layout.short()} (micro-batch {other.layout.micro_batch}) is {_pct(loss)} slower: "
                 f"step {_ms(other.time.step_s)} ({'+' if gap >= 0 else ''}{_ms(gap)}), mostly "
-                f"{key} ({_ms(b[key])} vs {_ms(a.get(key, 0.0))}).")
+                f"{key} ({_ms(b[key])} vs {_ms(a.get(key, 0.0))}){note}.")
     us = lambda x: f"{x * 1e3:.2f} ms" if x >= 1e-3 else f"{x * 1e6:.0f} us"  # noqa: E731
     return (f"{other.layout.short()} gives {_pct(loss)} less throughput ({other.throughput:,.0f} tokens/s, "
             f"TPOT {_ms(other.time.tpot_s)}, TTFT {_ms(other.time.ttft_s)}): per generated token it "
@@ -171,6 +176,8 @@ def assumptions(p: Plan) -> list[str]:
         out.append("TTFT = prefill of one prompt on an idle replica; throughput counts each request's "
                    "prefill and its decode steps at the full batch; int8/int4 are weight-only "
                    "(16-bit compute), embeddings stay 16-bit")
+        if p.request.precision == "fp8" and not cl.gpu.fp8_tflops:
+            out.append(f"{cl.gpu.name} has no FP8 tensor cores: fp8 is modelled as weight-only (16-bit compute)")
     return out
 
 
