@@ -122,5 +122,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from .plot import plot_candidates
 
-        print(f"wrote {plot_candidates(p, args.plot)}", file=sys.stderr)
+        try:
+            print(f"wrote {plot_candidates(p, args.plot)}", file=sys.stderr)
+        except ImportError as e:
+            raise ValueError(f"--plot needs matplotlib ({e}): pip install 'shardwise[bench]'") from e
     return 0 if p.best else 1

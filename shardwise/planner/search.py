@@ -43,7 +43,9 @@ class Cluster:
         return min(self.gpus, self.gpus_per_node)
 
     def intra(self, size: int, stride: int = 1) -> Link:
-        return self.measured or intra_link(self.gpu, self.interconnect, size if stride == 1 else 99)
+        # an NVLink bridge joins neighbouring pairs only: a strided group never uses it
+        pairs_ok = size if stride == 1 else self.node_size + 1
+        return self.measured or intra_link(self.gpu, self.interconnect, pairs_ok)
 
     def within_node(self, size: int, stride: int) -> bool:
         span = size * stride

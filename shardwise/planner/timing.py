@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .gpus import GPUSpec, Link
-from .models import (ModelSpec, heads_per_rank, kv_heads_per_rank, layers_per_stage,
-                     matmul_params_per_rank, vocab_rows_per_rank)
+from .models import (ModelSpec, heads_per_rank, layers_per_stage, matmul_params_per_rank,
+                     vocab_rows_per_rank)
 
 MATMUL_EFFICIENCY = 0.6  # achieved / peak tensor FLOP/s; Narayanan et al. reach 44-52% end to end
 HBM_EFFICIENCY = 0.8  # achieved / datasheet memory bandwidth when streaming weights and KV cache
