@@ -26,12 +26,26 @@ import torch.distributed as dist
 ProcessGroup = dist.ProcessGroup
 
 
-def group_size(group: ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+@dataclass(frozen=True)
+class LayoutOnly:
+    """Stands in for a process group when only the layout matters: building rank ``rank``'s
+    shard of a model of ``size`` ranks in one process (resharding, memory accounting). Any
+    collective on it fails."""
+
+    size: int
+    rank: int
 
 
-def group_rank(group: ProcessGroup | None) -> int:
-    return 0 if group is None else dist.get_rank(group)
+def group_size(group: "ProcessGroup | LayoutOnly | None") -> int:
+    if group is None:
+        return 1
+    return group.size if isinstance(group, LayoutOnly) else dist.get_world_size(group)
+
+
+def group_rank(group: "ProcessGroup | LayoutOnly | None") -> int:
+    if group is None:
+        return 0
+    return group.rank if isinstance(group, LayoutOnly) else dist.get_rank(group)
 
 
 _SUBGROUPS: dict[tuple[int, ...], ProcessGroup | None] = {}

@@ -1,0 +1,193 @@
+"""The Llama-family model against Hugging Face transformers, checkpoints, and generation.
+
+Tolerance: fp32, absolute 1e-4 on logits, loss and gradients of a whole (small) model.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from shardwise.checkpoint.hf import load_weights
+from shardwise.shards import Piece, assemble_local
+
+ATOL = 1e-4
+
+
+def make_hf(tmp_path, name, *, heads, kv, tied, qwen=False, vocab=131, hidden=None):
+    hidden = hidden or 8 * heads
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden - 5,
+              num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv,
+              tie_word_embeddings=tied, max_position_embeddings=64, rope_theta=10000.0)
+    if qwen:
+        cfg, cls = transformers.Qwen2Config(**kw), transformers.Qwen2ForCausalLM
+    else:
+        cfg, cls = transformers.LlamaConfig(**kw), transformers.LlamaForCausalLM
+    torch.manual_seed(hash(name) % 1000)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # non-trivial biases and norms so that every piece matters
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / name
+    model.save_pretrained(path)
+    return path, model
+
+
+def hf_reference(model, ids, tgt):
+    model.zero_grad()
+    logits = model(ids).logits
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1))
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def equiv_worker(path, tp, ids, tgt):
+    from shardwise.layers import finalize_grads, gather_logits
+    from shardwise.loss import vocab_parallel_cross_entropy
+    from shardwise.mesh import subgroup
+    from shardwise.models.config import LlamaConfig
+    from shardwise.models.llama import LlamaForCausalLM
+    group = subgroup(list(range(tp)))
+    if torch.distributed.get_rank() >= tp:
+        return None
+    model = LlamaForCausalLM(LlamaConfig.from_hf(path), group=group)
+    load_weights(model, path)
+    local = model(ids)
+    head = model.lm_head
+    loss = vocab_parallel_cross_entropy(local, tgt, group=group, vocab_start=head.start,
+                                        vocab_size=head.num_embeddings)
+    loss.backward()
+    finalize_grads(model, group)
+    return (gather_logits(local.detach(), head), loss.detach(),
+            {n: (p.grad, getattr(p, "pieces", None)) for n, p in model.named_parameters()})
+
+
+LAYOUTS = [  # (name, heads, kv, tied, qwen): kv < tp, = tp, > tp, uneven, tied/untied, bias
+    ("gqa-8-2", 8, 2, True, False),
+    ("gqa-6-3-untied", 6, 3, False, False),
+    ("uneven-9-3", 9, 3, True, False),
+    ("mha-4-4-untied", 4, 4, False, False),
+    ("qwen2-6-2-bias", 6, 2, False, True),
+]
+
+
+@pytest.mark.parametrize("name,heads,kv,tied,qwen", LAYOUTS)
+def test_matches_transformers(pool, tmp_path, name, heads, kv, tied, qwen):
+    path, hf = make_hf(tmp_path, name, heads=heads, kv=kv, tied=tied, qwen=qwen)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 131, (2, 11), generator=g)
+    tgt = torch.randint(0, 131, (2, 11), generator=g)
+    logits, loss, grads = hf_reference(hf, ids, tgt)
+    if tied:
+        grads.pop("lm_head.weight", None)
+
+    def read(n, shape, dim, start, stop):
+        return grads[n].narrow(dim, start, stop - start)
+
+    for tp in (1, 2, 3, 4):
+        if tp > heads:
+            continue
+        for res in [r for r in pool.run(equiv_worker, str(path), tp, ids, tgt) if r]:
+            got_logits, got_loss, got_grads = res
+            torch.testing.assert_close(got_logits, logits, atol=ATOL, rtol=0)
+            torch.testing.assert_close(got_loss, loss, atol=ATOL, rtol=0)
+            for n, (grad, pieces) in got_grads.items():
+                local = grad.clone()
+                if pieces:
+                    local.pieces = pieces
+                torch.testing.assert_close(grad, assemble_local(n, local, read), atol=ATOL,
+                                           rtol=0, msg=lambda m: f"{name} tp={tp} {n}: {m}")
+
+
+def test_unsupported_architecture_and_shape_mismatch(tmp_path):
+    from shardwise.models.config import LlamaConfig
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2",
+                                                      "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported"):
+        LlamaConfig.from_hf(tmp_path)
+    path, _ = make_hf(tmp_path, "m", heads=4, kv=2, tied=True)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] += 1
+    (path / "config.json").write_text(json.dumps(cfg))
+    from shardwise.models.llama import LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig.from_hf(path))
+    with pytest.raises(ValueError, match="gate_proj.weight.*has shape"):
+        load_weights(model, path)
+
+
+def save_worker(path, out, tp):
+    from shardwise.checkpoint.convert import save_sharded
+    from shardwise.mesh import subgroup
+    from shardwise.models.config import LlamaConfig
+    from shardwise.models.llama import LlamaForCausalLM
+    group = subgroup(list(range(tp)))
+    if torch.distributed.get_rank() >= tp:
+        return None
+    model = LlamaForCausalLM(LlamaConfig.from_hf(path), group=group)
+    load_weights(model, path)
+    save_sharded(model, out, group=group)
+
+
+def logits_worker(ckpt, tp, ids):
+    from shardwise.checkpoint.convert import load_sharded
+    from shardwise.layers import gather_logits
+    from shardwise.mesh import subgroup
+    from shardwise.models.config import LlamaConfig
+    from shardwise.models.llama import LlamaForCausalLM
+    group = subgroup(list(range(tp)))
+    if torch.distributed.get_rank() >= tp:
+        return None
+    model = LlamaForCausalLM(LlamaConfig.from_hf(f"{ckpt}/config.json"), group=group)
+    load_sharded(model, ckpt)
+    with torch.no_grad():
+        return gather_logits(model(ids), model.lm_head)
+
+
+def test_save_merge_reshard(pool, tmp_path):
+    """Saved at tp=3, merged: transformers loads it with the same logits; 3 -> 2 -> 1 keeps them."""
+    from shardwise.checkpoint.convert import merge_to_hf, reshard
+    path, hf = make_hf(tmp_path, "src", heads=9, kv=3, tied=False, vocab=50)  # vocab padded at tp=3? 50 -> 51
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    pool.run(save_worker, str(path), str(tmp_path / "tp3"), 3)
+    merge_to_hf(tmp_path / "tp3", tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ref, atol=1e-5, rtol=0)
+    reshard(tmp_path / "tp3", tmp_path / "tp2", 2)
+    reshard(tmp_path / "tp2", tmp_path / "tp1", 1)
+    for ckpt, tp in ((tmp_path / "tp2", 2), (tmp_path / "tp1", 1), (tmp_path / "tp3", 3)):
+        got = [r for r in pool.run(logits_worker, str(ckpt), tp, ids) if r is not None]
+        torch.testing.assert_close(got[0], ref, atol=ATOL, rtol=0)
+    from shardwise.checkpoint.convert import load_sharded
+    from shardwise.models.config import LlamaConfig
+    from shardwise.models.llama import LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig.from_hf(tmp_path / "tp2"))
+    with pytest.raises(ValueError, match="saved at tp=2 but the model runs at tp=1"):
+        load_sharded(model, tmp_path / "tp2")
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "shardwise.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    cases = [
+        (["--model", str(tmp_path / "missing.gguf")], "does not exist"),
+        (["--model", str(tmp_path / "gpt2")], "not supported"),
+        (["--model", "smollm2-135m", "--tp", "12"], "tp=12 but the model has 9 query heads"),
+        (["--model", "smollm2-135m", "--max-new-tokens", "9000"], "exceed the context of 8192"),
+    ]
+    for args, msg in cases:
+        out = run_cli("generate", "--prompt", "What is the capital of France?", *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert msg in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
