@@ -47,7 +47,7 @@ def train_worker(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor) -> d
     same losses on every rank; records only on rank 0)."""
     mesh = Mesh.init(cfg.tp, cfg.pp, cfg.dp)
     try:
-        return _train(cfg, source, rows, mesh)
+        return train_on_mesh(cfg, source, rows, mesh)
     finally:
         if dist.is_initialized():
             dist.barrier()
@@ -56,7 +56,9 @@ def train_worker(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor) -> d
             _SUBGROUPS.clear()
 
 
-def _train(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mesh: Mesh) -> dict[str, Any]:
+def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mesh: Mesh
+                  ) -> dict[str, Any]:
+    """Train on an existing mesh (several runs can share one process group: tests)."""
     tracker = seed_everything(mesh, cfg.seed)
     mc = source.config
     model = build_model(source, group=mesh.tp_group, sequence_parallel=cfg.sequence_parallel,

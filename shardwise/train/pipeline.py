@@ -8,7 +8,9 @@ averaged over DP by DDP:
 * ``pp > 1``: a :class:`~torch.distributed.pipelining.PipelineStage` over this rank's layers,
   driven by ``ScheduleGPipe`` or ``Schedule1F1B`` (``scale_grads=True`` divides by ``A``); the
   stage sends ``(b, s, h)`` activations, ``(b, s / tp, h)`` under sequence parallelism, to the
-  same TP rank of the next stage. The schedule drives DDP's ``no_sync`` itself.
+  same TP rank of the next stage; DP averaging is one flat all-reduce after the schedule
+  (:func:`average_grads`), because DDP wrapped in a PipelineStage trips an internal assert of
+  torch 2.13's reducer when a step has more than one micro-batch.
 """
 from __future__ import annotations
 
@@ -48,6 +50,20 @@ def _p2p_unwrapped():
             setattr(dist, op, fn)
 
 
+@torch.no_grad()
+def average_grads(model: nn.Module, group, n: int) -> None:
+    """``g <- (1/n) sum over the DP group`` for every gradient, in one flat all-reduce (used with
+    PP: torch 2.13's DDP inside a PipelineStage fails its bucket rebuild with > 1 micro-batch)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= n
+    offset = 0
+    for p, g in zip(model.parameters(), grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
 class StageRunner:
     """Runs one training step's forward/backward of this rank's stage over its micro-batches."""
 
@@ -57,9 +73,13 @@ class StageRunner:
         self.autocast = functools.partial(torch.autocast, mesh.device.type, dtype=torch.bfloat16,
                                           enabled=bf16)
         self.wrapped: nn.Module = model
-        if mesh.dp > 1:
+        if mesh.dp > 1 and mesh.pp == 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.wrapped = DDP(model, process_group=mesh.dp_group,
+            import inspect
+            # buffers (rope tables, KV indices) are constants: no per-forward broadcast
+            quiet = ("forward_sync_buffers" if "forward_sync_buffers" in
+                     inspect.signature(DDP.__init__).parameters else "broadcast_buffers")
+            self.wrapped = DDP(model, process_group=mesh.dp_group, **{quiet: False},
                                device_ids=None if mesh.device.type == "cpu" else [mesh.device])
         self.schedule = None
         if mesh.pp > 1:
@@ -102,6 +122,8 @@ class StageRunner:
                 self.schedule.step(target=targets, losses=losses)
             else:
                 self.schedule.step()
+        if self.mesh.dp > 1:
+            average_grads(self.model, self.mesh.dp_group, self.mesh.dp)
         if not last:
             return None
         return float(torch.stack([l.detach().float() for l in losses]).mean())
