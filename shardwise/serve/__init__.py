@@ -1,0 +1,11 @@
+"""Tensor-parallel serving: continuous batching over a paged KV cache behind an OpenAI-compatible
+HTTP server.
+
+* :mod:`.scheduler` (rank 0) picks each step's tokens; :mod:`.kv` holds the paged cache and its
+  attention; :mod:`.engine` runs the TP worker processes;
+* :mod:`.client`, :mod:`.server`, :mod:`.protocol`, :mod:`.text`, :mod:`.metrics` are the HTTP side;
+* :mod:`.cli`: ``shardwise serve`` and ``shardwise bench serve``.
+"""
+from .engine import EngineConfig
+
+__all__ = ["EngineConfig"]

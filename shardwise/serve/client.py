@@ -1,0 +1,160 @@
+"""The server's handle on the TP workers: start them, submit and cancel requests, watch them die.
+
+The server process spawns ``tp`` worker processes (:func:`shardwise.serve.engine.worker_main`);
+rank 0 reads commands from one queue and writes events to another. A thread here reads the
+events and hands each request's tokens to its ``asyncio.Queue`` on the server's event loop. The
+same thread checks that every worker is alive: one that exits while the server has not asked it
+to is fatal (every waiting request gets an error and :attr:`EngineClient.dead` says why).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from ..launch import free_port
+from .engine import EngineConfig, worker_main
+from .scheduler import SamplerSpec
+
+
+class EngineDead(RuntimeError):
+    """A TP worker died or failed."""
+
+
+class EngineClient:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        ctx = mp.get_context("spawn")
+        self._cmd, self._evt = ctx.Queue(), ctx.Queue()
+        port = free_port()
+        self.procs = [ctx.Process(target=worker_main, args=(r, cfg, port, self._cmd, self._evt),
+                                  daemon=True, name=f"shardwise-tp{r}") for r in range(cfg.tp)]
+        self.info: dict[str, Any] = {}
+        self.dead: str | None = None
+        self.stopping = False
+        self._ids = itertools.count(1)
+        self._streams: dict[int, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.on_stats: Callable[[dict], None] | None = None
+        self.on_dead: Callable[[str], None] | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def start(self, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Start the workers and wait until rank 0 reports ready (the model loaded)."""
+        for p in self.procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                msg = self._evt.get(timeout=0.5)
+            except queue.Empty:
+                bad = self._exited()
+                if bad:
+                    self.kill()
+                    raise EngineDead(f"TP worker {bad} exited while loading the model")
+                continue
+            if msg[0] == "ready":
+                self.info = msg[1]
+                return self.info
+            if msg[0] == "error":
+                self.kill()
+                raise EngineDead(f"TP worker rank 0 failed while loading:\n{msg[1]}")
+        self.kill()
+        raise EngineDead(f"the TP workers were not ready after {timeout_s:.0f} s")
+
+    def _exited(self) -> str | None:
+        gone = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
+        return ", ".join(f"rank {r} (exit code {c})" for r, c in gone) or None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start delivering events to ``loop`` (call from the server's startup)."""
+        self._loop = loop
+        self._thread = threading.Thread(target=self._pump, daemon=True, name="engine-events")
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self._loop is not None
+        while True:
+            try:
+                msg = self._evt.get(timeout=0.2)
+            except queue.Empty:
+                msg = None
+            except (EOFError, OSError):
+                msg = ("error", "the event queue from TP rank 0 broke")
+            if msg is not None and msg[0] in ("step", "stats"):
+                self._loop.call_soon_threadsafe(self._deliver, msg)
+                continue
+            if msg is not None and msg[0] == "error":
+                reason = "TP worker rank 0 failed:\n" + msg[1]
+            else:
+                bad = self._exited()
+                if bad is None:
+                    continue
+                if self.stopping:
+                    return
+                reason = f"TP worker {bad} died"
+            self._loop.call_soon_threadsafe(self._fail, reason)
+            return
+
+    def _deliver(self, msg: tuple) -> None:
+        now = time.perf_counter()
+        if msg[0] == "step":
+            for sid, tok, reason, lp in msg[1]:
+                q = self._streams.get(sid)
+                if q is not None:
+                    q.put_nowait(("token", tok, reason, lp, now))
+                    if reason is not None:
+                        self._streams.pop(sid, None)
+        if self.on_stats:
+            self.on_stats(msg[-1])
+
+    def _fail(self, reason: str) -> None:
+        if self.dead:
+            return
+        self.dead = reason
+        for q in self._streams.values():
+            q.put_nowait(("error", reason))
+        self._streams.clear()
+        self.kill()
+        if self.on_dead:
+            self.on_dead(reason)
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt: list[int], spec: SamplerSpec, max_tokens: int,
+               eos_ids: list[int]) -> tuple[int, asyncio.Queue]:
+        if self.dead:
+            raise EngineDead(self.dead)
+        sid = next(self._ids)
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[sid] = q
+        self._cmd.put(("add", sid, prompt, spec, max_tokens, eos_ids))
+        return sid, q
+
+    def cancel(self, sid: int) -> None:
+        if self._streams.pop(sid, None) is not None and not self.dead:
+            self._cmd.put(("cancel", sid))
+
+    # ------------------------------------------------------------------ shutdown
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ask rank 0 to finish its work and stop every rank; kill what does not stop."""
+        self.stopping = True
+        if not self.dead:
+            self._cmd.put(("stop",))
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.kill()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)

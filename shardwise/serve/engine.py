@@ -1,0 +1,213 @@
+"""The TP worker processes: rank 0 schedules, every rank runs the same step.
+
+Each step rank 0 turns the scheduler's :class:`StepPlan` (token ids, positions, block tables,
+samplers of new sequences, sequences to forget) into one ``broadcast_object_list`` over the TP
+group; then every rank runs the flat batch through its shard of the model, with its own
+:class:`PagedKVCache`, and samples the next tokens with the vocabulary-parallel sampler, which
+gives every rank the same tokens. Rank 0 talks to the server process through two queues:
+commands in (``add``, ``cancel``, ``stop``), events out (``ready``, ``step``, ``stats``,
+``error``).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..comm import Ledger, all_gather_last
+from ..sampling import SamplingParams, sample
+from .kv import PagedKVCache, blocks_for
+from .scheduler import SamplerSpec, Scheduler, Sequence, StepPlan
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    tp: int = 1
+    kv_tokens: int | None = None      # cache size in tokens per rank (default: the context)
+    block_size: int = 16
+    max_seqs: int = 32
+    max_batched_tokens: int = 256
+    dtype: str = "float32"
+    threads: int | None = None        # torch threads per rank (default max(1, cores // tp))
+    profile: bool = False             # time collectives in each step (the Ledger)
+
+    def num_blocks(self, context: int) -> int:
+        return blocks_for(self.kv_tokens or context, self.block_size)
+
+
+def forward_selected(model, ids: torch.Tensor, positions: torch.Tensor, attend,
+                     rows: list[int]) -> torch.Tensor:
+    """``model(ids, positions, attend)`` but the norm and LM head run only on ``rows`` of the
+    flat batch: (n_rows, V_local). (The model's forward computes logits for every token.)"""
+    h = model.model.embed_tokens(ids)
+    cos, sin = model.rope(positions, h.dtype)
+    for layer in model.model.layers.values():
+        h = layer(h, cos, sin, attend)
+    h = h[:, rows]                                                   # (1, n_rows, hidden)
+    return model.lm_head(model.model.norm(h))[0]
+
+
+class Runner:
+    """One rank's model, cache and per-sequence samplers."""
+
+    def __init__(self, model, group, cache: PagedKVCache) -> None:
+        self.model, self.group, self.cache = model, group, cache
+        self.head = model.lm_head
+        self.samplers: dict[int, tuple[SamplerSpec, SamplingParams, torch.Generator]] = {}
+
+    def execute(self, plan: StepPlan) -> tuple[dict[int, int], dict[int, Any]]:
+        """Run one step. Returns seq id -> sampled token and seq id -> logprob entry
+        ``(logprob of the token, [(token, logprob), ...top k])`` for sequences that asked."""
+        for sid in plan.drop:
+            self.samplers.pop(sid, None)
+        for sid, sp in plan.new.items():
+            params = SamplingParams(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
+                                    seed=sp.seed)
+            self.samplers[sid] = (sp, params, torch.Generator().manual_seed(sp.seed))
+        ids, pos, last = self.cache.prepare(plan.chunks)
+        picked = [(c.seq_id, last[i]) for i, c in enumerate(plan.chunks) if c.sample]
+        local = forward_selected(self.model, ids, pos, self.cache.attend, [r for _, r in picked])
+        if not picked:
+            return {}, {}
+        samp = [self.samplers[sid] for sid, _ in picked]
+        toks = sample(local, [s[1] for s in samp], [s[2] for s in samp], start=self.head.start,
+                      vocab=self.head.num_embeddings, group=self.group).tolist()
+        sampled = {sid: t for (sid, _), t in zip(picked, toks)}
+        want = [i for i, s in enumerate(samp) if s[0].logprobs is not None]
+        logprobs: dict[int, Any] = {}
+        if want:
+            full = all_gather_last(local[want].contiguous(), self.group)
+            lp = full[:, :self.head.num_embeddings].float().log_softmax(-1)
+            for row, i in enumerate(want):
+                k = samp[i][0].logprobs or 0
+                top = lp[row].topk(k) if k else None
+                logprobs[picked[i][0]] = (float(lp[row, toks[i]]), [] if top is None else
+                                          list(zip(top.indices.tolist(), top.values.tolist())))
+        return sampled, logprobs
+
+
+def _broadcast(plan: StepPlan | None, group) -> StepPlan:
+    box = [plan]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _drain(cmd_q, block: bool) -> list[tuple]:
+    out = []
+    try:
+        out.append(cmd_q.get(timeout=0.5) if block else cmd_q.get_nowait())
+        while True:
+            out.append(cmd_q.get_nowait())
+    except queue.Empty:
+        pass
+    return out
+
+
+def _lead(runner: Runner, sched: Scheduler, group, cmd_q, evt_q, profile: bool) -> None:
+    """Rank 0: take commands, schedule, broadcast, run, report."""
+    parent, stopping = os.getppid(), False
+    while True:
+        cmds = _drain(cmd_q, block=not sched.has_work())
+        for cmd in cmds:
+            if cmd[0] == "add":
+                _, sid, prompt, spec, max_tokens, eos = cmd
+                sched.add(Sequence(sid, list(prompt), spec, max_tokens, frozenset(eos)))
+            elif cmd[0] == "cancel":
+                sched.cancel(cmd[1])
+            elif cmd[0] == "stop":
+                stopping = True
+        if cmds:
+            evt_q.put(("stats", _stats(sched)))
+        if (stopping and not sched.has_work()) or os.getppid() != parent:
+            if group is not None:
+                _broadcast(StepPlan(stop=True), group)
+            return
+        if not sched.has_work():
+            continue
+        plan = sched.schedule()
+        if not plan.chunks:
+            time.sleep(0.005)
+            continue
+        t0 = time.perf_counter()
+        with Ledger() if profile else _NoLedger() as ledger:
+            if group is not None:
+                _broadcast(plan, group)
+            sampled, logprobs = runner.execute(plan)
+        step_s = time.perf_counter() - t0
+        events = [(seq.id, tok, reason, logprobs.get(seq.id))
+                  for seq, tok, reason in sched.update(plan, sampled)]
+        stats = _stats(sched)
+        stats.update(step_s=step_s, step_tokens=sum(len(c.tokens) for c in plan.chunks),
+                     step_seqs=len(plan.chunks), comm_s=getattr(ledger, "seconds", 0.0))
+        evt_q.put(("step", events, stats))
+
+
+class _NoLedger:
+    def __enter__(self) -> "_NoLedger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _stats(sched: Scheduler) -> dict[str, Any]:
+    return {"waiting": len(sched.waiting), "running": len(sched.running),
+            "blocks_used": sched.alloc.num_used, "blocks_free": sched.alloc.num_free,
+            "preemptions": sched.preemptions}
+
+
+def _follow(runner: Runner, group) -> None:
+    """Ranks > 0: run whatever rank 0 broadcasts until it says stop."""
+    while True:
+        plan = _broadcast(None, group)
+        if plan.stop:
+            return
+        runner.execute(plan)
+
+
+def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
+    """Entry point of TP worker ``rank`` (a spawned process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(cfg.tp), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(cfg.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from ..checkpoint.source import build_model, resolve
+    from ..launch import threads_per_rank
+    from ..mesh import Mesh
+    torch.set_num_threads(cfg.threads or threads_per_rank(cfg.tp))
+    try:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            mesh = Mesh.init(tp=cfg.tp, backend="gloo", timeout_s=7 * 86400.0)
+            source = resolve(cfg.model)
+            model = build_model(source, group=mesh.tp_group, dtype=getattr(torch, cfg.dtype),
+                                device=mesh.device).eval()
+            context = source.config.max_position_embeddings
+            cache = PagedKVCache(model, cfg.num_blocks(context), cfg.block_size)
+            runner = Runner(model, mesh.tp_group, cache)
+            if rank != 0:
+                _follow(runner, mesh.tp_group)
+                return
+            sched = Scheduler(cache.num_blocks, cfg.block_size, max_seqs=cfg.max_seqs,
+                              max_batched_tokens=cfg.max_batched_tokens)
+            evt_q.put(("ready", {"num_blocks": cache.num_blocks, "block_size": cfg.block_size,
+                                 "context": context, "kv_mib": cache.bytes / 2**20,
+                                 "load_s": time.perf_counter() - t0, "pid": os.getpid()}))
+            _lead(runner, sched, mesh.tp_group, cmd_q, evt_q, cfg.profile)
+    except BaseException:  # noqa: BLE001 - tell the server, then die non-zero
+        if rank == 0:
+            evt_q.put(("error", traceback.format_exc()))
+        raise
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass

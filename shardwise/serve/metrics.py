@@ -1,0 +1,106 @@
+"""Server metrics in the Prometheus text format (names prefixed ``shardwise_``).
+
+Gauges mirror the engine's last report (requests waiting and running, KV blocks used and free);
+counters and histograms are kept by the server as tokens stream out.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                   0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.name, self.help, self.buckets = name, help, buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, v)] += 1
+        self.sum += v
+        self.count += 1
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        acc = 0
+        for b, c in zip(self.buckets, self.counts):
+            acc += c
+            out.append(f'{self.name}_bucket{{le="{b}"}} {acc}')
+        out.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
+        out += [f"{self.name}_sum {self.sum:.6f}", f"{self.name}_count {self.count}"]
+        return out
+
+
+GAUGES = {
+    "requests_waiting": "Requests queued for admission to the running batch.",
+    "requests_running": "Requests in the running batch.",
+    "kv_blocks_used": "KV cache blocks held by requests.",
+    "kv_blocks_free": "KV cache blocks free.",
+    "kv_blocks_total": "KV cache blocks (per rank).",
+    "requests_in_flight": "Requests accepted by the server and not yet finished.",
+}
+COUNTERS = {
+    "prompt_tokens_total": "Prompt tokens of admitted requests.",
+    "generation_tokens_total": "Tokens generated.",
+    "requests_total": "Requests finished, by finish reason.",
+    "requests_rejected_total": "Requests refused (4xx or 5xx), by status.",
+    "engine_steps_total": "Engine steps run.",
+    "engine_step_seconds_total": "Wall time of engine steps.",
+    "preemptions_total": "Sequences preempted for lack of KV blocks (recomputed later).",
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.gauges = {k: 0.0 for k in GAUGES}
+        self.counters: dict[str, dict[str, float]] = {k: {} for k in COUNTERS}
+        self.ttft = Histogram("shardwise_time_to_first_token_seconds",
+                              "Time from request arrival to its first token.")
+        self.itl = Histogram("shardwise_inter_token_latency_seconds",
+                             "Time between successive tokens of a request.")
+        self.step = Histogram("shardwise_engine_step_seconds", "Wall time of one engine step.")
+
+    def inc(self, name: str, value: float = 1.0, label: str = "") -> None:
+        with self.lock:
+            c = self.counters[name]
+            c[label] = c.get(label, 0.0) + value
+
+    def set(self, name: str, value: float) -> None:
+        self.gauges[name] = float(value)
+
+    def engine_stats(self, stats: dict) -> None:
+        """Take the engine's report (gauges; and for a step, its timing)."""
+        with self.lock:
+            self.gauges["requests_waiting"] = stats["waiting"]
+            self.gauges["requests_running"] = stats["running"]
+            self.gauges["kv_blocks_used"] = stats["blocks_used"]
+            self.gauges["kv_blocks_free"] = stats["blocks_free"]
+            self.counters["preemptions_total"][""] = stats["preemptions"]
+            if "step_s" in stats:
+                self.step.observe(stats["step_s"])
+                c = self.counters
+                c["engine_steps_total"][""] = c["engine_steps_total"].get("", 0) + 1
+                c["engine_step_seconds_total"][""] = \
+                    c["engine_step_seconds_total"].get("", 0) + stats["step_s"]
+
+    def render(self) -> str:
+        lines: list[str] = []
+        with self.lock:
+            for k, help in GAUGES.items():
+                lines += [f"# HELP shardwise_{k} {help}", f"# TYPE shardwise_{k} gauge",
+                          f"shardwise_{k} {self.gauges[k]:g}"]
+            for k, help in COUNTERS.items():
+                lines += [f"# HELP shardwise_{k} {help}", f"# TYPE shardwise_{k} counter"]
+                values = self.counters[k] or {"": 0.0}
+                label = {"requests_total": "finish_reason",
+                         "requests_rejected_total": "status"}.get(k)
+                for lab, v in sorted(values.items()):
+                    sel = f'{{{label}="{lab}"}}' if label and lab else ""
+                    lines.append(f"shardwise_{k}{sel} {v:g}")
+            for h in (self.ttft, self.itl, self.step):
+                lines += h.render()
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,189 @@
+"""Continuous batching on rank 0: which sequences run in the next step, and with which tokens.
+
+Every step has a token budget (``max_batched_tokens``). Running sequences that decode take one
+token each first, so a long prompt never stalls them; then prompts still being prefilled take
+chunks of what is left; then waiting requests are admitted, in arrival order, while fewer than
+``max_seqs`` run and the free blocks cover the whole prompt (its blocks are taken at admission, so
+a prefill never runs out). Decodes take a new block when they cross a block boundary; when none is
+free the most recently admitted sequence is preempted: its blocks are freed and it goes back to
+the head of the queue, to be recomputed from its prompt and the tokens it already produced.
+
+A sequence's tokens are ``prompt + output``; ``cached`` of them have KV in the cache, and each step
+feeds ``tokens[cached:cached + n]``. When a chunk reaches the last known token the step samples
+the next one.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv import BlockAllocator, Chunk, blocks_for
+
+
+@dataclass
+class SamplerSpec:
+    """What every rank needs to sample a sequence's tokens identically."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: list[int]
+    spec: SamplerSpec
+    max_tokens: int
+    eos_ids: frozenset[int] = frozenset()
+    output: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    cached: int = 0
+    registered: bool = False  # the workers hold its sampler
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def pending(self) -> int:
+        return len(self.prompt) + len(self.output) - self.cached
+
+
+@dataclass
+class StepPlan:
+    """What rank 0 broadcasts each step."""
+    chunks: list[Chunk] = field(default_factory=list)
+    new: dict[int, SamplerSpec] = field(default_factory=dict)
+    drop: list[int] = field(default_factory=list)
+    stop: bool = False
+
+
+class Scheduler:
+    def __init__(self, num_blocks: int, block_size: int, *, max_seqs: int = 32,
+                 max_batched_tokens: int = 256) -> None:
+        self.alloc = BlockAllocator(num_blocks)
+        self.block_size, self.max_seqs, self.budget = block_size, max_seqs, max_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._drop: list[int] = []
+        self.preemptions = 0
+
+    # ------------------------------------------------------------------ requests in and out
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def cancel(self, seq_id: int) -> bool:
+        for s in self.waiting:
+            if s.id == seq_id:
+                self.waiting.remove(s)
+                self._release(s)
+                return True
+        for s in self.running:
+            if s.id == seq_id:
+                self.running.remove(s)
+                self._release(s)
+                return True
+        return False
+
+    def _release(self, seq: Sequence) -> None:
+        self.alloc.free(seq.blocks)
+        seq.blocks = []
+        if seq.registered:
+            self._drop.append(seq.id)
+            seq.registered = False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ one step
+    def _grow(self, seq: Sequence, n_tokens: int) -> bool:
+        need = blocks_for(n_tokens, self.block_size) - len(seq.blocks)
+        if need <= 0:
+            return True
+        got = self.alloc.allocate(need)
+        if got is None:
+            return False
+        seq.blocks += got
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.alloc.free(seq.blocks)
+        seq.blocks, seq.cached = [], 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.budget
+        picked: list[tuple[Sequence, int]] = []
+        decodes = [s for s in self.running if s.pending == 1]
+        prefills = [s for s in self.running if s.pending > 1]
+        for seq in decodes:
+            if seq not in self.running:
+                continue  # preempted below for an earlier one
+            while not self._grow(seq, seq.cached + 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running and budget > 0:
+                picked.append((seq, 1))
+                budget -= 1
+        for seq in prefills:
+            if budget <= 0:
+                break
+            if seq not in self.running:
+                continue
+            n = min(seq.pending, budget)
+            picked.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            if not self._grow(seq, len(seq.tokens) + 1):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            n = min(seq.pending, budget)
+            picked.append((seq, n))
+            budget -= n
+        for seq, n in picked:
+            if seq not in self.running:
+                continue
+            if not seq.registered:
+                plan.new[seq.id] = seq.spec
+                seq.registered = True
+            toks = seq.tokens[seq.cached:seq.cached + n]
+            plan.chunks.append(Chunk(seq.id, toks, seq.cached, list(seq.blocks),
+                                     sample=seq.cached + n == len(seq.prompt) + len(seq.output)))
+        plan.chunks.sort(key=lambda c: len(c.tokens) > 1)  # decodes first, stable
+        plan.drop, self._drop = self._drop, []
+        return plan
+
+    def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[tuple[Sequence, int, str | None]]:
+        """Advance after a step; ``sampled`` maps seq id -> new token. Returns
+        ``(seq, token, finish_reason)`` for every sampled token (finished ones released)."""
+        by_id = {s.id: s for s in self.running}
+        out = []
+        for c in plan.chunks:
+            seq = by_id.get(c.seq_id)
+            if seq is None:
+                continue
+            seq.cached = c.start + len(c.tokens)
+            if c.seq_id not in sampled:
+                continue
+            tok = sampled[c.seq_id]
+            reason = None
+            if tok in seq.eos_ids:
+                reason = "stop"
+            else:
+                seq.output.append(tok)
+                if len(seq.output) >= seq.max_tokens:
+                    reason = "length"
+            if reason:
+                self.running.remove(seq)
+                self._release(seq)
+            out.append((seq, tok, reason))
+        return out
