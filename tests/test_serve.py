@@ -1,0 +1,183 @@
+"""The real server (SmolLM2-135M, tp=2) through the official ``openai`` client and raw HTTP.
+
+One server for the module; every loop is bounded in count and time.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from test_serve_util import Server
+
+MODEL = "smollm2-135m"
+PARIS = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--model", MODEL, "--tp", "2")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=120, max_retries=0)
+
+
+def chat(client, content: str, **kw):
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user",
+                                                                  "content": content}], **kw)
+
+
+def test_models_health_chat_completion_streams(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    r = chat(client, PARIS, temperature=0, max_tokens=20)
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.prompt_tokens > 5 and 0 < r.usage.completion_tokens <= 20
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    c = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                  temperature=0, max_tokens=12)
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 12
+    parts, usage = [], None
+    for ch in client.completions.create(model=MODEL, prompt="The capital of France is",
+                                        temperature=0, max_tokens=12, stream=True,
+                                        stream_options={"include_usage": True}):
+        parts += [x.text for x in ch.choices]
+        usage = ch.usage or usage
+    assert "".join(parts) == c.choices[0].text and usage.completion_tokens == 12
+
+    parts, finish, usage = [], None, None
+    for ch in chat(client, PARIS, temperature=0, max_tokens=20, stream=True,
+                   stream_options={"include_usage": True}):
+        for x in ch.choices:
+            parts.append(x.delta.content or "")
+            finish = x.finish_reason or finish
+        usage = ch.usage or usage
+    assert "".join(parts) == r.choices[0].message.content
+    assert finish == r.choices[0].finish_reason and usage.completion_tokens == \
+        r.usage.completion_tokens
+
+
+def test_sampling_seed_and_stop(client):
+    a = chat(client, "Tell me a story.", temperature=0.9, top_p=0.9, seed=7, max_tokens=12)
+    b = chat(client, "Tell me a story.", temperature=0.9, top_p=0.9, seed=7, max_tokens=12)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    k = chat(client, "Tell me a story.", temperature=0.7, seed=3, max_tokens=8,
+             extra_body={"top_k": 5})
+    assert k.usage.completion_tokens == 8
+    s = chat(client, PARIS, temperature=0, max_tokens=20, stop=["Paris"])
+    assert "Paris" not in s.choices[0].message.content
+    assert s.choices[0].finish_reason == "stop"
+
+
+PROMPTS = [f"Write one sentence about the number {i}." for i in range(8)] + \
+    ["What is 2 + 2?", "Name a colour.", "Say hello in French.", "What is the sun?",
+     "List three fruits.", "Why is the sky blue?", PARIS, "Describe a cat."]
+
+
+def _greedy(client, prompt: str):
+    r = chat(client, prompt, temperature=0, max_tokens=16, logprobs=True, top_logprobs=2)
+    return r.choices[0].message.content, r.choices[0].logprobs.content
+
+
+def test_concurrent_greedy_equals_solo(client):
+    solo = [_greedy(client, p) for p in PROMPTS]
+    with cf.ThreadPoolExecutor(16) as ex:
+        together = list(ex.map(lambda p: _greedy(client, p), PROMPTS))
+    for p, (text_a, lp_a), (text_b, lp_b) in zip(PROMPTS, solo, together):
+        if text_a == text_b:
+            continue
+        # a flipped token must be a floating-point near-tie: top-two logits within 1e-4
+        i = next(i for i, (x, y) in enumerate(zip(lp_a, lp_b)) if x.token != y.token)
+        gaps = [abs(lp[i].top_logprobs[0].logprob - lp[i].top_logprobs[1].logprob)
+                for lp in (lp_a, lp_b)]
+        assert min(gaps) < 1e-4, (p, i, text_a, text_b, gaps)
+
+
+BAD = [
+    ("not json", "{bad", 400),
+    ("unknown model", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404),
+    ("empty messages", {"model": MODEL, "messages": []}, 400),
+    ("no messages", {"model": MODEL}, 400),
+    ("too long", {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 9000}]}, 400),
+    ("max_tokens 0", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                      "max_tokens": 0}, 400),
+    ("max_tokens -1", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400),
+    ("max_tokens > context", {"model": MODEL, "prompt": "x", "max_tokens": 9000}, 400),
+    ("temperature", {"model": MODEL, "prompt": "x", "temperature": 2.5}, 400),
+    ("temperature < 0", {"model": MODEL, "prompt": "x", "temperature": -1}, 400),
+    ("top_p 0", {"model": MODEL, "prompt": "x", "top_p": 0}, 400),
+    ("top_p > 1", {"model": MODEL, "prompt": "x", "top_p": 1.5}, 400),
+    ("temperature type", {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400),
+    ("max_tokens type", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400),
+    ("messages type", {"model": MODEL, "messages": "hello"}, 400),
+    ("role", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400),
+    ("stream type", {"model": MODEL, "prompt": "x", "stream": "yes"}, 400),
+    ("empty prompt", {"model": MODEL, "prompt": ""}, 400),
+    ("body not object", [1, 2], 400),
+]
+
+
+def test_bad_inputs_get_openai_errors(server, client):
+    for name, body, status in BAD:
+        path = "/v1/completions" if isinstance(body, dict) and "prompt" in body \
+            else "/v1/chat/completions"
+        data = body if isinstance(body, str) else json.dumps(body)
+        r = httpx.post(server.url + path, content=data, timeout=30,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == status, (name, r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"], name
+    with pytest.raises(openai.BadRequestError):
+        chat(client, "x", max_tokens=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    assert "Paris" in chat(client, PARIS, temperature=0, max_tokens=12).choices[0].message.content
+    m = server.metrics()
+    assert m['shardwise_requests_rejected_total{status="400"}'] >= len(BAD) - 1
+
+
+def test_disconnect_frees_blocks_and_metrics_move(server, client):
+    before = server.metrics()
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 2000,
+                            "temperature": 0, "stream": True, "ignore_eos": True}) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data:")
+            if seen >= 3:
+                break
+        assert server.metrics()["shardwise_kv_blocks_used"] > 0
+    # the connection is closed: the request is cancelled and its blocks come back
+    server.wait_metric("shardwise_kv_blocks_used", lambda v: v == 0, timeout_s=30)
+    server.wait_metric("shardwise_requests_running", lambda v: v == 0, timeout_s=30)
+    after = server.metrics()
+    assert after["shardwise_kv_blocks_free"] == after["shardwise_kv_blocks_total"]
+    assert after["shardwise_generation_tokens_total"] > before["shardwise_generation_tokens_total"]
+    assert after["shardwise_prompt_tokens_total"] > before["shardwise_prompt_tokens_total"]
+    assert after["shardwise_time_to_first_token_seconds_count"] > \
+        before["shardwise_time_to_first_token_seconds_count"]
+    assert after["shardwise_inter_token_latency_seconds_count"] > \
+        before["shardwise_inter_token_latency_seconds_count"]
+    assert after['shardwise_requests_total{finish_reason="cancelled"}'] >= 1
+
+
+def test_tp3_answers_paris():
+    s = Server("--model", MODEL, "--tp", "3")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", timeout=120, max_retries=0)
+        t0 = time.monotonic()
+        r = chat(c, PARIS, temperature=0, max_tokens=20)
+        assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
+        assert time.monotonic() - t0 < 120
+        assert len(httpx.get(s.url + "/health").json()["workers"]) == 3
+    finally:
+        s.close()
