@@ -1,0 +1,270 @@
+"""``shardwise verify``: run a model at tp=N and at tp=1 on the same input and compare, layer by layer.
+
+The tool for "tensor parallelism broke my model". For each stage of the forward pass -- the
+embedding, the hidden state after every decoder layer, the final logits -- it reports
+
+* the largest absolute difference between the tp=N activation (gathered to full size) and the
+  unsharded one, and whether it exceeds ``atol + rtol * max|reference|``;
+* the collectives the stage issued on each rank (counted by :class:`~shardwise.comm.Ledger` between
+  a forward pre-hook and a forward hook) against the theoretical count: per decoder layer two
+  all-reduces in forward (after ``o_proj`` and ``down_proj``), or with sequence parallelism two
+  all-gathers and two reduce-scatters (one of each per attention / MLP block); the embedding one
+  all-reduce (a reduce-scatter under sequence parallelism); the vocabulary-parallel head none (an
+  all-gather of the sequence under sequence parallelism);
+* per rank: parameter bytes and peak RSS.
+
+The first stage over tolerance names where the sharded model departs from the unsharded one.
+Tolerance: fp32 on CPU agrees to about 1e-5 per layer (different summation order in the
+all-reduce); the default ``atol=1e-4, rtol=1e-4`` leaves an order of magnitude of headroom and
+scales with the activations of real checkpoints (hidden states of SmolLM2 reach ~1e2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .comm import Ledger, all_gather_dim
+from .layers import gather_logits
+from .mesh import Mesh, group_size, subgroup
+
+EXIT_EXCEEDED = 1
+
+
+@dataclass
+class VerifyJob:
+    model: str
+    tp: int
+    batch: int = 2
+    seq: int = 16
+    seed: int = 0
+    sequence_parallel: bool = False
+    corrupt: tuple[str, int] | None = None  # test hook: (parameter name, tp rank) to perturb
+
+
+@dataclass
+class Stage:
+    name: str
+    max_abs_diff: float
+    max_abs_ref: float
+    exceeds: bool
+    collectives: dict[str, int]            # counted on rank 0 of the TP group
+    expected: dict[str, int]               # theoretical forward count at this tp
+    collectives_ok: bool
+
+
+@dataclass
+class Report:
+    model: str
+    tp: int
+    sequence_parallel: bool
+    atol: float
+    rtol: float
+    stages: list[Stage]
+    first_exceeding: str | None
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    comm_backend: str = "none"
+
+    @property
+    def ok(self) -> bool:
+        return self.first_exceeding is None and all(s.collectives_ok for s in self.stages)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+
+def expected_collectives(stage: str, tp: int, sequence_parallel: bool) -> dict[str, int]:
+    """Theoretical forward collectives of one stage on one rank (nothing at tp=1)."""
+    if tp == 1:
+        return {}
+    if stage == "embed_tokens":
+        return {"reduce_scatter": 1} if sequence_parallel else {"all_reduce": 1}
+    if stage == "logits":
+        return {"all_gather": 1} if sequence_parallel else {}
+    return {"all_gather": 2, "reduce_scatter": 2} if sequence_parallel else {"all_reduce": 2}
+
+
+def _peak_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+def _group_for(tp: int):
+    """The TP group of the first ``tp`` ranks: a fresh mesh, or a subgroup of a running pool's
+    world (every rank of the world joins group creation; ranks >= tp get ``False``)."""
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() != tp:
+        group = subgroup(list(range(tp)))
+        return group if dist.get_rank() < tp else False
+    return Mesh.init(tp=tp).tp_group
+
+
+def _comm_backend(group) -> str:
+    if group is None:
+        return "none"
+    from . import comm
+    name = getattr(comm, "backend_name", None)
+    if callable(name):
+        return str(name(group))
+    import torch.distributed as dist
+    return str(dist.get_backend(group))
+
+
+@torch.no_grad()
+def run_rank(job: VerifyJob) -> dict[str, Any] | None:
+    """One rank's forward with hooks: full activations by stage, ledger counts, memory."""
+    from .checkpoint.source import build_model, resolve
+    group = _group_for(job.tp) if job.tp > 1 else None
+    if group is False:
+        return None
+    source = resolve(job.model)
+    model = build_model(source, group=group, sequence_parallel=job.sequence_parallel,
+                        seed=job.seed).eval()
+    rank = 0 if group is None else torch.distributed.get_rank(group)
+    if job.corrupt is not None and job.corrupt[1] == rank:
+        params = dict(model.named_parameters())
+        name = job.corrupt[0]
+        if name not in params:
+            raise ValueError(f"corrupt: no parameter {name!r} in the model")
+        gen = torch.Generator().manual_seed(1234)
+        p = params[name]
+        p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * p.float().std().clamp(min=1e-3))
+    g = torch.Generator().manual_seed(job.seed + 1)
+    ids = torch.randint(0, source.config.vocab_size, (job.batch, job.seq), generator=g)
+
+    outputs: dict[str, torch.Tensor] = {}
+    counts: dict[str, dict[str, int]] = {}
+    before: dict[str, dict[str, int]] = {}
+    modules = [("embed_tokens", model.model.embed_tokens)]
+    modules += [(f"layers.{k}", m) for k, m in model.model.layers.items()]
+    modules += [("logits", model.lm_head)]
+    handles = []
+    with Ledger() as ledger:
+        for name, mod in modules:
+            def pre(_m, _a, name=name):
+                before[name] = ledger.counts()
+
+            def post(_m, _a, out, name=name):
+                now, was = ledger.counts(), before[name]
+                counts[name] = {k: v - was.get(k, 0) for k, v in now.items() if v - was.get(k, 0)}
+                outputs[name] = out.detach()
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        model(ids)
+    for h in handles:
+        h.remove()
+    full: dict[str, torch.Tensor] = {}
+    for name, out in outputs.items():  # gather outside the ledger: not part of the model's cost
+        if name == "logits":
+            full[name] = gather_logits(out, model.lm_head)
+        elif job.sequence_parallel and group_size(group) > 1:
+            full[name] = all_gather_dim(out, group, 1)
+        else:
+            full[name] = out
+    return {"rank": rank, "outputs": full if rank == 0 else None, "counts": counts,
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "peak_rss_mib": round(_peak_rss_mib(), 1), "comm_backend": _comm_backend(group)}
+
+
+def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
+           sequence_parallel: bool = False, atol: float = 1e-4, rtol: float = 1e-4,
+           corrupt: tuple[str, int] | None = None, pool: Any = None) -> Report:
+    """Compare ``model`` at ``tp`` ranks (spawned locally, or on ``pool``, a
+    :class:`~shardwise.launch.WorkerPool` of at least ``tp`` ranks) with tp=1 in this process.
+
+    ``corrupt=(parameter name, rank)`` adds noise to that rank's slice of one parameter before
+    the forward (a test hook: the report must then name that parameter's layer).
+    """
+    if tp < 1:
+        raise ValueError(f"tp={tp}: must be >= 1")
+    if sequence_parallel and seq % tp:
+        raise ValueError(f"sequence parallelism needs seq % tp == 0 (seq={seq}, tp={tp})")
+    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt)
+    ref = run_rank(VerifyJob(model, 1, batch, seq, seed))
+    if tp == 1:
+        results = [run_rank(job)]
+    elif pool is not None:
+        if pool.nprocs < tp:
+            raise ValueError(f"tp={tp} needs a pool of >= {tp} workers, this one has {pool.nprocs}")
+        results = [r for r in pool.run(run_rank, job) if r is not None]
+    else:
+        from .launch import spawn
+        results = spawn(run_rank, tp, job)
+    stages, first = [], None
+    for name, want in ref["outputs"].items():
+        got = results[0]["outputs"][name]
+        if got.shape != want.shape:
+            raise ValueError(f"{name}: tp={tp} gives shape {tuple(got.shape)}, tp=1 "
+                             f"{tuple(want.shape)}")
+        finite = torch.isfinite(want)
+        diff = float((got - want)[finite].abs().max()) if finite.any() else 0.0
+        if not torch.equal(torch.isfinite(got), finite):
+            diff = float("inf")
+        scale = float(want[finite].abs().max()) if finite.any() else 0.0
+        exceeds = not diff <= atol + rtol * scale
+        expected = expected_collectives(name, tp, sequence_parallel)
+        seen = results[0]["counts"].get(name, {})
+        same = all(r["counts"].get(name, {}) == seen for r in results)
+        stages.append(Stage(name, diff, scale, exceeds, seen, expected, same and seen == expected))
+        if exceeds and first is None:
+            first = name
+    ranks = [{k: r[k] for k in ("rank", "param_bytes", "peak_rss_mib")} for r in results]
+    return Report(model, tp, sequence_parallel, atol, rtol, stages, first, ranks,
+                  results[0]["comm_backend"])
+
+
+def format_report(rep: Report) -> str:
+    sp = ", sequence parallel" if rep.sequence_parallel else ""
+    lines = [f"{rep.model}: tp={rep.tp}{sp} vs tp=1 (tolerance {rep.atol:g} + {rep.rtol:g} x "
+             f"max|ref|; comm {rep.comm_backend})",
+             f"{'stage':<14} {'max |diff|':>11} {'max |ref|':>10}  {'status':<8} collectives "
+             "(seen / theory)"]
+    for s in rep.stages:
+        fmt = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"  # noqa: E731
+        status = "EXCEEDS" if s.exceeds else "ok"
+        comm = fmt(s.collectives) + ("" if s.collectives_ok else f"  != theory {fmt(s.expected)}")
+        lines.append(f"{s.name:<14} {s.max_abs_diff:>11.3e} {s.max_abs_ref:>10.3g}  {status:<8} "
+                     f"{comm}")
+    for r in rep.ranks:
+        lines.append(f"rank {r['rank']}: parameters {r['param_bytes'] / 2**20:.1f} MiB, "
+                     f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+    if rep.first_exceeding:
+        lines.append(f"FAIL: {rep.first_exceeding} is the first stage over tolerance")
+    elif not rep.ok:
+        lines.append("FAIL: collective counts differ from theory")
+    else:
+        lines.append("OK: every stage within tolerance, collectives as in theory")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="preset, HF directory or .gguf file")
+    parser.add_argument("--tp", type=int, required=True, help="tensor-parallel ranks to compare")
+    parser.add_argument("--sequence-parallel", type=int, choices=(0, 1), default=0)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    rep = verify(args.model, args.tp, batch=args.batch, seq=args.seq, seed=args.seed,
+                 sequence_parallel=bool(args.sequence_parallel), atol=args.atol, rtol=args.rtol)
+    print(json.dumps(rep.to_json(), indent=1) if args.json else format_report(rep))
+    return 0 if rep.ok else EXIT_EXCEEDED
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = argparse.ArgumentParser(prog="shardwise verify")
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))
