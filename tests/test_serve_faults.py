@@ -1,0 +1,79 @@
+"""Faults of the real server on the small random ``debug`` preset: overload (429), SIGTERM drain,
+a TP worker that dies (503, then a non-zero exit). Bounded in count and time."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+
+import httpx
+import pytest
+
+from test_serve_util import Server
+
+MODEL = "debug"
+
+
+def _post(url: str, **body) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", timeout=120,
+                      json={"model": MODEL, "prompt": "hello there", "temperature": 0, **body})
+
+
+def test_overload_429_then_sigterm_drains():
+    s = Server("--model", MODEL, "--tp", "2", "--max-seqs", "2", "--max-queue", "1")
+    try:
+        # 8 at once, each long: 3 fit (2 running + 1 waiting), the rest get 429
+        with cf.ThreadPoolExecutor(8) as ex:
+            rs = list(ex.map(lambda _: _post(s.url, max_tokens=300, ignore_eos=True), range(8)))
+        codes = sorted(r.status_code for r in rs)
+        assert codes.count(429) >= 1 and codes.count(200) >= 3, codes
+        err = next(r for r in rs if r.status_code == 429).json()["error"]
+        assert err["code"] == "queue_full"
+        assert all(r.json()["usage"]["completion_tokens"] == 300 for r in rs
+                   if r.status_code == 200)
+        assert _post(s.url, max_tokens=4).status_code == 200  # still serving
+
+        # SIGTERM while a stream is in flight: it finishes, then the server exits 0
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=120,
+                          json={"model": MODEL, "prompt": "hi", "max_tokens": 400,
+                                "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data:")
+            s.proc.send_signal(signal.SIGTERM)
+            rest = [x for x in lines if x.startswith("data:")]
+        assert rest[-1] == "data: [DONE]"
+        assert '"finish_reason": "length"' in rest[-2]
+        assert s.wait_exit(timeout_s=60) == 0, s.output()
+    finally:
+        s.close()
+
+
+def test_worker_death_503_then_nonzero_exit():
+    s = Server("--model", MODEL, "--tp", "2")
+    try:
+        workers = httpx.get(s.url + "/health").json()["workers"]
+        assert len(workers) == 2
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(_post, s.url, max_tokens=2000, ignore_eos=True)
+            s.wait_metric("shardwise_requests_running", lambda v: v >= 1, timeout_s=30)
+            os.kill(workers[1], signal.SIGKILL)
+            r = fut.result(timeout=60)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "worker_died"
+        try:  # while it shuts down: 503 or already gone
+            late = _post(s.url, max_tokens=2)
+            assert late.status_code == 503
+        except httpx.HTTPError:
+            pass
+        code = s.wait_exit(timeout_s=60)
+        assert code != 0, s.output()
+        assert "died" in s.output() or "failed" in s.output()
+    finally:
+        s.close()
+
+
+def test_bad_server_arguments_fail_fast():
+    with pytest.raises(RuntimeError, match="exited 2"):
+        Server("--model", "no-such-model", "--tp", "1", timeout_s=60)
+    with pytest.raises(RuntimeError, match="query heads|KV heads|tp="):
+        Server("--model", MODEL, "--tp", "7", timeout_s=60)
