@@ -1,0 +1,110 @@
+"""``shardwise bench comm | step | serve``: argument parsing and output (JSON, table, plot)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_STEP_OUT = "benchmarks/tp_step"
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """``"4:64M"`` (powers of 4 from 4 B to 64 MiB) or a comma list ``"4,1K,1M"``."""
+    def one(s: str) -> int:
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(s[-1:].upper(), 1)
+        return int(s[:-1] if mult > 1 else s) * mult
+    try:
+        if ":" in text:
+            lo, hi = (one(x) for x in text.split(":"))
+            out, s = [], lo
+            while s <= hi:
+                out.append(s)
+                s *= 4
+            return tuple(out)
+        return tuple(one(x) for x in text.split(",") if x)
+    except ValueError:
+        raise ValueError(f"--sizes {text!r}: use LO:HI (e.g. 4:64M, powers of 4) or a list "
+                         "(e.g. 4,1K,1M)") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+    c = sub.add_parser("comm", help="latency and bus bandwidth of the collectives vs size")
+    c.add_argument("--nprocs", type=int, default=2, help="local ranks (default 2)")
+    c.add_argument("--sizes", type=_sizes, default="4:64M",
+                   help="message sizes: LO:HI in x4 steps, or a list (default 4:64M)")
+    c.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter")
+    c.add_argument("--backend", choices=("auto", "dist"), default="auto",
+                   help="auto: shardwise.comm's path (shared memory on one host); "
+                        "dist: torch.distributed directly (gloo)")
+    c.add_argument("--iters", type=int, default=50, help="timed calls per size, at most")
+    c.add_argument("--budget", type=float, default=0.5, help="seconds per size, about")
+    c.add_argument("--json", metavar="FILE", help="write the calibration file for plan")
+
+    s = sub.add_parser("step", help="TP training/decode step vs PyTorch TP and one process")
+    s.add_argument("--preset", choices=("issue7", "tiny"), default="issue7")
+    s.add_argument("--rounds", type=int, default=3, help="interleaved rounds A B C D ...")
+    s.add_argument("--train-steps", type=int, default=4, help="timed training steps per round")
+    s.add_argument("--decode-steps", type=int, default=10, help="timed decode steps per round")
+    s.add_argument("--out", default=DEFAULT_STEP_OUT,
+                   help="write OUT.json and OUT.png (default benchmarks/tp_step)")
+    s.add_argument("--no-plot", action="store_true")
+
+    v = sub.add_parser("serve", help="serving throughput (shardwise.serve)")
+    try:  # written by the serving work; absent or partial until it lands
+        from ..serve.cli import add_bench_arguments
+        add_bench_arguments(v)
+    except ImportError as e:
+        v.set_defaults(_serve_missing=str(e))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench == "comm":
+        return _run_comm(args)
+    if args.bench == "step":
+        return _run_step(args)
+    if getattr(args, "_serve_missing", None):
+        print(f"error: bench serve is unavailable: {args._serve_missing}", file=sys.stderr)
+        return 2
+    from ..serve.cli import run_bench
+    return int(run_bench(args) or 0)
+
+
+def _run_comm(args: argparse.Namespace) -> int:
+    from .comm import bench_comm, format_table
+    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
+    sizes = args.sizes if isinstance(args.sizes, tuple) else _sizes(args.sizes)
+    res = bench_comm(args.nprocs, sizes, ops, backend=args.backend, iters=args.iters,
+                     budget_s=args.budget)
+    print(format_table(res))
+    if args.json:
+        _write_json(args.json, res)
+        print(f"wrote {args.json} (use: shardwise plan --calibration {args.json} ...)")
+    return 0
+
+
+def _run_step(args: argparse.Namespace) -> int:
+    from .step import bench_step, format_table, plot
+    res = bench_step(args.preset, rounds=args.rounds, train_steps=args.train_steps,
+                     decode_steps=args.decode_steps)
+    print(format_table(res))
+    if args.out:
+        _write_json(args.out + ".json", res)
+        if not args.no_plot:
+            plot(res, args.out + ".png")
+        print(f"wrote {args.out}.json" + ("" if args.no_plot else f" and {args.out}.png"))
+    return 0
+
+
+def _write_json(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.write("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shardwise.bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
