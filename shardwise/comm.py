@@ -164,23 +164,94 @@ def _uninstall() -> None:
     Ledger._originals.clear()
 
 
+# --------------------------------------------------------------------------- backends
+# CPU groups whose ranks share a host use shared memory (shardwise.shm); everything else, and
+# every group when disabled with configure(shared_memory=False), uses torch.distributed.
+
+_SETTINGS = {"shared_memory": True, "capacity": 8 << 20, "timeout_s": 300.0}
+_SHM: dict[int, Any] = {}  # id(group) -> ShmCommunicator or None (not eligible)
+
+
+def configure(*, shared_memory: bool | None = None, capacity: int | None = None,
+              timeout_s: float | None = None) -> None:
+    """Choose the collective path for groups set up from now on (existing ones keep theirs)."""
+    for k, v in (("shared_memory", shared_memory), ("capacity", capacity), ("timeout_s", timeout_s)):
+        if v is not None:
+            _SETTINGS[k] = v
+
+
+def use_torch_distributed(group: ProcessGroup) -> None:
+    """Pin ``group`` to torch.distributed's own collectives (gloo / NCCL), never shared memory."""
+    _SHM[id(group)] = None
+
+
+class _Unrecorded:
+    """Set-up traffic (exchanging a segment name) is not the workload: keep it off the ledger."""
+
+    def __enter__(self) -> None:
+        self.prev = getattr(_depth, "n", 0)
+        _depth.n = 1
+
+    def __exit__(self, *exc: Any) -> None:
+        _depth.n = self.prev
+
+
+def _shm_for(group: ProcessGroup | None, x: torch.Tensor):
+    if group is None or x.device.type != "cpu":
+        return None
+    key = id(group)
+    if key not in _SHM:  # collective: every rank of the group reaches its first call together
+        from . import shm
+        with _Unrecorded():
+            ok = _SETTINGS["shared_memory"] and dist.get_backend(group) == "gloo" \
+                and shm.same_host(group)
+            _SHM[key] = shm.ShmCommunicator(group, capacity=_SETTINGS["capacity"],
+                                            timeout_s=_SETTINGS["timeout_s"]) if ok else None
+    return _SHM[key]
+
+
+def backend_name(group: ProcessGroup | None) -> str:
+    """The path collectives on ``group`` take: "none" (one rank), "shm", or the dist backend."""
+    if group_size(group) == 1:
+        return "none"
+    return "shm" if _SHM.get(id(group)) is not None else dist.get_backend(group)
+
+
+def all_reduce_(x: torch.Tensor, group: ProcessGroup | None, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum or max) of a contiguous tensor; returns ``x``."""
+    if group_size(group) == 1:
+        return x
+    comm = _shm_for(group, x)
+    if comm is None:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+        return x
+    start = time.perf_counter()
+    comm.all_reduce(x, op)
+    record("all_reduce", x.numel() * x.element_size(), time.perf_counter() - start)
+    return x
+
+
 # --------------------------------------------------------------------------- raw helpers
 
 def all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Sum ``x`` over ``group`` into a new tensor (the input is left as it was)."""
     if group_size(group) == 1:
         return x
-    out = x.contiguous().clone()
-    dist.all_reduce(out, group=group)
-    return out
+    return all_reduce_(x.contiguous().clone(), group)
 
 
 def gather_stacked(x: torch.Tensor, group: ProcessGroup | None, t: int) -> torch.Tensor:
     """``(t, *x.shape)``: every rank's ``x``, stacked in rank order (one collective)."""
     x = x.contiguous()
     out = torch.empty((t * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, x, group=group)
+    comm = _shm_for(group, x)
+    if comm is None:
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        fn(out, x, group=group)
+    else:
+        start = time.perf_counter()
+        comm.all_gather(out, x)
+        record("all_gather", out.numel() * out.element_size(), time.perf_counter() - start)
     return out.view((t,) + tuple(x.shape))
 
 
@@ -236,8 +307,14 @@ def reduce_scatter_dim(x: torch.Tensor, group: ProcessGroup | None, dim: int) ->
     parts = x.reshape(x.shape[:dim] + (t, x.shape[dim] // t) + x.shape[dim + 1:])
     parts = parts.movedim(dim, 0).contiguous()
     out = torch.empty(parts.shape[1:], dtype=x.dtype, device=x.device)
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(out, parts.view((-1,) + tuple(parts.shape[2:])), group=group)
+    comm = _shm_for(group, x)
+    if comm is None:
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        fn(out, parts.view((-1,) + tuple(parts.shape[2:])), group=group)
+    else:
+        start = time.perf_counter()
+        comm.reduce_scatter(out, parts)
+        record("reduce_scatter", parts.numel() * parts.element_size(), time.perf_counter() - start)
     return out
 
 

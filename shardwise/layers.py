@@ -63,11 +63,16 @@ class _ColumnMatmul(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dx = dy.matmul(weight)
-        work = comm.dist.all_reduce(dx, group=ctx.group, async_op=True)
+        shared_memory = comm.backend_name(ctx.group) == "shm"
+        if shared_memory:  # microseconds: nothing to hide it behind
+            comm.all_reduce_(dx, ctx.group)
+        else:  # launch, compute dW while the network works, then wait
+            work = comm.dist.all_reduce(dx, group=ctx.group, async_op=True)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dw = dy2.t().matmul(x.reshape(-1, x.shape[-1]))
         db = dy2.sum(0) if ctx.has_bias else None
-        work.wait()
+        if not shared_memory:
+            work.wait()
         return dx, dw, db, None
 
 
@@ -263,7 +268,7 @@ def finalize_grads(module: nn.Module, group: ProcessGroup | None) -> int:
         if view is not None:
             buf[offset:offset + n].copy_(view.reshape(-1))
         offset += n
-    comm.dist.all_reduce(buf, group=group)
+    comm.all_reduce_(buf, group)
     offset = 0
     for n, view in items:
         if view is not None:

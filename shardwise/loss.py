@@ -13,9 +13,9 @@ is that bug). Padded vocabulary rows count nowhere. Forward costs two all-reduce
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from .mesh import ProcessGroup, group_size
+from .comm import all_reduce_
+from .mesh import ProcessGroup
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -25,8 +25,7 @@ class _VocabParallelCE(torch.autograd.Function):
         valid = max(0, min(n_local, vocab - start))  # real (unpadded) columns held here
         z = logits[..., :valid].float()
         m = z.amax(dim=-1) if valid else z.new_full(z.shape[:-1], float("-inf"))
-        if group_size(group) > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        all_reduce_(m, group, op="max")
         z = z - m.unsqueeze(-1)
         e = z.exp()
         local_t = target - start
@@ -34,8 +33,7 @@ class _VocabParallelCE(torch.autograd.Function):
         idx = torch.where(mine, local_t, 0).unsqueeze(-1)
         z_y = torch.gather(z, -1, idx).squeeze(-1) * mine
         packed = torch.stack([e.sum(-1), z_y, z.sum(-1)])  # (3, ...)
-        if group_size(group) > 1:
-            dist.all_reduce(packed, group=group)
+        all_reduce_(packed, group)
         sum_e, z_y, sum_z = packed
         log_z = sum_e.log()
         loss = (1 - eps) * (log_z - z_y) + eps * (log_z - sum_z / vocab)

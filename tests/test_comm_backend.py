@@ -1,0 +1,107 @@
+"""The shared-memory collectives against gloo's, and what happens when a peer dies."""
+import glob
+import os
+import signal
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from shardwise.launch import WorkerError, WorkerPool
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64]
+
+
+def _data(rank, dtype, shape):
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(shape, generator=g) * 10
+    return x.to(dtype) if dtype.is_floating_point else x.round().to(dtype)
+
+
+def collectives_worker(tp, shapes, capacity):
+    from shardwise import comm
+    ranks = list(range(tp))
+    gloo = dist.new_group(ranks)  # every rank of the world calls new_group
+    comm.use_torch_distributed(gloo)
+    comm.configure(capacity=capacity)
+    shm = dist.new_group(ranks)
+    if dist.get_rank() < tp:
+        comm.all_reduce(torch.zeros(1), shm)  # set up with the small capacity
+    comm.configure(capacity=8 << 20)
+    if dist.get_rank() >= tp:
+        return None
+    out = []
+    for dtype in DTYPES:
+        for shape in shapes:
+            x = _data(dist.get_rank(), dtype, shape)
+            row = {}
+            for name, g in (("gloo", gloo), ("shm", shm)):
+                s = comm.all_reduce(x, g)
+                m = comm.all_reduce_(x.clone(), g, op="max")
+                ag = comm.all_gather_last(x, g)
+                rs = comm.reduce_scatter_dim(x.reshape(tp, -1) if x.numel() % tp == 0
+                                             else x.reshape(1, -1).repeat(tp, 1), g, dim=0)
+                row[name] = (s, m, ag, rs)
+            row["backends"] = (comm.backend_name(gloo), comm.backend_name(shm))
+            out.append((str(dtype), shape, row))
+    return out
+
+
+@pytest.mark.parametrize("tp", [2, 3, 4])
+def test_every_collective_equals_gloo(tp):
+    shapes = [(1,), (7,), (3, 1001), (2, 5, 513)]  # odd sizes; 4 KiB capacity forces pieces
+    with WorkerPool(4) as pool:
+        results = [r for r in pool.run(collectives_worker, tp, shapes, 4096) if r]
+    for per_rank in zip(*results):  # one case, as every rank saw it
+        for dtype, shape, row in per_rank:
+            assert row["backends"] == ("gloo", "shm")
+            exact = dtype == "torch.int64" or tp == 2  # a + b == b + a; longer sums reassociate
+            for got, ref in zip(row["shm"], row["gloo"]):
+                if exact:
+                    assert torch.equal(got, ref), (dtype, shape)
+                else:
+                    torch.testing.assert_close(got, ref, atol=0.25 if "bfloat" in dtype else 1e-5,
+                                               rtol=2e-2 if "bfloat" in dtype else 1e-6)  # 2 ulps of bf16
+        # bit-identical across ranks: every rank's all-reduce results are the same bits
+        first = per_rank[0][2]["shm"]
+        for other in per_rank[1:]:
+            assert torch.equal(other[2]["shm"][0], first[0])
+            assert torch.equal(other[2]["shm"][1], first[1])
+            assert torch.equal(other[2]["shm"][2], first[2])
+
+
+def dying_worker(path):
+    from shardwise import comm
+    from shardwise.shm import PeerError
+    group = dist.new_group([0, 1])
+    x = torch.ones(10)
+    comm.all_reduce_(x, group)  # sets up the segment, works
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    import time
+    start = time.monotonic()
+    try:
+        comm.all_reduce_(x, group)
+        msg = "no error"
+    except PeerError as e:
+        msg = str(e)
+    with open(path, "w") as f:
+        f.write(f"{time.monotonic() - start:.3f}\n{msg}")
+    return msg
+
+
+def test_dead_peer_fails_fast_and_leaks_nothing(tmp_path):
+    before = set(glob.glob("/dev/shm/shardwise-*"))
+    path = tmp_path / "rank0.txt"
+    with pytest.raises(WorkerError, match="died"):
+        with WorkerPool(2, timeout_s=60) as pool:
+            pool.run(dying_worker, str(path))
+    import time
+    for _ in range(100):  # rank 0 writes its report right after the error
+        if path.exists() and path.read_text().count("\n"):
+            break
+        time.sleep(0.1)
+    waited, msg = path.read_text().split("\n", 1)
+    assert "rank(s) [1]" in msg and "died mid-collective" in msg, msg
+    assert float(waited) < 10
+    assert set(glob.glob("/dev/shm/shardwise-*")) == before
