@@ -48,6 +48,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     out_dir: str = "runs/train"
     save_every: int = 0            # 0: save only at the end
+    save: bool = True              # False: no checkpoints at all (quick experiments)
     resume: str | None = None      # checkpoint root (with ``latest``) or one step directory
     peak_tflops: float = 0.0       # per device; 0: MFU is not reported
     progress: bool = True

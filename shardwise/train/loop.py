@@ -112,7 +112,7 @@ def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mes
         if mesh.rank == 0:
             out["records"].append(rec)
         done = k + 1 == cfg.steps
-        if (cfg.save_every and (k + 1) % cfg.save_every == 0) or done:
+        if cfg.save and ((cfg.save_every and (k + 1) % cfg.save_every == 0) or done):
             save_checkpoint(f"{cfg.out_dir}/checkpoints", k + 1, model, opt, mesh,
                             meta=meta_base, rng=tracker.state_dict(),
                             crash=cfg.crash_during_save_at == k + 1)
