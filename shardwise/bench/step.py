@@ -168,9 +168,10 @@ def bench_step(preset: str | StepModelConfig = "issue7", *, rounds: int = 3, tra
     times: dict[str, dict[str, list[float]]] = {k: {"train": [], "decode": []} for k in specs}
     info: dict[str, Any] = {}
     try:
-        for name, (n, threads) in specs.items():
+        for name, (n, threads) in specs.items():  # start every process first: imports overlap
             pools[name] = WorkerPool(n, threads=threads, timeout_s=1800)
-            info[name] = pools[name].run(setup, name, c)[0]
+        for name, pool in pools.items():
+            info[name] = pool.run(setup, name, c)[0]
         for r in range(rounds):
             for phase, steps, warm in (("train", train_steps, train_warmup),
                                        ("decode", decode_steps, decode_warmup)):

@@ -1,0 +1,70 @@
+"""``shardwise bench``: the calibration schema and nccl-tests' busbw factors, the size parser,
+and the step benchmark end to end on a tiny model. No timing is asserted."""
+import json
+import math
+
+import pytest
+
+from shardwise.bench.cli import _sizes
+from shardwise.planner import calibration
+
+FACTOR = {"all_reduce": 2 * (2 - 1) / 2, "all_gather": (2 - 1) / 2, "reduce_scatter": (2 - 1) / 2}
+
+
+def test_comm_cli_writes_a_calibration_file(tmp_path, capsys):
+    from shardwise.cli import main
+    path = tmp_path / "cal.json"
+    assert main(["bench", "comm", "--nprocs", "2", "--sizes", "4,4K", "--iters", "3",
+                 "--budget", "0.01", "--json", str(path)]) == 0
+    assert "all_reduce" in capsys.readouterr().out
+    obj = json.loads(path.read_text())
+    cal = calibration.parse(obj)  # the schema plan --calibration reads
+    assert cal.world_size == 2 and cal.backend in ("shm", "gloo")
+    assert {r["op"] for r in cal.results} == set(calibration.OPS)
+    for r in cal.results:
+        assert r["bytes"] >= 4 and r["latency_s"] > 0
+        assert math.isclose(r["algbw_GBps"], r["bytes"] / r["latency_s"] / 1e9, rel_tol=1e-9)
+        assert math.isclose(r["busbw_GBps"], r["algbw_GBps"] * FACTOR[r["op"]], rel_tol=1e-9)
+    gathered = [r["bytes"] for r in cal.results if r["op"] == "all_gather"]
+    assert all(b % (2 * 4) == 0 for b in gathered)  # whole fp32 shards on both ranks
+    assert cal.link().alpha_s > 0
+
+
+def test_comm_dist_path_and_errors():
+    from shardwise.bench.comm import bench_comm
+    res = bench_comm(2, (1024,), ("all_reduce",), backend="dist", iters=3, budget_s=0.01)
+    assert res["backend"] == "gloo" and res["results"][0]["bytes"] == 1024
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        bench_comm(1)
+    with pytest.raises(ValueError, match="unknown collective"):
+        bench_comm(2, (4,), ("all_to_all",))
+
+
+def test_sizes_parser():
+    assert _sizes("4:64M")[0] == 4 and _sizes("4:64M")[-1] == 64 * 2**20
+    assert len(_sizes("4:64M")) == 13
+    assert _sizes("4,1K,2M") == (4, 1024, 2 * 2**20)
+    with pytest.raises(ValueError, match="--sizes"):
+        _sizes("lots")
+
+
+def test_step_benchmark_end_to_end(tmp_path):
+    from shardwise.bench.step import GOALS, bench_step, format_table, plot
+    res = bench_step("tiny", rounds=2, train_steps=1, decode_steps=2, train_warmup=0,
+                     decode_warmup=0, progress=False)
+    names = list(res["median_s"])
+    assert names[:2] == ["shardwise_tp2", "dtensor_tp2"] and "single_1thread" in names
+    for name in names:
+        assert res["steps"][name] == {"train": 2, "decode": 4}
+        assert all(t > 0 for t in res["median_s"][name].values())
+    assert set(GOALS) <= set(res["ratios"]) and all(r > 0 for r in res["ratios"].values())
+    sw = res["contenders"]["shardwise_tp2"]
+    # forward + backward: 2 + 2 all-reduces per layer, 1 for the embedding forward, the
+    # vocab-parallel head's backward all-reduce, 2 for the vocab-parallel cross-entropy
+    assert sw["train"]["collectives"] == {"all_reduce": 4 * 2 + 1 + 1 + 2}
+    assert sw["decode"]["collectives"] == {"all_reduce": 2 * 2 + 1}
+    assert sw["train"]["comm_backend"] in ("shm", "gloo")
+    json.dumps(res)
+    assert "tp2 train / dtensor tp2 train" in format_table(res)
+    plot(res, str(tmp_path / "step.png"))
+    assert (tmp_path / "step.png").stat().st_size > 1000
