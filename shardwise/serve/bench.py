@@ -1,0 +1,266 @@
+"""``shardwise bench serve``: a chat-service load on the real server, beside transformers.
+
+Workload (seeded): ``--requests`` prompts of ``--prompt-min..--prompt-max`` random tokens, each
+asking for ``--out-min..--out-max`` tokens (greedy, end-of-sequence ignored so lengths are exact),
+sent by ``--concurrency`` clients in arrival order over loopback as streaming completions.
+
+Contenders, interleaved and repeated (medians reported, the machine is noisy):
+
+* ``shardwise tp=N``: ``python -m shardwise.serve`` started per run; output tokens/s, time to
+  first token and inter-token latency (client side, per SSE chunk) p50 / p99, and the engine's
+  step profile from ``/metrics``;
+* ``hf static``: transformers ``generate`` on batches of ``--concurrency`` in arrival order, each
+  batch until its longest request is done (left padding);
+* ``hf generate_batch``: transformers' continuous batching on the whole workload with each
+  request's own ``max_new_tokens``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Run:
+    name: str
+    tokens: int
+    seconds: float
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tp", default="1,2,3", help="comma-separated tp degrees to serve with")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--prompt-min", type=int, default=20)
+    p.add_argument("--prompt-max", type=int, default=200)
+    p.add_argument("--out-min", type=int, default=16)
+    p.add_argument("--out-max", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--baselines", default="static,generate_batch",
+                   help="comma-separated: static, generate_batch (empty for none)")
+    p.add_argument("--max-batched-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per contender run")
+    p.add_argument("--out", default=None, help="write a markdown report here")
+
+
+def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
+    rng = random.Random(args.seed)
+    return [([rng.randrange(100, 40000) for _ in range(rng.randint(args.prompt_min,
+                                                                   args.prompt_max))],
+             rng.randint(args.out_min, args.out_max)) for _ in range(args.requests)]
+
+
+# ---------------------------------------------------------------------------- shardwise
+async def _client(url: str, model: str, jobs: asyncio.Queue, run: Run, deadline: float) -> None:
+    async with httpx.AsyncClient(timeout=600) as http:
+        while not jobs.empty() and time.monotonic() < deadline:
+            prompt, n = jobs.get_nowait()
+            body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0,
+                    "ignore_eos": True, "stream": True}
+            t0, last = time.perf_counter(), None
+            async with http.stream("POST", url + "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()!r}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    now = time.perf_counter()
+                    run.ttft.append(now - t0) if last is None else run.itl.append(now - last)
+                    last = now
+                    usage = json.loads(line[6:]).get("usage")
+                    if usage:
+                        run.tokens += usage["completion_tokens"]
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def bench_shardwise(args: argparse.Namespace, tp: int, work) -> Run:
+    from ..launch import free_port
+    import subprocess
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "shardwise.serve", "--model", args.model, "--tp", str(tp),
+           "--port", str(port), "--max-seqs", str(args.concurrency),
+           "--max-batched-tokens", str(args.max_batched_tokens), "--profile"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server tp={tp} did not start: {proc.stderr.read()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        httpx.post(url + "/v1/completions", timeout=120, json={"model": name, "prompt": "hi",
+                                                               "max_tokens": 4})  # warm up
+        before = httpx.get(url + "/metrics").text
+        run = Run(f"shardwise tp={tp}", 0, 0.0)
+        jobs: asyncio.Queue = asyncio.Queue()
+        for w in work:
+            jobs.put_nowait(w)
+
+        async def go() -> None:
+            end = time.monotonic() + args.timeout
+            await asyncio.gather(*[_client(url, name, jobs, run, end)
+                                   for _ in range(args.concurrency)])
+        t0 = time.perf_counter()
+        asyncio.run(go())
+        run.seconds = time.perf_counter() - t0
+        after = httpx.get(url + "/metrics").text
+        steps = _metric(after, "shardwise_engine_steps_total") - \
+            _metric(before, "shardwise_engine_steps_total")
+        step_s = _metric(after, "shardwise_engine_step_seconds_total") - \
+            _metric(before, "shardwise_engine_step_seconds_total")
+        run.extra = {"steps": steps, "step_ms": 1000 * step_s / max(steps, 1),
+                     "engine_busy": step_s / run.seconds,
+                     "preemptions": _metric(after, "shardwise_preemptions_total")}
+        return run
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ---------------------------------------------------------------------------- transformers
+_HF: dict = {}
+
+
+def _hf_model(model: str):
+    if "m" not in _HF:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from ..checkpoint.source import resolve
+        src = resolve(model)
+        if src.weights is None:
+            raise ValueError(f"{model!r} has no weights on disk for transformers to load")
+        torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+        _HF["m"] = AutoModelForCausalLM.from_pretrained(src.weights, dtype=torch.float32).eval()
+    return _HF["m"]
+
+
+def bench_static(args: argparse.Namespace, work) -> Run:
+    import torch
+    m = _hf_model(args.model)
+    run = Run("hf static", 0, 0.0)
+    t0, deadline = time.perf_counter(), time.monotonic() + args.timeout
+    with torch.inference_mode():
+        for i in range(0, len(work), args.concurrency):
+            if time.monotonic() > deadline:
+                break
+            batch = work[i:i + args.concurrency]
+            run.tokens += sum(n for _, n in batch)
+            width, longest = max(len(p) for p, _ in batch), max(n for _, n in batch)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+            m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
+                       min_new_tokens=longest, do_sample=False, pad_token_id=0)
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def bench_generate_batch(args: argparse.Namespace, work) -> Run:
+    import torch
+    from transformers import GenerationConfig
+    m = _hf_model(args.model)
+    gc = GenerationConfig(max_new_tokens=args.out_max, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    run = Run("hf generate_batch", 0, 0.0)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), m.continuous_batching_context_manager(generation_config=gc) \
+            as manager:
+        for p, n in work:
+            manager.add_request(p, max_new_tokens=n)
+        done, deadline = 0, time.monotonic() + args.timeout
+        while done < len(work) and time.monotonic() < deadline:
+            r = manager.get_result(timeout=1)
+            if r is not None and r.is_finished():
+                done += 1
+                run.tokens += len(r.generated_tokens)
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+# ---------------------------------------------------------------------------- report
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> str:
+    lines = [f"Workload: {args.requests} requests, prompts {args.prompt_min}-{args.prompt_max} "
+             f"tokens, outputs {args.out_min}-{args.out_max} tokens, at most {args.concurrency} "
+             f"in flight; model {args.model} fp32; {args.repeats} interleaved repeat(s), medians.",
+             "", "| contender | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
+             "step (ms) | engine busy | runs (tok/s) |", "|---|---|---|---|---|---|---|"]
+    static = statistics.median(r.tps for r in runs.get("hf static", [])) \
+        if runs.get("hf static") else None
+    for name, rs in runs.items():
+        tps = statistics.median(r.tps for r in rs)
+        ttft = [x for r in rs for x in r.ttft]
+        itl = [x for r in rs for x in r.itl]
+        lat = f"{_pct(ttft, .5):.2f} / {_pct(ttft, .99):.2f}" if ttft else "-"
+        il = f"{1000 * _pct(itl, .5):.0f} / {1000 * _pct(itl, .99):.0f}" if itl else "-"
+        step = f"{statistics.median(r.extra['step_ms'] for r in rs):.0f}" if rs[0].extra else "-"
+        busy = f"{statistics.median(r.extra['engine_busy'] for r in rs):.0%}" \
+            if rs[0].extra else "-"
+        ratio = f" ({tps / static:.2f}x static)" if static else ""
+        lines.append(f"| {name} | {tps:.1f}{ratio} | {lat} | {il} | {step} | {busy} | "
+                     f"{', '.join(f'{r.tps:.1f}' for r in rs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    work = workload(args)
+    tps = [int(t) for t in args.tp.split(",") if t]
+    base = [b for b in args.baselines.split(",") if b]
+    order = []  # interleave: tp=1, static, tp=2, generate_batch, tp=3, ...
+    for i in range(max(len(tps), len(base))):
+        order += [("tp", tps[i])] if i < len(tps) else []
+        order += [("hf", base[i])] if i < len(base) else []
+    runs: dict[str, list[Run]] = {}
+    for rep in range(args.repeats):
+        for kind, what in (order if rep % 2 == 0 else order[::-1]):
+            if kind == "tp":
+                r = bench_shardwise(args, what, work)
+            else:
+                r = {"static": bench_static, "generate_batch": bench_generate_batch}[what](
+                    args, work)
+            runs.setdefault(r.name, []).append(r)
+            print(f"[rep {rep}] {r.name}: {r.tokens} tokens in {r.seconds:.1f} s = "
+                  f"{r.tps:.1f} tok/s {r.extra or ''}", file=sys.stderr, flush=True)
+    text = report(runs, args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
