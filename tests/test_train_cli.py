@@ -43,6 +43,7 @@ def no_spawn(monkeypatch):
     (dict(pp=5), r"pp=5 but the model has 4 layers"),
     (dict(global_batch=6, micro_batch=2, dp=2), r"global batch 6 is not divisible by micro-batch 2 x dp 2"),
     (dict(tp=5), r"tp=5 but the model has 4 query heads"),
+    (dict(pp=4, global_batch=2), r"1F1B schedule needs at least pp=4 micro-batches .* = 2"),
     (dict(sequence_parallel=True, tp=2, seq_len=15), r"seq_len=15 is not a multiple of 2"),
 ])
 def test_bad_layouts_fail_before_workers(data, no_spawn, kw, match):
@@ -87,7 +88,7 @@ def test_cli_runs_in_process(data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_finetune_smollm2_at_tp3_lowers_loss(tmp_path):
-    """SmolLM2-135M, tp=3 (3 query heads and 1 KV head per rank), 4 steps on one short text:
+    """SmolLM2-135M, tp=3 (3 query heads and 1 KV head per rank), 3 steps on one short text:
     each step's global batch is the whole text, so the step losses are losses on that text."""
     from shardwise.train.run import train
     f = tmp_path / "text.txt"
@@ -95,7 +96,7 @@ def test_finetune_smollm2_at_tp3_lowers_loss(tmp_path):
                  "heads and the MLP columns of each transformer layer across ranks, and joins "
                  "the partial results with one all-reduce per block. " * 2)
     cfg = TrainConfig(model="smollm2-135m", data=[str(f)], tp=3, seq_len=64, micro_batch=1,
-                      global_batch=1, steps=4, lr=1e-4, warmup=0, min_lr=1e-4, save=False,
+                      global_batch=1, steps=3, lr=1e-4, warmup=0, min_lr=1e-4, save=False,
                       progress=False, out_dir=str(tmp_path / "run"))
     src, packed = prepare(cfg)
     assert packed.num_rows == 1, packed.num_rows

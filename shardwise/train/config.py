@@ -91,6 +91,11 @@ def validate(cfg: TrainConfig, source: ModelSource, *, world: int | None = None)
             f"global batch {cfg.global_batch} is not divisible by micro-batch {cfg.micro_batch} "
             f"x dp {cfg.dp} = {cfg.micro_batch * cfg.dp}: use a global batch that is a multiple "
             f"of {cfg.micro_batch * cfg.dp}")
+    if cfg.pp > 1 and cfg.schedule == "1f1b" and cfg.accumulation < cfg.pp:
+        raise ValueError(
+            f"the 1F1B schedule needs at least pp={cfg.pp} micro-batches per replica but global "
+            f"batch {cfg.global_batch} / (micro-batch {cfg.micro_batch} x dp {cfg.dp}) = "
+            f"{cfg.accumulation}: raise the global batch or use --schedule gpipe")
     if cfg.sequence_parallel and cfg.seq_len % cfg.tp:
         raise ValueError(f"sequence parallelism splits the sequence over tp={cfg.tp} ranks but "
                          f"seq_len={cfg.seq_len} is not a multiple of {cfg.tp}")
