@@ -137,7 +137,10 @@ def bench_shardwise(args: argparse.Namespace, tp: int, work) -> Run:
             _metric(before, "shardwise_engine_steps_total")
         step_s = _metric(after, "shardwise_engine_step_seconds_total") - \
             _metric(before, "shardwise_engine_step_seconds_total")
+        comm_s = _metric(after, "shardwise_engine_comm_seconds_total") - \
+            _metric(before, "shardwise_engine_comm_seconds_total")
         run.extra = {"steps": steps, "step_ms": 1000 * step_s / max(steps, 1),
+                     "comm_fraction": comm_s / max(step_s, 1e-9),
                      "engine_busy": step_s / run.seconds,
                      "preemptions": _metric(after, "shardwise_preemptions_total")}
         return run
@@ -222,7 +225,8 @@ def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> str:
              f"tokens, outputs {args.out_min}-{args.out_max} tokens, at most {args.concurrency} "
              f"in flight; model {args.model} fp32; {args.repeats} interleaved repeat(s), medians.",
              "", "| contender | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
-             "step (ms) | engine busy | runs (tok/s) |", "|---|---|---|---|---|---|---|"]
+             "step (ms) | in collectives | engine busy | runs (tok/s) |",
+             "|---|---|---|---|---|---|---|---|"]
     static = statistics.median(r.tps for r in runs.get("hf static", [])) \
         if runs.get("hf static") else None
     for name, rs in runs.items():
@@ -234,8 +238,10 @@ def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> str:
         step = f"{statistics.median(r.extra['step_ms'] for r in rs):.0f}" if rs[0].extra else "-"
         busy = f"{statistics.median(r.extra['engine_busy'] for r in rs):.0%}" \
             if rs[0].extra else "-"
+        comm = f"{statistics.median(r.extra.get('comm_fraction', 0) for r in rs):.0%}" \
+            if rs[0].extra else "-"
         ratio = f" ({tps / static:.2f}x static)" if static else ""
-        lines.append(f"| {name} | {tps:.1f}{ratio} | {lat} | {il} | {step} | {busy} | "
+        lines.append(f"| {name} | {tps:.1f}{ratio} | {lat} | {il} | {step} | {comm} | {busy} | "
                      f"{', '.join(f'{r.tps:.1f}' for r in rs)} |")
     return "\n".join(lines) + "\n"
 

@@ -49,6 +49,7 @@ COUNTERS = {
     "requests_rejected_total": "Requests refused (4xx or 5xx), by status.",
     "engine_steps_total": "Engine steps run.",
     "engine_step_seconds_total": "Wall time of engine steps.",
+    "engine_comm_seconds_total": "Time rank 0 spent in collectives (with --profile).",
     "preemptions_total": "Sequences preempted for lack of KV blocks (recomputed later).",
 }
 
@@ -84,8 +85,9 @@ class Metrics:
                 self.step.observe(stats["step_s"])
                 c = self.counters
                 c["engine_steps_total"][""] = c["engine_steps_total"].get("", 0) + 1
-                c["engine_step_seconds_total"][""] = \
-                    c["engine_step_seconds_total"].get("", 0) + stats["step_s"]
+                for k, v in (("engine_step_seconds_total", stats["step_s"]),
+                             ("engine_comm_seconds_total", stats.get("comm_s", 0.0))):
+                    c[k][""] = c[k].get("", 0) + v
 
     def render(self) -> str:
         lines: list[str] = []
