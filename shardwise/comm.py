@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -43,8 +44,8 @@ _OPS = {"all_reduce": "all_reduce", "all_gather": "all_gather",
         "all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather",
         "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_single": "reduce_scatter",
         "reduce_scatter": "reduce_scatter", "broadcast": "broadcast",
-        "all_to_all_single": "all_to_all", "send": "send", "recv": "recv", "isend": "send",
-        "irecv": "recv", "barrier": "barrier", "broadcast_object_list": "broadcast_object",
+        "all_to_all_single": "all_to_all", "send": "p2p", "recv": "p2p",
+        "batch_isend_irecv": "p2p", "barrier": "barrier", "broadcast_object_list": "broadcast_object",
         "all_gather_object": "all_gather_object"}
 _depth = threading.local()
 
@@ -54,6 +55,8 @@ def _nbytes(op: str, args: tuple, kwargs: dict) -> int:
     if not args:
         return 0
     first = args[0]
+    if op == "batch_isend_irecv":  # a list of P2POp
+        return sum(o.tensor.numel() * o.tensor.element_size() for o in first)
     if op == "all_gather" and isinstance(first, (list, tuple)):
         return sum(t.numel() * t.element_size() for t in first)
     if op == "reduce_scatter" and len(args) > 1:
@@ -169,7 +172,7 @@ def _uninstall() -> None:
 # every group when disabled with configure(shared_memory=False), uses torch.distributed.
 
 _SETTINGS = {"shared_memory": True, "capacity": 8 << 20, "timeout_s": 300.0}
-_SHM: dict[int, Any] = {}  # id(group) -> ShmCommunicator or None (not eligible)
+_SHM: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # group -> shm or None
 
 
 def configure(*, shared_memory: bool | None = None, capacity: int | None = None,
@@ -182,7 +185,7 @@ def configure(*, shared_memory: bool | None = None, capacity: int | None = None,
 
 def use_torch_distributed(group: ProcessGroup) -> None:
     """Pin ``group`` to torch.distributed's own collectives (gloo / NCCL), never shared memory."""
-    _SHM[id(group)] = None
+    _SHM[group] = None
 
 
 class _Unrecorded:
@@ -199,7 +202,7 @@ class _Unrecorded:
 def _shm_for(group: ProcessGroup | None, x: torch.Tensor):
     if group is None or x.device.type != "cpu":
         return None
-    key = id(group)
+    key = group
     if key not in _SHM:  # collective: every rank of the group reaches its first call together
         from . import shm
         with _Unrecorded():
@@ -214,7 +217,7 @@ def backend_name(group: ProcessGroup | None) -> str:
     """The path collectives on ``group`` take: "none" (one rank), "shm", or the dist backend."""
     if group_size(group) == 1:
         return "none"
-    return "shm" if _SHM.get(id(group)) is not None else dist.get_backend(group)
+    return "shm" if _SHM.get(group) is not None else dist.get_backend(group)
 
 
 def all_reduce_(x: torch.Tensor, group: ProcessGroup | None, op: str = "sum") -> torch.Tensor:

@@ -61,6 +61,11 @@ def subgroup(ranks: list[int] | tuple[int, ...]) -> ProcessGroup | None:
     return _SUBGROUPS[key]
 
 
+def forget_groups() -> None:
+    """Drop the cached subgroups (after ``dist.destroy_process_group``, before a new world)."""
+    _SUBGROUPS.clear()
+
+
 def grid(tp: int, pp: int, dp: int) -> torch.Tensor:
     """``(pp, dp, tp)`` tensor of global ranks, TP innermost."""
     return torch.arange(tp * pp * dp).view(pp, dp, tp)

@@ -194,6 +194,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="save: a model (preset, HF dir, .gguf) to shard at --tp")
     p.add_argument("--from", dest="src", help="a sharded checkpoint to merge or reshard")
     p.add_argument("--tp", type=int, help="tensor-parallel size of the output shards")
+    p.add_argument("--pp", type=int, default=None, help="training checkpoints: pipeline stages")
+    p.add_argument("--dp", type=int, default=None, help="training checkpoints: data-parallel size")
     p.add_argument("--to-hf", help="merge --from into this HF directory")
     p.add_argument("--out", help="output sharded checkpoint directory")
 
@@ -205,6 +207,25 @@ def _save_worker(model_spec: str, tp: int, out: str) -> None:
     src = resolve(model_spec)
     model = build_model(src, group=mesh.tp_group)
     save_sharded(model, out, group=mesh.tp_group, tokenizer_dir=src.tokenizer)
+
+
+def _convert_training(src: Path, args: argparse.Namespace) -> int:
+    from ..train.ckpt import find_checkpoint
+    from ..train.convert import export_hf, reshard as reshard_training
+    step_dir = find_checkpoint(src)  # raises with what it expected when src is neither format
+    if args.to_hf:
+        export_hf(step_dir, args.to_hf)
+        print(f"exported {step_dir} to {args.to_hf}")
+    if args.tp or args.pp or args.dp:
+        if not args.out:
+            raise ValueError("resharding needs --out DIR")
+        meta = json.loads((step_dir / "meta.json").read_text())["layout"]
+        tp, pp, dp = (args.tp or meta["tp"], args.pp or meta["pp"], args.dp or meta["dp"])
+        reshard_training(step_dir, args.out, tp, pp, dp)
+        print(f"resharded {step_dir} to tp={tp} pp={pp} dp={dp} in {args.out}")
+    elif not args.to_hf:
+        raise ValueError("with --from, give --to-hf DIR and/or --tp/--pp/--dp with --out DIR")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -224,12 +245,13 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.exists():
         raise FileNotFoundError(f"checkpoint {src} does not exist")
-    if not (src / META).exists():  # a training checkpoint: the train package owns its format
-        from ..train import checkpoint as train_ckpt  # noqa: F401 - raises if not available
-        return train_ckpt.convert_cli(args)
+    if not (src / META).exists():  # a training checkpoint (shardwise train): weights + AdamW
+        return _convert_training(src, args)
     if args.to_hf:
         merge_to_hf(src, args.to_hf)
         print(f"merged {src} into {args.to_hf}")
+    if args.pp not in (None, 1) or args.dp not in (None, 1):
+        raise ValueError("a model checkpoint has only a tensor-parallel layout: use --tp")
     if args.tp:
         if not args.out:
             raise ValueError("resharding needs --out DIR")

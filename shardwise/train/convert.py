@@ -52,7 +52,7 @@ def _fake_rank(rank: int, world: int) -> Iterator[None]:
     """This process pretends to be ``rank`` of ``world`` (fake backend: no communication)."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
-    from ..mesh import _SUBGROUPS
+    from ..mesh import forget_groups
     if dist.is_initialized():
         raise RuntimeError("reshard runs outside a distributed job (a process group exists)")
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -62,7 +62,7 @@ def _fake_rank(rank: int, world: int) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
-        _SUBGROUPS.clear()
+        forget_groups()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

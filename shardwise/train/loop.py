@@ -52,8 +52,8 @@ def train_worker(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor) -> d
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-            from ..mesh import _SUBGROUPS
-            _SUBGROUPS.clear()
+            from ..mesh import forget_groups
+            forget_groups()
 
 
 def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mesh: Mesh

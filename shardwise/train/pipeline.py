@@ -33,23 +33,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = functools.partial(checkpoint, fwd, use_reentrant=False)
 
 
-@contextlib.contextmanager
-def _p2p_unwrapped():
-    """Hand pipelining the real ``dist.isend`` / ``dist.irecv`` while a :class:`Ledger` is active:
-    ``dist.P2POp`` rejects any other function (an identity check), so the ledger's wrappers break
-    ``batch_isend_irecv``. Pipeline send/recv time is therefore not in the comm fraction."""
-    from ..comm import Ledger
-    saved = {op: getattr(dist, op) for op in ("isend", "irecv")}
-    for op in saved:
-        if op in Ledger._originals:
-            setattr(dist, op, Ledger._originals[op])
-    try:
-        yield
-    finally:
-        for op, fn in saved.items():
-            setattr(dist, op, fn)
-
-
 @torch.no_grad()
 def average_grads(model: nn.Module, group, n: int) -> None:
     """``g <- (1/n) sum over the DP group`` for every gradient, in one flat all-reduce (used with
@@ -115,7 +98,7 @@ class StageRunner:
     def _pipeline_step(self, ids: torch.Tensor, targets: torch.Tensor) -> float | None:
         first, last = self.mesh.pp_rank == 0, self.mesh.pp_rank == self.mesh.pp - 1
         losses: list[torch.Tensor] = []
-        with self.autocast(), _p2p_unwrapped():
+        with self.autocast():
             if first:
                 self.schedule.step(ids)
             elif last:
