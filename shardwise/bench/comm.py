@@ -62,13 +62,16 @@ def _op_fn(op: str, nbytes: int, n: int, group, backend: str,
     shard = max(1, nbytes // esize // n)
     full = torch.ones(shard * n, dtype=dtype, device=device)
     part = torch.ones(shard, dtype=dtype, device=device)
+    # torch 2.13 names them *_single; older releases *_tensor
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     if op == "all_gather":
         if backend == "dist":
-            return (lambda: dist.all_gather_into_tensor(full, part, group=group)), shard * n * esize
+            return (lambda: gather(full, part, group=group)), shard * n * esize
         return (lambda: comm.gather_stacked(part, group, n)), shard * n * esize
     if op == "reduce_scatter":
         if backend == "dist":
-            return (lambda: dist.reduce_scatter_tensor(part, full, group=group)), shard * n * esize
+            return (lambda: scatter(part, full, group=group)), shard * n * esize
         return (lambda: comm.reduce_scatter_dim(full, group, 0)), shard * n * esize
     raise ValueError(f"unknown collective {op!r}: expected one of {', '.join(OPS)}")
 

@@ -21,6 +21,7 @@ rounds' timed steps.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import asdict
@@ -166,7 +167,7 @@ def bench_step(preset: str | StepModelConfig = "issue7", *, rounds: int = 3, tra
     specs = contenders()
     pools: dict[str, WorkerPool] = {}
     times: dict[str, dict[str, list[float]]] = {k: {"train": [], "decode": []} for k in specs}
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"loadavg_start": _loadavg()}
     try:
         for name, (n, threads) in specs.items():  # start every process first: imports overlap
             pools[name] = WorkerPool(n, threads=threads, timeout_s=1800)
@@ -187,7 +188,16 @@ def bench_step(preset: str | StepModelConfig = "issue7", *, rounds: int = 3, tra
     finally:
         for pool in pools.values():
             pool.close()
+    info["loadavg_end"] = _loadavg()
     return summarize(c, times, info)
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: a shared machine shows here how shared it was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def summarize(c: StepModelConfig, times: dict[str, dict[str, list[float]]],
@@ -203,7 +213,8 @@ def summarize(c: StepModelConfig, times: dict[str, dict[str, list[float]]],
         "dtensor_decode_vs_single": dt["decode"] / med[single_all]["decode"],
     }
     met = {k: ratios[k] <= goal for k, goal in GOALS.items()}
-    return {"config": asdict(c), "median_s": med, "steps": {k: {ph: len(v) for ph, v in t.items()}
+    load = {k: info.pop(k, None) for k in ("loadavg_start", "loadavg_end")}
+    return {"config": asdict(c), "median_s": med, "machine": {**load, "cpus": os.cpu_count()}, "steps": {k: {ph: len(v) for ph, v in t.items()}
                                                             for k, t in times.items()},
             "times_s": times, "contenders": info, "ratios": ratios, "goals": GOALS,
             "goals_met": met, "single_all_threads": single_all, "torch": torch.__version__}
@@ -226,6 +237,9 @@ def format_table(res: dict[str, Any]) -> str:
         ok = "met" if res["goals_met"][k] else "NOT met"
         lines.append(f"{label:<44} {res['ratios'][k]:6.3f}  (goal <= {res['goals'][k]}: {ok})")
     lines.append(f"{'dtensor tp2 train / limit':<44} {res['ratios']['dtensor_train_vs_limit']:6.3f}")
+    m = res.get("machine", {})
+    lines.insert(0, f"{m.get('cpus')} CPUs, load average at start {m.get('loadavg_start')}, "
+                    f"at end {m.get('loadavg_end')}")
     lines.append(f"{'dtensor tp2 decode / single decode':<44} "
                  f"{res['ratios']['dtensor_decode_vs_single']:6.3f}")
     return "\n".join(lines)
