@@ -58,7 +58,12 @@ def test_step_benchmark_end_to_end(tmp_path):
         assert res["steps"][name] == {"train": 2, "decode": 4}
         assert all(t > 0 for t in res["median_s"][name].values())
     assert set(GOALS) <= set(res["ratios"]) and all(r > 0 for r in res["ratios"].values())
-    sw = res["contenders"]["shardwise_tp2"]
+    info = res["contenders"]
+    single = info["single_1thread"]["loss"]
+    # the same torch model (same seed) under PyTorch TP gives the single-process loss
+    assert info["dtensor_tp2"]["loss"] == pytest.approx(single, abs=1e-5)
+    assert all(abs(info[n]["loss"] - math.log(256)) < 0.1 for n in names)  # random init
+    sw = info["shardwise_tp2"]
     # forward + backward: 2 + 2 all-reduces per layer, 1 for the embedding forward, the
     # vocab-parallel head's backward all-reduce, 2 for the vocab-parallel cross-entropy
     assert sw["train"]["collectives"] == {"all_reduce": 4 * 2 + 1 + 1 + 2}

@@ -70,7 +70,7 @@ def setup(kind: str, c: StepModelConfig) -> dict[str, Any]:
     _STATE.clear()
     _STATE.update(st)
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    return {"kind": kind, "threads": torch.get_num_threads(), "tp": tp,
+    return {"kind": kind, "threads": torch.get_num_threads(), "tp": tp, "loss": _loss(),
             "param_mib": round(sum(p.numel() * p.element_size() for p in local) / 2**20, 1)}
 
 
@@ -85,7 +85,14 @@ def _prefill(st: dict[str, Any]) -> None:
         st["model"](ctx, start=0)
 
 
-def train_step() -> None:
+def _loss() -> float:
+    """The training loss of the benchmark batch, once (a check that contenders agree: the torch
+    model gives the same loss single-process and under PyTorch TP)."""
+    with torch.no_grad():
+        return train_step(backward=False)
+
+
+def train_step(backward: bool = True) -> float:
     st, x = _STATE, _STATE["x"]
     model, c = st["model"], st["c"]
     model.zero_grad(set_to_none=True)
@@ -95,17 +102,22 @@ def train_step() -> None:
         logits = model(x["ids"])
         loss = vocab_parallel_cross_entropy(logits, x["targets"], group=st["group"],
                                             vocab_start=model.vocab_start, vocab_size=c.vocab)
-        loss.backward()
-        finalize_grads(model, st["group"])
+        if backward:
+            loss.backward()
+            finalize_grads(model, st["group"])
     elif st["kind"] == "dtensor_tp2":
         from torch.distributed.tensor.parallel import loss_parallel
         with loss_parallel():
             pred = model(x["ids"])
             loss = F.cross_entropy(pred.flatten(0, 1), x["targets"].flatten(0, 1))
-            loss.backward()
+            if backward:
+                loss.backward()
+        loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
     else:
         loss = F.cross_entropy(model(x["ids"]).flatten(0, 1), x["targets"].flatten(0, 1))
-        loss.backward()
+        if backward:
+            loss.backward()
+    return float(loss.detach())
 
 
 @torch.no_grad()
