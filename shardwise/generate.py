@@ -84,7 +84,7 @@ def run_generation(job: GenerateJob) -> dict:
     with Ledger() as ledger:
         for step in range(p.max_tokens):
             start = time.perf_counter()
-            logits = model(ids, cache.positions(1, ids.shape[1]), attend=cache.attend)
+            logits = model(ids, cache.positions(1, ids.shape[1]), attend=cache.attend, rows=[-1])
             cache.advance(ids.shape[1])
             nxt = int(sample(logits[:, -1], [p], [gen], start=head.start,
                              vocab=head.num_embeddings, group=mesh.tp_group)[0])

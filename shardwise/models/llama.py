@@ -241,9 +241,12 @@ class LlamaForCausalLM(nn.Module):
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                attend: Attend = causal_attend) -> torch.Tensor:
+                attend: Attend = causal_attend,
+                rows: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """``x``: token ids (b, s) on the first stage, else hidden states (b, s[/t], h).
-        ``positions``: (b, s) absolute positions, default ``0..s-1``."""
+        ``positions``: (b, s) absolute positions, default ``0..s-1``. ``rows``: positions along
+        the sequence whose logits are wanted (the last token of each sequence when sampling);
+        the norm and the vocabulary projection then run on those rows only."""
         h = self.model.embed_tokens(x) if self.first else x
         s = x.shape[1] * (group_size(self.group) if self.sequence_parallel and not self.first else 1)
         if positions is None:
@@ -253,4 +256,9 @@ class LlamaForCausalLM(nn.Module):
             h = layer(h, cos, sin, attend)
         if not self.last:
             return h
+        if rows is not None:
+            if self.sequence_parallel:
+                raise ValueError("selecting rows needs the full sequence: not with sequence "
+                                 "parallelism (use it for training)")
+            h = h[:, rows]                                            # (b, n_rows, hidden)
         return self.lm_head(self.model.norm(h))

@@ -43,18 +43,6 @@ class EngineConfig:
         return blocks_for(self.kv_tokens or context, self.block_size)
 
 
-def forward_selected(model, ids: torch.Tensor, positions: torch.Tensor, attend,
-                     rows: list[int]) -> torch.Tensor:
-    """``model(ids, positions, attend)`` but the norm and LM head run only on ``rows`` of the
-    flat batch: (n_rows, V_local). (The model's forward computes logits for every token.)"""
-    h = model.model.embed_tokens(ids)
-    cos, sin = model.rope(positions, h.dtype)
-    for layer in model.model.layers.values():
-        h = layer(h, cos, sin, attend)
-    h = h[:, rows]                                                   # (1, n_rows, hidden)
-    return model.lm_head(model.model.norm(h))[0]
-
-
 class Runner:
     """One rank's model, cache and per-sequence samplers."""
 
@@ -74,7 +62,7 @@ class Runner:
             self.samplers[sid] = (sp, params, torch.Generator().manual_seed(sp.seed))
         ids, pos, last = self.cache.prepare(plan.chunks)
         picked = [(c.seq_id, last[i]) for i, c in enumerate(plan.chunks) if c.sample]
-        local = forward_selected(self.model, ids, pos, self.cache.attend, [r for _, r in picked])
+        local = self.model(ids, pos, self.cache.attend, rows=[r for _, r in picked])[0]
         if not picked:
             return {}, {}
         samp = [self.samplers[sid] for sid, _ in picked]
