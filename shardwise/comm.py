@@ -184,8 +184,10 @@ def configure(*, shared_memory: bool | None = None, capacity: int | None = None,
 
 
 def use_torch_distributed(group: ProcessGroup) -> None:
-    """Pin ``group`` to torch.distributed's own collectives (gloo / NCCL), never shared memory."""
-    _SHM[group] = None
+    """Pin ``group`` to torch.distributed's own collectives (gloo / NCCL), never shared memory.
+    (A rank outside the group gets a placeholder instead of a group: nothing to pin.)"""
+    if isinstance(group, ProcessGroup):
+        _SHM[group] = None
 
 
 class _Unrecorded:
