@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 _FLAG_BYTES = 4096
+SMALL = 64 << 10  # all-reduces up to this size use one barrier (every rank reduces everything)
 
 
 class PeerError(RuntimeError):
@@ -105,9 +106,12 @@ class ShmCommunicator:
 
     # -------------------------------------------------------------- collectives
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> None:
-        """In place: ``x`` becomes the elementwise sum (or max) over the group."""
+        """In place: ``x`` becomes the elementwise sum (or max) over the group. Small messages
+        (<= ``SMALL`` bytes) skip the second phase: every rank reduces the whole message itself,
+        in the same order, which costs one barrier instead of two."""
         flat = x.view(-1)
         step = self._step(x.dtype)
+        small = flat.numel() * x.element_size() <= SMALL
         for off in range(0, flat.numel(), step):
             piece = flat[off:off + step]
             n = piece.numel()
@@ -115,6 +119,9 @@ class ShmCommunicator:
             self._view(slots[self.rank], x.dtype, n).copy_(piece)
             self._signal(0)
             self._wait(0, "all_reduce")
+            if small:
+                _reduce_into(piece, [self._view(s, x.dtype, n) for s in slots[: self.t]], op)
+                continue
             lo, hi = n * self.rank // self.t, n * (self.rank + 1) // self.t
             out = self._view(slots[self.t], x.dtype, n)[lo:hi]
             _reduce_into(out, [self._view(s, x.dtype, n)[lo:hi] for s in slots[: self.t]], op)
