@@ -54,6 +54,10 @@ def run_many(cfgs: list[TrainConfig], rows: torch.Tensor) -> list[dict]:
 # (name, tp, pp, dp, extra); the 2-rank and 4-rank groups each run in one spawn
 TWO = [("tp2", 2, 1, 1, {}), ("pp2-gpipe", 1, 2, 1, {"schedule": "gpipe"}),
        ("dp2", 1, 1, 2, {}), ("tp2-sp", 2, 1, 1, {"sequence_parallel": True})]
+# run in the same spawn, checked separately: recomputation must not change the numbers; bf16
+# autocast changes them within its precision
+EXTRA = [("tp2-recompute", 2, 1, 1, {"activation_checkpointing": True}),
+         ("tp2-bf16", 2, 1, 1, {"bf16": True})]
 FOUR = [("tp2-pp2", 2, 2, 1, {}), ("tp2-dp2", 2, 1, 2, {"schedule": "gpipe"}),
         ("tp2-pp2-sp", 2, 2, 1, {"sequence_parallel": True, "schedule": "gpipe"}),
         ("tp2-dp2-sp", 2, 1, 2, {"sequence_parallel": True})]
@@ -76,11 +80,12 @@ def runs(tmp_path_factory):
     ck = str(tmp / "crash" / "checkpoints")
     out["crash_dir"] = Path(ck)
     out["crash_listing"] = sorted(p.name for p in Path(ck).iterdir())
-    two = [make_cfg(tmp, n, tp, pp, dp, **kw) for n, tp, pp, dp, kw in TWO]
+    two = [make_cfg(tmp, n, tp, pp, dp, **kw) for n, tp, pp, dp, kw in TWO + EXTRA]
     two.append(make_cfg(tmp, "resume-tp2", tp=2, resume=ck))           # same layout
     four = [make_cfg(tmp, n, tp, pp, dp, **kw) for n, tp, pp, dp, kw in FOUR]
     four.append(make_cfg(tmp, "resume-pp2-dp2", pp=2, dp=2, resume=ck))  # resharded on load
-    out["two"] = dict(zip([n for n, *_ in TWO] + ["resume-tp2"], spawn(run_many, 2, two, data.rows)[0]))
+    out["two"] = dict(zip([n for n, *_ in TWO + EXTRA] + ["resume-tp2"],
+                          spawn(run_many, 2, two, data.rows)[0]))
     out["four"] = dict(zip([n for n, *_ in FOUR] + ["resume-pp2-dp2"],
                            spawn(run_many, 4, four, data.rows)[0]))
     out["resume-1"] = train(make_cfg(tmp, "resume-1", resume=ck))     # tp=2 -> one process
@@ -109,6 +114,14 @@ def test_two_rank_layouts_match_one_process(runs, name):
 @pytest.mark.parametrize("name", [n for n, *_ in FOUR])
 def test_four_rank_layouts_match_one_process(runs, name):
     _check(runs["ref"]["losses"], runs["four"][name]["losses"], name)
+
+
+def test_activation_checkpointing_and_bf16(runs):
+    ref = runs["ref"]["losses"]
+    _check(ref, runs["two"]["tp2-recompute"]["losses"], "tp2 + activation checkpointing")
+    bf16 = runs["two"]["tp2-bf16"]["losses"]
+    assert all(math.isfinite(x) for x in bf16) and bf16[-1] < bf16[0]
+    assert max(abs(a - b) for a, b in zip(ref, bf16)) < 0.05, (bf16, ref)
 
 
 def test_grad_norm_is_layout_independent(runs):
