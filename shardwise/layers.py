@@ -62,18 +62,20 @@ class _ColumnMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx = dy.matmul(weight)
+        # under autocast the forward ran in dy's dtype (bf16): so does the backward
+        w, xs = weight.to(dy.dtype), x.to(dy.dtype)
+        dx = dy.matmul(w)
         shared_memory = comm.backend_name(ctx.group) == "shm"
         if shared_memory:  # microseconds: nothing to hide it behind
             comm.all_reduce_(dx, ctx.group)
         else:  # launch, compute dW while the network works, then wait
             work = comm.dist.all_reduce(dx, group=ctx.group, async_op=True)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dw = dy2.t().matmul(x.reshape(-1, x.shape[-1]))
-        db = dy2.sum(0) if ctx.has_bias else None
+        dw = dy2.t().matmul(xs.reshape(-1, xs.shape[-1])).to(weight.dtype)
+        db = dy2.sum(0).to(weight.dtype) if ctx.has_bias else None
         if not shared_memory:
             work.wait()
-        return dx, dw, db, None
+        return dx.to(x.dtype), dw, db, None
 
 
 class ColumnParallelLinear(nn.Module):

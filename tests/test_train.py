@@ -132,7 +132,7 @@ def test_grad_norm_is_layout_independent(runs):
     for group in ("two", "four"):
         for name, res in runs[group].items():
             got = [r["grad_norm"] for r in res["records"]]
-            if not name.startswith("resume"):
+            if not name.startswith("resume") and "bf16" not in name:  # bf16: its own test
                 assert abs(got[0] - ref[0]) / ref[0] < 1e-5, (name, got, ref)
                 assert max(abs(a - b) / a for a, b in zip(ref, got)) < 1e-3, (name, got, ref)
 
