@@ -6,12 +6,11 @@ decodes the text itself to check stop strings, so no rank needs to tell the othe
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -159,10 +158,3 @@ def format_signals(summary: dict) -> str:
                      f"({100 * r['comm_fraction']:.0f}% in collectives), {r['collectives']}")
     return "\n".join(lines)
 
-
-def job_json(summary: dict) -> str:
-    return json.dumps(summary)
-
-
-__all__ = ["GenerateJob", "SamplingParams", "generate", "summarize", "encode_prompt",
-           "check_request", "format_signals", "asdict"]
