@@ -45,11 +45,9 @@ class Partition:
     multiple: int = 0
 
     def __post_init__(self) -> None:
-        if self.multiple:
-            if self.parts < 1:
-                _check(self.total, self.parts, self.unit)
-        else:
-            _check(self.total, self.parts, self.unit)
+        # padding gives every rank rows even when total < parts; without it each needs a unit
+        _check(self.padded if self.multiple and self.parts >= 1 else self.total, self.parts,
+               self.unit)
 
     @property
     def padded(self) -> int:
