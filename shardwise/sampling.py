@@ -90,7 +90,7 @@ def sample(local: torch.Tensor, params: list[SamplingParams],
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        noise = gumbel(vocab, generators[i])
+        noise = gumbel(vocab, generators[i]).to(z.device)  # drawn on the CPU: same on any device
         if full is not None and i in filtered:
             row = _filter(full[filtered.index(i)] / p.temperature, p.top_k, p.top_p) + noise
             z[i] = float("-inf")
@@ -98,7 +98,7 @@ def sample(local: torch.Tensor, params: list[SamplingParams],
             if hi > lo:
                 z[i, : hi - lo] = row[lo:hi]
         else:
-            piece = torch.full((width,), float("-inf"), dtype=z.dtype)
+            piece = torch.full((width,), float("-inf"), dtype=z.dtype, device=z.device)
             hi = max(0, min(width, vocab - start))
             piece[:hi] = noise[start:start + hi]
             z[i] = z[i] / p.temperature + piece

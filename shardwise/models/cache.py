@@ -26,13 +26,13 @@ class KVCache:
             shape = (batch, layer.self_attn.nkv, max_len, cfg.dim_per_head)
             self.k[int(name)] = torch.zeros(shape, dtype=dtype, device=dev)
             self.v[int(name)] = torch.zeros(shape, dtype=dtype, device=dev)
-        self.length, self.max_len = 0, max_len
+        self.length, self.max_len, self.device = 0, max_len, dev
 
     def positions(self, batch: int, s: int) -> torch.Tensor:
         if self.length + s > self.max_len:
             raise ValueError(f"{self.length} cached + {s} new tokens exceed the cache of "
                              f"{self.max_len} positions")
-        return torch.arange(self.length, self.length + s).expand(batch, s)
+        return torch.arange(self.length, self.length + s, device=self.device).expand(batch, s)
 
     def attend(self, layer: int, q, k, v, kv_index) -> torch.Tensor:
         s, end = q.shape[2], self.length + q.shape[2]
