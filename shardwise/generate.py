@@ -121,6 +121,9 @@ def run_generation(job: GenerateJob) -> dict:
         "compute_s": round(max(0.0, total - ledger.seconds), 4),
         "comm_fraction": round(ledger.seconds / total, 3) if total else 0.0,
         "collectives": ledger.counts(),
+        # per forward: the embedding's partial sums + 2 per layer (attention and MLP outputs)
+        "all_reduce_minimum": len(times) * (1 + 2 * source.config.num_hidden_layers)
+        if mesh.tp > 1 else 0,
     }
     if mesh.device.type == "cuda":
         signals["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -155,6 +158,7 @@ def format_signals(summary: dict) -> str:
     for r in s["ranks"]:
         lines.append(f"rank {r['rank']}: params {r['param_mib']} MiB, peak RSS {r['peak_rss_mib']}"
                      f" MiB, comm {r['comm_s']} s vs compute {r['compute_s']} s "
-                     f"({100 * r['comm_fraction']:.0f}% in collectives), {r['collectives']}")
+                     f"({100 * r['comm_fraction']:.0f}% in collectives), {r['collectives']}"
+                     f" (all-reduce minimum {r['all_reduce_minimum']})")
     return "\n".join(lines)
 
