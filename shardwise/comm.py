@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -189,80 +189,36 @@ def split_dim(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.Te
 
 # --------------------------------------------------------------------------- autograd pairs
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def _pair(name: str, forward: Callable[..., torch.Tensor],
+          backward: Callable[..., torch.Tensor]) -> type[torch.autograd.Function]:
+    """An autograd function whose backward is its dual collective: ``forward(x, group, arg)``
+    and ``backward(dy, group, arg)``, ``arg`` being the split sizes or the sequence dimension."""
+    def fwd(ctx, x, group, arg):
+        ctx.group, ctx.arg = group, arg
+        return forward(x, group, arg)
 
-    @staticmethod
-    def backward(ctx, dy):
-        return all_reduce(dy, ctx.group), None
+    def bwd(ctx, dy):
+        return backward(dy, ctx.group, ctx.arg), None, None
 
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy, None
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, sizes):
-        ctx.group, ctx.sizes = group, sizes
-        return all_gather_last(x, group, sizes)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return split_last(dy, ctx.group, ctx.sizes), None, None
+def _identity(x: torch.Tensor, group: Any, arg: Any) -> torch.Tensor:
+    return x
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, sizes):
-        ctx.group, ctx.sizes = group, sizes
-        return split_last(x, group, sizes)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_gather_last(dy, ctx.group, ctx.sizes), None, None
+def _sum(x: torch.Tensor, group: Any, arg: Any) -> torch.Tensor:
+    return all_reduce(x, group)
 
 
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return all_gather_dim(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return reduce_scatter_dim(dy, ctx.group, ctx.dim), None, None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return reduce_scatter_dim(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_gather_dim(dy, ctx.group, ctx.dim), None, None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return split_dim(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_gather_dim(dy, ctx.group, ctx.dim), None, None
+_CopyToTP = _pair("_CopyToTP", _identity, _sum)
+_ReduceFromTP = _pair("_ReduceFromTP", _sum, _identity)
+_GatherFromTP = _pair("_GatherFromTP", all_gather_last, split_last)
+_ScatterToTP = _pair("_ScatterToTP", split_last, all_gather_last)
+_GatherSeq = _pair("_GatherSeq", all_gather_dim, reduce_scatter_dim)
+_ReduceScatterSeq = _pair("_ReduceScatterSeq", reduce_scatter_dim, all_gather_dim)
+_ScatterSeq = _pair("_ScatterSeq", split_dim, all_gather_dim)
 
 
 def _trivial(group: ProcessGroup | None) -> bool:
@@ -271,12 +227,12 @@ def _trivial(group: ProcessGroup | None) -> bool:
 
 def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """*f*: identity forward, all-reduce backward. Enters a tensor-parallel region."""
-    return x if _trivial(group) else _CopyToTP.apply(x, group)
+    return x if _trivial(group) else _CopyToTP.apply(x, group, None)
 
 
 def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """*g*: all-reduce forward, identity backward. Leaves a tensor-parallel region."""
-    return x if _trivial(group) else _ReduceFromTP.apply(x, group)
+    return x if _trivial(group) else _ReduceFromTP.apply(x, group, None)
 
 
 def gather_from_tp(x: torch.Tensor, group: ProcessGroup | None,

@@ -101,6 +101,15 @@ class ShmCommunicator:
     def _view(slot: torch.Tensor, dtype: torch.dtype, n: int) -> torch.Tensor:
         return slot[: n * torch.empty((), dtype=dtype).element_size()].view(dtype)
 
+    def _arrive(self, piece: torch.Tensor, op: str) -> list[torch.Tensor]:
+        """Publish ``piece`` in this rank's slot of the next set; return the set once every rank
+        has published its own."""
+        slots = self._next()
+        self._view(slots[self.rank], piece.dtype, piece.numel()).view(piece.shape).copy_(piece)
+        self._signal(0)
+        self._wait(0, op)
+        return slots
+
     def _step(self, dtype: torch.dtype) -> int:
         return self.capacity // torch.empty((), dtype=dtype).element_size()
 
@@ -115,10 +124,7 @@ class ShmCommunicator:
         for off in range(0, flat.numel(), step):
             piece = flat[off:off + step]
             n = piece.numel()
-            slots = self._next()
-            self._view(slots[self.rank], x.dtype, n).copy_(piece)
-            self._signal(0)
-            self._wait(0, "all_reduce")
+            slots = self._arrive(piece, "all_reduce")
             if small:
                 _reduce_into(piece, [self._view(s, x.dtype, n) for s in slots[: self.t]], op)
                 continue
@@ -136,10 +142,7 @@ class ShmCommunicator:
         for off in range(0, flat.numel(), step):
             piece = flat[off:off + step]
             n = piece.numel()
-            slots = self._next()
-            self._view(slots[self.rank], x.dtype, n).copy_(piece)
-            self._signal(0)
-            self._wait(0, "all_gather")
+            slots = self._arrive(piece, "all_gather")
             for r in range(self.t):
                 dst[r, off:off + n].copy_(self._view(slots[r], x.dtype, n))
 
@@ -150,11 +153,7 @@ class ShmCommunicator:
         step = max(1, self._step(x.dtype) // self.t)
         for off in range(0, m, step):
             n = min(step, m - off)
-            slots = self._next()
-            self._view(slots[self.rank], x.dtype, n * self.t).view(self.t, n).copy_(
-                src[:, off:off + n])
-            self._signal(0)
-            self._wait(0, "reduce_scatter")
+            slots = self._arrive(src[:, off:off + n], "reduce_scatter")  # stored as (t, n)
             parts = [self._view(s, x.dtype, n * self.t).view(self.t, n)[self.rank]
                      for s in slots[: self.t]]
             _reduce_into(dst[off:off + n], parts, "sum")
