@@ -317,12 +317,12 @@ def field_path(model: type[BaseModel], loc: tuple) -> str:
 
 def validation_error(errors: list[dict], model: type[BaseModel]) -> APIError:
     """The first problem of a body that does not fit ``model``, as an OpenAI 400."""
-    err = errors[0]
-    loc = tuple(x for x in err["loc"][1:])  # drop "body"
+    err = max(errors, key=lambda e: len(e["loc"]))  # the most specific of a union's members
+    loc = tuple(err["loc"][1:])  # drop "body"
     path = field_path(model, loc)
     if err["type"] == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {err.get('msg')}",
-                        code="invalid_json")
+        why = (err.get("ctx") or {}).get("error") or err.get("msg")
+        return APIError(400, f"the request body is not valid JSON: {why}", code="invalid_json")
     if err["type"] == "extra_forbidden":
         path = (path + "." if path else "") + str(loc[-1])
         return APIError(400, f"unrecognized request argument supplied: {path}", param=path,
@@ -343,17 +343,17 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 
 def check_lengths(n_prompt: int, max_tokens: int | None, *, context: int, capacity: int,
-                  max_prompt: int) -> int:
+                  max_prompt: int, prompt_param: str = "messages") -> int:
     """The number of tokens to generate; raises when the prompt or max_tokens do not fit."""
     if n_prompt == 0:
-        raise APIError(400, "the prompt is empty", param="prompt")
+        raise APIError(400, "the prompt is empty", param=prompt_param)
     if n_prompt > max_prompt:
         raise APIError(400, f"the prompt has {n_prompt} tokens but this server accepts at most "
-                       f"{max_prompt} (--max-prompt-tokens)", param="messages",
+                       f"{max_prompt} (--max-prompt-tokens)", param=prompt_param,
                        code="context_length_exceeded")
     if n_prompt >= context:
         raise APIError(400, f"the prompt has {n_prompt} tokens but the model's context is "
-                       f"{context} tokens", param="messages", code="context_length_exceeded")
+                       f"{context} tokens", param=prompt_param, code="context_length_exceeded")
     room = context - n_prompt
     if max_tokens is None:
         max_tokens = min(room, capacity - n_prompt)
@@ -367,5 +367,5 @@ def check_lengths(n_prompt: int, max_tokens: int | None, *, context: int, capaci
                        param="max_tokens", code="context_length_exceeded")
     if max_tokens < 1:
         raise APIError(400, f"the prompt's {n_prompt} tokens fill the KV cache of {capacity} "
-                       "tokens", param="messages", code="context_length_exceeded")
+                       "tokens", param=prompt_param, code="context_length_exceeded")
     return max_tokens

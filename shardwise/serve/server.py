@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .client import EngineClient
 from .guard import Guard, ServeLimits
@@ -100,7 +101,8 @@ async def _handle(st: ServerState, req: ChatRequest | CompletionRequest, chat: b
             is not None else req.max_tokens
         max_tokens = check_lengths(len(prompt), max_tokens, context=st.context,
                                    capacity=st.capacity,
-                                   max_prompt=lim.max_prompt_tokens or st.context - 1)
+                                   max_prompt=lim.max_prompt_tokens or st.context - 1,
+                                   prompt_param="messages" if chat else "prompt")
         logprobs = (req.top_logprobs or 0 if req.logprobs else None) if chat else req.logprobs
         gen = generate(st, prompt, req, max_tokens, logprobs)
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
@@ -154,6 +156,11 @@ def create_app(st: ServerState) -> FastAPI:
         return answer(validation_error(e.errors(), ChatRequest if
                                        request.url.path.endswith("chat/completions")
                                        else CompletionRequest))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return answer(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                               code="not_found" if e.status_code == 404 else None))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
