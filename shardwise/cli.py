@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, check, run; returns the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     only = next((a for a in argv if a in COMMANDS), None)
-    args = build_parser(only).parse_args(argv)
+    try:
+        args = build_parser(only).parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad option (2, already printed in one line)
+        return e.code if isinstance(e.code, int) else 2
     mod = importlib.import_module(COMMANDS[args.command][0])
     try:
         try:
