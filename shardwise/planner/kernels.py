@@ -36,6 +36,11 @@ from functools import lru_cache
 from .gpus import GPUSpec
 
 TILES = ((256, 128), (128, 256))  # the two most efficient cuBLAS tiles (NVIDIA guide, section 2.3)
+# Fitted on the validation table's calibration rows only (benchmarks/planner_fit.py; docs/planner.md):
+# the share of the MAMF ceiling, and of the streaming bandwidth, that a whole training step sustains
+# (clocks under the whole node's power load, the cuBLAS and kernels of the software of the time).
+SUSTAINED_MATMUL = 0.87
+SUSTAINED_STREAM = 0.82
 SKINNY = 128  # below this m or n the GEMM is memory-bound; tile quantization is not modelled
 # (MB transferred, fraction of datasheet bandwidth): Calculon a100_80g.json "mem1" MB_efficiency
 STREAM_CURVE = ((0.0, 0.3), (1.0, 0.6), (10.0, 0.75), (100.0, 0.9))
@@ -62,7 +67,7 @@ def stream_s(gpu: GPUSpec, nbytes: float) -> float:
     """Seconds to move ``nbytes`` through HBM in one memory-bound kernel."""
     if nbytes <= 0:
         return 0.0
-    return nbytes / (gpu.hbm_GBps * 1e9 * stream_efficiency(nbytes))
+    return nbytes / (gpu.hbm_GBps * 1e9 * stream_efficiency(nbytes) * SUSTAINED_STREAM)
 
 
 def quantization(gpu: GPUSpec, m: int, n: int, batch: int = 1) -> float:
@@ -83,7 +88,7 @@ def gemm_s(gpu: GPUSpec, m: int, n: int, k: int, batch: int = 1, precision: str 
     if min(m, n, k, batch) <= 0:
         return 0.0
     flops = 2.0 * m * n * k * batch
-    ceiling = gpu.peak_flops(precision) * gpu.matmul_fraction
+    ceiling = gpu.peak_flops(precision) * gpu.matmul_fraction * SUSTAINED_MATMUL
     compute = flops / (ceiling * quantization(gpu, m, n, batch))
     return max(compute, stream_s(gpu, 2.0 * (m * k + k * n + m * n) * batch))
 
@@ -96,4 +101,4 @@ def gemm_efficiency(gpu: GPUSpec, m: int, n: int, k: int, precision: str = "bf16
 def flash_attention_s(gpu: GPUSpec, flops: float, *, backward: bool, precision: str = "bf16") -> float:
     """Seconds of fused attention doing ``flops`` (already halved for a causal mask)."""
     eff = FLASH_BACKWARD if backward else FLASH_FORWARD
-    return flops / (gpu.peak_flops(precision) * eff)
+    return flops / (gpu.peak_flops(precision) * eff * SUSTAINED_MATMUL)

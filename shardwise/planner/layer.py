@@ -29,7 +29,8 @@ backward (at the inputs of the column-parallel QKV and up projections); with seq
 each becomes an all-gather plus a reduce-scatter, and the backward re-gathers the two saved inputs
 for the weight gradients. With ``tp_overlap_backward`` the backward input-gradient collective of
 each column-parallel layer hides behind its weight-gradient GEMM (and the re-gather behind the
-input-gradient GEMM); only the excess is exposed. Full recomputation repeats the layer's forward
+input-gradient GEMM); the excess is exposed, and while they overlap the collective holds
+OVERLAP_CONTENTION of the GPU (so min(comm, gemm) x 0.15 is added). Full recomputation repeats the layer's forward
 (collectives included) before its backward; selective recomputation repeats the attention core.
 The head and embedding are never recomputed.
 """
@@ -45,6 +46,9 @@ from .models import ModelSpec, heads_per_rank, kv_heads_per_rank, vocab_rows_per
 from .software import Software
 from .collectives import allreduce_s, gather_s
 
+# While a collective runs under a GEMM, NCCL's kernels hold SMs: Calculon's A100 system description
+# (calculon-ai/calculon systems/a100_80g.json, NVLink "processor_usage") charges 15% of the compute.
+OVERLAP_CONTENTION = 0.15
 CE_FORWARD_BYTES = 26  # per logit: read 16-bit, write fp32, max, exp, sum and normalise passes (fp32)
 CE_BACKWARD_BYTES = 10  # per logit: read the saved softmax (fp32), write the 16-bit gradient
 
@@ -179,14 +183,17 @@ def _tp_comm(s: Setup, act: float, column: tuple) -> tuple[float, float]:
     ar, half = _collective(s, act)
     hide = s.software.tp_overlap_backward
     if not s.sp:
-        fwd = 2 * ar
-        bwd = sum(max(0.0, ar - (wg if hide else 0.0)) for _, _, wg in column)
-        return fwd, bwd
+        return 2 * ar, sum(exposed(ar, wg if hide else 0.0) for _, _, wg in column)
     fwd = 4 * half  # two all-gathers, two reduce-scatters
     bwd = 2 * half  # all-gathers of the output gradients (the reduce-scatters' backward)
     for _, dg, wg in column:  # re-gather of the saved input, reduce-scatter of the input gradient
-        bwd += max(0.0, half - (dg if hide else 0.0)) + max(0.0, half - (wg if hide else 0.0))
+        bwd += exposed(half, dg if hide else 0.0) + exposed(half, wg if hide else 0.0)
     return fwd, bwd
+
+
+def exposed(comm: float, behind: float) -> float:
+    """Seconds a collective adds when it runs under ``behind`` seconds of GEMM (docstring)."""
+    return max(0.0, comm - behind) + OVERLAP_CONTENTION * min(comm, behind)
 
 
 @lru_cache(maxsize=1024)
@@ -203,7 +210,7 @@ def head_time(m: ModelSpec, gpu: GPUSpec, s: Setup) -> PassTime:
         small = 3 * allreduce_s(tokens * 4, s.tp, s.tp_link)  # max, target logit, sum of exp
         fcomm = small + (half if s.sp else 0.0)
         back = half if s.sp else ar
-        bcomm = max(0.0, back - (wg if s.software.tp_overlap_backward else 0.0))
+        bcomm = exposed(back, wg if s.software.tp_overlap_backward else 0.0)
         fwd, bwd = fwd + Work(comm_s=fcomm), bwd + Work(comm_s=bcomm)
     return PassTime(fwd, bwd)
 
