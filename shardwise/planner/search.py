@@ -182,9 +182,10 @@ def _tp_cross(c: Cluster, tp: int) -> str | None:
 def chunk_choices(m: ModelSpec, pp: int, micro_batches: int, pinned: int | None) -> list[int]:
     """Virtual stages v to try: v divides the stage's layers, and (Megatron's rule for the
     interleaved schedule) the micro-batches are a multiple of pp."""
-    if pinned:
-        return [pinned]
     n = -(-m.layers // pp)
+    if pinned:
+        ok = pinned == 1 or (pp > 1 and n % pinned == 0 and micro_batches % pp == 0)
+        return [pinned] if ok else []
     if pp == 1 or micro_batches % pp:
         return [1]
     return [v for v in (1, 2, 3, 4, 6, 8) if n % v == 0]
@@ -230,6 +231,11 @@ def _train(m, c, r: TrainRequest, pins, pinned) -> tuple[list, list]:
         mbs = [r.micro_batch] if r.micro_batch else [b for b in (1, 2, 4, 8) if per % b == 0]
         tried = [evaluate_train(m, c, r, tp=t, pp=p, dp=d, micro_batch=mb, virtual_stages=v, pinned=pinned)
                  for mb in mbs for v in chunk_choices(m, p, per // mb, r.virtual_stages)]
+        if not tried:
+            bad.append(Candidate(lay, reason=(
+                f"--virtual-stages {r.virtual_stages} needs pp > 1, the {-(-m.layers // p)} layers per "
+                f"stage divisible by it and micro-batches a multiple of pp={p}")))
+            continue
         good = [x for x in tried if x.fits]
         if good:
             ok.append(max(good, key=lambda x: (x.throughput, x.layout.micro_batch)))
@@ -310,6 +316,9 @@ def _check_train(r: TrainRequest, dp: int | None) -> None:
                          f"which micro-batches of {r.micro_batch} cannot split")
     if r.precision not in ("bf16", "fp16"):
         raise ValueError(f"training precision must be bf16 or fp16, got {r.precision!r}")
+    if r.virtual_stages is not None and r.virtual_stages < 1:
+        raise ValueError(f"--virtual-stages must be at least 1, got {r.virtual_stages}")
+    get_software(r.software)  # raises with the closest preset names
 
 
 def _check_serve(r: ServeRequest, dp: int | None) -> None:
