@@ -30,7 +30,8 @@ each becomes an all-gather plus a reduce-scatter, and the backward re-gathers th
 for the weight gradients. With ``tp_overlap_backward`` the backward input-gradient collective of
 each column-parallel layer hides behind its weight-gradient GEMM (and the re-gather behind the
 input-gradient GEMM); the excess is exposed, and while they overlap the collective holds
-OVERLAP_CONTENTION of the GPU (so min(comm, gemm) x 0.15 is added). Full recomputation repeats the layer's forward
+OVERLAP_CONTENTION of the GPU (min(comm, gemm) x 0.15 is added). Full recomputation repeats the
+layer's forward
 (collectives included) before its backward; selective recomputation repeats the attention core.
 The head and embedding are never recomputed.
 """
