@@ -52,6 +52,8 @@ def test_bad_input_exits_2_with_closest_names():
     ([*SERVE_70B, "--dp", "8", "--concurrency", "4"], "4 concurrent requests cannot be split over dp=8"),
     ([*SERVE_70B, "--precision", "int3"], "serving supports bf16, fp16, fp8, int8, int4"),
     (["--gpus", "8"], "--model is required"),
+    (["--model", "llama-3-8b", "--gpus", "16", "--virtual-stages", "3"], "--virtual-stages 3: no pipeline"),
+    (["--model", "llama-3-8b", "--gpus", "16", "--virtual-stages", "0"], "--virtual-stages must be at least 1"),
 ])
 def test_errors(argv, msg, capsys):
     assert main(argv) == 2

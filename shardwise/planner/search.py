@@ -288,6 +288,7 @@ def plan(model: ModelSpec, cluster: Cluster, request: TrainRequest | ServeReques
         raise ValueError(f"{cluster.gpu.name} has no BF16 tensor cores: use --precision fp16")
     if isinstance(request, TrainRequest):
         _check_train(request, dp)
+        _check_chunks(model, cluster, request, pp)
         ok, bad = _train(model, cluster, request, pins, pinned)
         workload = "train"
     else:
@@ -319,6 +320,18 @@ def _check_train(r: TrainRequest, dp: int | None) -> None:
     if r.virtual_stages is not None and r.virtual_stages < 1:
         raise ValueError(f"--virtual-stages must be at least 1, got {r.virtual_stages}")
     get_software(r.software)  # raises with the closest preset names
+
+
+def _check_chunks(m: ModelSpec, c: Cluster, r: TrainRequest, pp: int | None) -> None:
+    """A pinned --virtual-stages V > 1 needs some pp > 1 whose stages hold a multiple of V layers."""
+    v = r.virtual_stages
+    if not v or v == 1:
+        return
+    ok = [p for p in ([pp] if pp else _divisors(c.gpus)) if p > 1 and -(-m.layers // p) % v == 0]
+    if not ok:
+        raise ValueError(f"--virtual-stages {v}: no pipeline degree{f' (pp={pp})' if pp else ''} gives "
+                         f"stages whose layers ({m.layers} in all) split into {v} chunks; use a divisor "
+                         f"of the layers per stage")
 
 
 def _check_serve(r: ServeRequest, dp: int | None) -> None:
