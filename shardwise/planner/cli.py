@@ -16,6 +16,7 @@ from .gpus import GPUS, check_interconnect, default_interconnect, get_gpu
 from .memory import WEIGHT_BYTES
 from .model_catalog import MODELS, get_model
 from .search import Cluster, ServeRequest, TrainRequest, plan
+from .software import DEFAULT_SOFTWARE, SOFTWARE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--recompute", choices=("none", "selective", "full"), default="selective",
                    help="activation recomputation (default selective)")
     t.add_argument("--zero1", action="store_true", help="shard optimizer states over dp (ZeRO-1)")
+    t.add_argument("--virtual-stages", type=int, metavar="V",
+                   help="model chunks per GPU for the interleaved 1F1B schedule (default: searched)")
+    t.add_argument("--software", default=DEFAULT_SOFTWARE, choices=sorted(SOFTWARE),
+                   help="kernels and overlaps of the training software (default megatron-core; "
+                        "the megatron-2021/2022 presets reproduce the papers' runs)")
     t.add_argument("--no-dp-overlap", action="store_true",
                    help="do not overlap the gradient all-reduce with the backward pass")
     s = parser.add_argument_group("serving")
@@ -73,10 +79,13 @@ def _catalogs() -> str:
 
 def build_request(args: argparse.Namespace, seq_default: int) -> TrainRequest | ServeRequest:
     if args.workload == "train":
+        if args.virtual_stages is not None and args.virtual_stages < 1:
+            raise ValueError(f"--virtual-stages must be at least 1, got {args.virtual_stages}")
         return TrainRequest(seq=args.seq_len or seq_default, global_batch=args.global_batch,
                             micro_batch=args.micro_batch, precision=args.precision,
                             sp=args.sequence_parallel, recompute=args.recompute, zero1=args.zero1,
-                            dp_overlap=not args.no_dp_overlap)
+                            dp_overlap=not args.no_dp_overlap, virtual_stages=args.virtual_stages,
+                            software=args.software)
     if args.precision not in WEIGHT_BYTES:
         raise ValueError(f"--precision {args.precision!r}: serving supports {', '.join(WEIGHT_BYTES)}")
     for name in ("ttft_ms", "tpot_ms"):
