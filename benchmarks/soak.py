@@ -247,8 +247,8 @@ def main() -> int:
         "workers_same": health["workers"] == workers and health["status"] == "ok",
         "kv_blocks_used_after": m["shardwise_kv_blocks_used"],
         "in_flight_after": m["shardwise_requests_in_flight"],
-        "shm_mapped_during_run": len(ours), "shm_leaked": leaked, "rss_warm_mib": round(rss["warm"], 1),
-        "rss_end_mib": round(rss["end"], 1),
+        "shm_mapped_during_run": len(ours), "shm_leaked": leaked,
+        "rss_warm_mib": round(rss["warm"], 1), "rss_end_mib": round(rss["end"], 1),
         "rss_growth": round(rss["end"] / rss["warm"] - 1, 4), "server_exit_code": code,
     }
     ok = (fig["valid_answered"] == fig["valid"] and fig["invalid_4xx"] == fig["invalid"]

@@ -23,15 +23,18 @@ from .usage import Parser, UsageError, int_range
 
 # subcommand -> (module, help)
 COMMANDS = {
-    "generate": ("shardwise.generate_cli", "generate text from a prompt on N tensor-parallel ranks"),
-    "serve": ("shardwise.serve.cli", "OpenAI-compatible server with continuous batching on N ranks"),
+    "generate": ("shardwise.generate_cli",
+                 "generate text from a prompt on N tensor-parallel ranks"),
+    "serve": ("shardwise.serve.cli",
+              "OpenAI-compatible server with continuous batching on N ranks"),
     "train": ("shardwise.train.cli", "train with tensor x pipeline x data parallelism"),
     "plan": ("shardwise.planner.cli", "recommend TP/PP/DP for a model, GPUs and interconnect, "
              "with reasons"),
     "verify": ("shardwise.verify", "compare a model at tp=N with tp=1 layer by layer"),
     "convert": ("shardwise.checkpoint.convert", "save, merge and reshard checkpoints"),
     "bench": ("shardwise.bench.cli", "measurements: comm, tp scaling, serving"),
-    "demo": ("shardwise.cli", "a tensor-parallel block vs the unsharded one, on local gloo workers"),
+    "demo": ("shardwise.cli",
+             "a tensor-parallel block vs the unsharded one, on local gloo workers"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError, FileExistsError)

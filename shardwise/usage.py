@@ -3,8 +3,8 @@
 * :class:`UsageError`: bad input found after the arguments were checked (a late discovery, e.g.
   a file that turns out not to be a checkpoint); the CLI prints it as one line, exit code 2.
 * :func:`require`: an optional dependency checked where it is used, naming the install line.
-* :func:`int_range`, :func:`float_range`, :func:`port`, :func:`seed`: argparse types that refuse a bad
-  value at parse time with the value and what would work.
+* :func:`int_range`, :func:`float_range`, :func:`port`, :func:`seed`: argparse types that refuse
+  a bad value at parse time with the value and what would work.
 * :class:`Parser`: argparse whose errors are one line (``shardwise serve: --tp: ...``), exit 2.
 """
 from __future__ import annotations

@@ -118,7 +118,8 @@ def test_bodies_too_deep_too_large_or_not_finite(server, client, workers):
     deep = "[" * 100_000 + "]" * 100_000  # a RecursionError and a reset connection before
     r = post(server, "/v1/chat/completions", deep)
     assert r.status_code == 400 and r.json()["error"]["code"] == "too_deep", r.text
-    r = post(server, "/v1/completions", b'{"model": "debug", "prompt": "' + b"x" * (9 << 20) + b'"}')
+    huge = b'{"model": "debug", "prompt": "' + b"x" * (9 << 20) + b'"}'
+    r = post(server, "/v1/completions", huge)
     assert r.status_code == 413 and "8388608 bytes" in r.json()["error"]["message"]
     r = post(server, "/v1/completions", '{"model": "debug", "prompt": "x", "temperature": NaN}')
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import socket
@@ -67,6 +68,14 @@ def _check_listen(host: str, port_: int) -> None:
                              "--port or --host") from None
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(i[4][0]).is_loopback
+                   for i in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError):
+        return False
+
+
 def check(args: argparse.Namespace) -> None:
     """Every check before a worker starts: options, the model and its layout, the tokenizer,
     the extras, the address."""
@@ -121,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
           f"({info['kv_mib']:.0f} MiB/rank), loaded in {info['load_s']:.1f} s; "
           f"http://{args.host}:{args.port}/v1"
           + ("" if args.limits.api_key else " (no API key)"), file=sys.stderr, flush=True)
+    if not args.limits.api_key and not _loopback(args.host):
+        print(f"shardwise serve: listening on {args.host} without an API key: anyone who can "
+              "reach this address can use the model (--api-key)", file=sys.stderr, flush=True)
     try:
         server.run()
     finally:

@@ -165,7 +165,8 @@ async def sse(st: "ServerState", gen: AsyncIterator[Piece], first: Piece, head: 
             slot.finish, n = piece.finish, piece.tokens
             piece = None if slot.finish else await gen.__anext__()
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': usage(n_prompt, n)})}\n\n"
+            tail = {**head, "object": obj, "choices": [], "usage": usage(n_prompt, n)}
+            yield f"data: {json.dumps(tail)}\n\n"
         yield "data: [DONE]\n\n"
     except APIError as e:
         yield f"data: {json.dumps(e.body())}\n\n"

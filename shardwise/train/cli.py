@@ -25,13 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence-parallel", action="store_true",
                    help="split norms/residuals along the sequence across TP ranks")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="pipeline schedule")
-    p.add_argument("--micro-batch", type=int_range(1), default=d.micro_batch, help="sequences per micro-batch")
+    p.add_argument("--micro-batch", type=int_range(1), default=d.micro_batch,
+                   help="sequences per micro-batch")
     p.add_argument("--global-batch", type=int_range(1), default=d.global_batch,
                    help="sequences per step (a multiple of micro-batch x dp)")
     p.add_argument("--seq-len", type=int_range(1), default=d.seq_len)
     p.add_argument("--steps", type=int_range(1), default=d.steps)
-    p.add_argument("--lr", type=float_range(0.0, strict=True), default=d.lr, help="peak learning rate (AdamW)")
-    p.add_argument("--min-lr", type=float_range(0.0), default=d.min_lr, help="end of the cosine decay")
+    p.add_argument("--lr", type=float_range(0.0, strict=True), default=d.lr,
+                   help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr", type=float_range(0.0), default=d.min_lr,
+                   help="end of the cosine decay")
     p.add_argument("--warmup", type=int_range(0), default=d.warmup, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float_range(0.0), default=d.weight_decay)
     p.add_argument("--max-grad-norm", type=float_range(0.0), default=d.max_grad_norm,
