@@ -240,7 +240,7 @@ def bodies(draw) -> tuple[str, bytes]:
 def test_hypothesis_bodies_beyond_the_schema(server, workers):
     statuses = set()
 
-    @settings(FUZZ, max_examples=150)
+    @settings(FUZZ, max_examples=100)
     @given(bodies())
     def run(pb):
         path, data = pb

@@ -67,3 +67,23 @@ def test_a_failing_step_fails_only_its_request():
     assert sched.alloc.num_free == 16 and not sched.suspects
     for i, want in ref.items():
         assert seqs[i].output == want, i
+
+
+def test_a_refused_request_gets_its_error_alone():
+    """A ``fail`` event from rank 0 ends that request's stream with its status; others wait on."""
+    import asyncio
+
+    from shardwise.serve.client import EngineClient
+    from shardwise.serve.engine import EngineConfig
+
+    async def go():
+        c = EngineClient(EngineConfig(model="tiny"))  # no worker started: events fed by hand
+        a, qa = c.submit([1, 2], SamplerSpec(), 2, [])
+        b, qb = c.submit([3, 4], SamplerSpec(), 2, [])
+        c._deliver(("fail", a, 400, "prompt token id 300 is outside the vocabulary"))
+        assert qa.get_nowait() == ("error", "prompt token id 300 is outside the vocabulary", 400,
+                                   "invalid_value")
+        assert qb.empty() and c.dead is None
+        c._deliver(("step", [(b, 7, "length", None)], {}))
+        assert qb.get_nowait()[:3] == ("token", 7, "length")
+    asyncio.run(go())

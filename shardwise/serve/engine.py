@@ -11,8 +11,9 @@ commands in (``add``, ``cancel``, ``stop``), events out (``ready``, ``step``, ``
 One request never takes the engine down: rank 0 refuses a request it cannot run before it is
 scheduled (:func:`.admit.admission_error`, a ``fail`` event with status 400), and a step that
 raises on every rank (the same plan runs the same code everywhere) fails only the sequence that
-caused it (:meth:`.Scheduler.fail_step`, status 500) while the others go on. ``error`` is fatal:
-rank 0 itself broke.
+caused it (:meth:`.Scheduler.fail_step`, status 500) while the others go on. A failed collective
+(a peer gone, the group broken) is the engine's failure, not a request's: it stays fatal, as does
+``error`` (rank 0 itself broke).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch.distributed as dist
 
 from ..comm import Ledger, all_gather_last
 from ..sampling import SamplingParams, sample
+from ..shm import PeerError
 from .admit import admission_error, make_sampler
 from .kv import PagedKVCache, blocks_for
 from .scheduler import SamplerSpec, Scheduler, Sequence, StepPlan
@@ -118,6 +120,15 @@ def _drain(cmd_q, block: bool) -> list[tuple]:
     return out
 
 
+# a collective that failed: a peer is gone or the group is broken, whatever the request
+COMM_FAILURES = (PeerError, dist.DistError)
+
+
+def _comm_failure(e: BaseException) -> bool:
+    return isinstance(e, COMM_FAILURES) or (isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("Connection closed", "Connection reset", "[gloo", "Gloo")))
+
+
 def run_step(runner: Runner, sched: Scheduler,
              plan: StepPlan) -> tuple[list[tuple], list[tuple[int, str]]]:
     """Run ``plan`` and advance the scheduler. Returns the token events ``(seq id, token, finish
@@ -126,7 +137,9 @@ def run_step(runner: Runner, sched: Scheduler,
     (:meth:`Scheduler.fail_step`); the traceback goes to stderr, its last line to the request."""
     try:
         sampled, logprobs = runner.execute(plan)
-    except Exception:  # noqa: BLE001 - one request's failure, not the engine's
+    except Exception as e:  # noqa: BLE001 - one request's failure, not the engine's...
+        if _comm_failure(e):
+            raise  # ...unless a peer died or the group broke: then it is fatal
         trace = traceback.format_exc()
         failed = sched.fail_step(plan)
         print(f"shardwise engine: a step of {len(plan.chunks)} sequence(s) raised; "
@@ -207,8 +220,9 @@ def _follow(runner: Runner, group) -> None:
             return
         try:
             runner.execute(plan)
-        except Exception:  # noqa: BLE001 - rank 0 raised alike and decides what fails
-            pass
+        except Exception as e:  # noqa: BLE001 - rank 0 raised alike and decides what fails
+            if _comm_failure(e):
+                raise
 
 
 def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:

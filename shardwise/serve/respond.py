@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from starlette.responses import StreamingResponse
 
+from .client import EngineDead
 from .protocol import APIError, stop_list
 from .scheduler import SamplerSpec
 from .text import TextStream
@@ -54,8 +55,12 @@ async def generate(st: "ServerState", prompt: list[int], req: Any, max_tokens: i
                    logprobs: int | None) -> AsyncIterator[Piece]:
     """Submit one request and yield its text as it is produced."""
     arrived = time.perf_counter()
-    sid, q = st.engine.submit(prompt, sampler_spec(req, logprobs), max_tokens,
-                              [] if req.ignore_eos else st.eos_ids)
+    try:
+        sid, q = st.engine.submit(prompt, sampler_spec(req, logprobs), max_tokens,
+                                  [] if req.ignore_eos else st.eos_ids)
+    except EngineDead as e:  # died between the check and the submission
+        raise APIError(503, f"the model workers failed: {str(e).splitlines()[0]}",
+                       type="service_unavailable", code="worker_died") from None
     st.metrics.inc("prompt_tokens_total", len(prompt))
     text, n, last = TextStream(st.tokenizer, stop_list(req.stop)), 0, None
     try:
