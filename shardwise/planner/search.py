@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .gpus import GPUSpec, Link, intra_link, network_link
-from .memory import GiB, WEIGHT_BYTES, Memory, kv_bytes_per_token, serving_memory, training_memory
+from .memory import GiB, TRAIN_PRECISION, WEIGHT_BYTES, Memory, kv_bytes_per_token, serving_memory, training_memory
 from .memory import stage_params_per_rank
 from .models import ModelSpec, tp_problem
 from .timing import ServeTime, TrainTime, serve_time, train_time
@@ -79,7 +79,7 @@ class TrainRequest:
     precision: str = "bf16"
     sp: bool = False
     recompute: str = "selective"
-    zero1: bool = False
+    zero: int = 0  # 1: AdamW states sharded over dp; 2: and the gradients
     dp_overlap: bool = True
 
 
@@ -181,10 +181,11 @@ def _train_one(m, c, r: TrainRequest, t, p, d, mb, pinned) -> Candidate:
     micro = r.global_batch // (d * mb)
     cap = c.gpu.memory_bytes
     mem = training_memory(m, tp=t, pp=p, dp=d, micro_batch=mb, micro_batches=micro, seq=r.seq,
-                          sp=r.sp, recompute=r.recompute, zero1=r.zero1, capacity=cap)
+                          sp=r.sp, recompute=r.recompute, zero=r.zero, capacity=cap,
+                          precision=r.precision)
     params = sum(stage_params_per_rank(m, t, p))
     tm = train_time(m, c.gpu, tp=t, pp=p, dp=d, micro_batch=mb, micro_batches=micro, seq=r.seq,
-                    precision=r.precision, sp=r.sp, recompute=r.recompute, zero1=r.zero1,
+                    precision=r.precision, sp=r.sp, recompute=r.recompute, zero1=r.zero >= 1,
                     dp_overlap=r.dp_overlap, stage_params=params, tp_link=c.link(t, 1),
                     pp_link=c.link(p, t * d), dp_link=c.link(d, t))
     cand = Candidate(lay, mem, tm, r.global_batch * r.seq / tm.step_s)
@@ -289,8 +290,11 @@ def _check_train(r: TrainRequest, dp: int | None) -> None:
     if dp and r.micro_batch and (r.global_batch // dp) % r.micro_batch:
         raise ValueError(f"{r.global_batch} sequences over dp={dp} is {r.global_batch // dp} per replica, "
                          f"which micro-batches of {r.micro_batch} cannot split")
-    if r.precision not in ("bf16", "fp16"):
-        raise ValueError(f"training precision must be bf16 or fp16, got {r.precision!r}")
+    if r.precision not in TRAIN_PRECISION:
+        raise ValueError(f"training precision must be one of {', '.join(TRAIN_PRECISION)}, "
+                         f"got {r.precision!r}")
+    if r.zero not in (0, 1, 2):
+        raise ValueError(f"--zero {r.zero}: use 0, 1 (optimizer states) or 2 (and gradients)")
 
 
 def _check_serve(r: ServeRequest, dp: int | None) -> None:

@@ -7,11 +7,11 @@ each bucket is padded to a multiple of ``dp`` and cut into ``dp`` equal slices, 
 owning slice ``r`` of every bucket::
 
     flat params  (one fp32 buffer, every parameter a view of it)   P elements on every rank
-    shard grads  (the owned slices of every bucket)                ~P / dp
     AdamW        on views of the owned slices: exp_avg, exp_avg_sq ~P / dp each
 
 Gradients. ZeRO-1 keeps full gradients in one flat buffer (P) and reduce-scatters it after the
-backward. ZeRO-2 keeps none: as soon as backward has produced every gradient of a bucket (a
+backward, the result landing in the owned slices of that buffer. ZeRO-2 keeps only a shard
+buffer (the owned slices of every bucket, ~P / dp) and no full gradients: as soon as backward has produced every gradient of a bucket (a
 post-accumulate-grad hook per parameter), the bucket is reduce-scattered into the shard and its
 gradients freed (in every micro-batch: accumulation happens in the shard). Parameters whose
 gradient another collective completes after backward (sequence-parallel norm weights, KV heads
@@ -87,12 +87,12 @@ class ZeroAdamW:
         self.buckets = early + self._pack([p for p in reversed(params) if id(p) in late], True,
                                           bucket_elems, end)
         self._flatten(params)
+        self.grad_flat = torch.zeros_like(self.flat) if stage == 1 else None
+        shard = sum(b.size for b in self.buckets) // self.dp if stage == 2 else 0
+        self.grad_shard = torch.zeros(shard, dtype=self.flat.dtype, device=self.flat.device)
         self._build_optimizer(lr, betas, weight_decay)
         self.counted = counted_ranges(model, mesh)
-        self.grad_flat = None
-        if stage == 1:
-            self.grad_flat = torch.zeros_like(self.flat)
-        else:
+        if stage == 2:
             self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
             for b in self.buckets:
                 if not b.deferred:
@@ -135,12 +135,18 @@ class ZeroAdamW:
                 p.data = self.flat[off:off + p.numel()].view_as(p)
             b.shard = shard
             shard += b.size // self.dp
-        self.grad_shard = torch.zeros(shard, dtype=ref.dtype, device=ref.device)
 
     def _owned(self, b: _Bucket) -> tuple[int, int]:
         n = b.size // self.dp
         lo = b.start + self.mesh.dp_rank * n
         return lo, lo + n
+
+    def _grads(self, b: _Bucket) -> torch.Tensor:
+        """This rank's slice of bucket ``b``'s reduced gradient (ZeRO-1: inside the flat
+        gradient buffer; ZeRO-2: in the shard buffer)."""
+        if self.grad_flat is not None:
+            return self.grad_flat[slice(*self._owned(b))]
+        return self.grad_shard[b.shard:b.shard + b.size // self.dp]
 
     def _build_optimizer(self, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
         """AdamW over views of the owned slices, one per (parameter, bucket slice) overlap."""
@@ -153,7 +159,7 @@ class ZeroAdamW:
                 if i >= j:
                     continue
                 view = self.flat[i:j]
-                view.grad = self.grad_shard[b.shard + i - own_lo:b.shard + j - own_lo]
+                view.grad = self._grads(b)[i - own_lo:j - own_lo]
                 self.pieces.append((p, i - off, j - off, view))
                 (decay if p.dim() >= 2 else other).append(view)
         self.opt = adamw(decay, other, lr=lr, betas=betas, weight_decay=weight_decay)
@@ -194,13 +200,15 @@ class ZeroAdamW:
                     full[off - b.start:off - b.start + p.numel()] = p.grad.reshape(-1)
                 p.grad = None
             b.ready.clear()
-        n = b.size // self.dp
         if self.dp > 1:
-            part = torch.empty(n, dtype=full.dtype, device=full.device)
+            part = torch.empty(b.size // self.dp, dtype=full.dtype, device=full.device)
             dist.reduce_scatter_tensor(part, full, group=self.group)
         else:
             part = full
-        self.grad_shard[b.shard:b.shard + n] += part
+        if self.grad_flat is not None:
+            self._grads(b).copy_(part)  # the sum replaces this rank's own contribution
+        else:
+            self._grads(b).add_(part)   # accumulates over micro-batches
 
     @torch.no_grad()
     def finish_grads(self) -> None:
@@ -211,7 +219,7 @@ class ZeroAdamW:
         for b in self.buckets:
             if self.grad_flat is not None or any(p.grad is not None for p in b.params):
                 self._reduce(b)
-        self.grad_shard.mul_(self.grad_scale)
+            self._grads(b).mul_(self.grad_scale)
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
@@ -226,7 +234,8 @@ class ZeroAdamW:
     @torch.no_grad()
     def clip(self, coef: float) -> None:
         if coef < 1.0:
-            self.grad_shard.mul_(coef)
+            for b in self.buckets:
+                self._grads(b).mul_(coef)
 
     @torch.no_grad()
     def step(self) -> None:
