@@ -71,10 +71,12 @@ def storage_bytes(tensors) -> int:
 
 
 class SavedMeter:
-    """Peak bytes of distinct storages saved for backward (saved-tensor hooks)."""
+    """Peak bytes of distinct storages saved for backward (saved-tensor hooks); parameters and
+    the 16-bit copies ``casts`` saw made of them are not activations."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, casts: "CastCounter") -> None:
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.casts = casts.outputs
         self.live: dict[int, list[int]] = {}
         self.now = self.peak = 0
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda h: h.t)
@@ -83,10 +85,7 @@ class SavedMeter:
         if not t.numel():
             return _Held(t, None, None)
         ptr = t.untyped_storage().data_ptr()
-        fn = t.grad_fn
-        cast = fn is not None and type(fn).__name__ == "ToCopyBackward0" and \
-            isinstance(getattr(fn.next_functions[0][0], "variable", None), torch.nn.Parameter)
-        if ptr in self.params or cast:
+        if ptr in self.params or ptr in self.casts:
             return _Held(t, None, None)
         entry = self.live.setdefault(ptr, [t.untyped_storage().nbytes(), 0])
         if entry[1] == 0:
@@ -121,13 +120,16 @@ class CastCounter(TorchDispatchMode):
         super().__init__()
         self.params = {p.data_ptr(): p.numel() for p in model.parameters()}
         self.cast: dict[int, int] = {}
+        self.outputs: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.params \
                 and kwargs.get("dtype") in (torch.bfloat16, torch.float16):
             self.cast[args[0].data_ptr()] = 2 * self.params[args[0].data_ptr()]
-        return func(*args, **kwargs)
+            self.outputs.add(out.untyped_storage().data_ptr())
+        return out
 
 
 def measure(cfg, source, rows: torch.Tensor) -> dict:
@@ -153,7 +155,8 @@ def measure(cfg, source, rows: torch.Tensor) -> dict:
         ids, targets = data.batch(step, global_batch=cfg.global_batch, dp=cfg.dp,
                                   dp_rank=mesh.dp_rank)
         opt.zero_grad()
-        meter, casts = SavedMeter(model), CastCounter(model)
+        casts = CastCounter(model)
+        meter = SavedMeter(model, casts)
         t0 = time.perf_counter()
         with meter.hooks, casts:
             runner.step(ids, targets)

@@ -15,9 +15,9 @@ per step (:func:`finalize_grads`).
 Activation recomputation (:meth:`LlamaForCausalLM.set_recompute`): ``"full"`` reruns each layer in
 backward (torch's non-reentrant checkpoint; its collectives run again); ``"selective"`` rebuilds
 only the element-wise pieces (:mod:`.recompute`): both RMSNorms and the final norm, rope with the
-KV-head expansion, the head merge before o_proj, and SwiGLU. A layer then stores its input and the
-residual after attention, the QKV output, the attention output (with its log-sum-exp) and the
-gate/up output; no matmul or collective runs twice.
+KV-head expansion, and SwiGLU. A layer then stores its input and the residual after attention,
+the QKV output, the attention output (with its log-sum-exp) and the gate/up output; no matmul or
+collective runs twice.
 
 Module and parameter names follow Hugging Face's ``LlamaForCausalLM``; fused weights carry
 pieces naming their HF tensors (``shardwise.shards``), so checkpoints map one to one.
@@ -124,6 +124,8 @@ def rope_qk_expand(q, k, v, cos, sin, kv_index) -> tuple[torch.Tensor, ...]:
 
 
 def merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """(b, heads, s, d) -> (b, s, heads x d): a view when attention wrote its output in
+    (b, s, heads, d) order, as the flash kernels do (CPU included)."""
     b, n, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, n * d)      # (b, s, heads x d)
 
@@ -180,7 +182,7 @@ class Attention(nn.Module):
         else:  # KV heads stay unexpanded for attend (KV caches store them so)
             q, k = rc(rope_qk, q, k, cos, sin)
         out = attend(self.layer, q, k, v, index)            # (b, nq, s, d)
-        return self.o_proj(rc(merge_heads, out))            # (b, s, nq x d) into o_proj
+        return self.o_proj(merge_heads(out))                # (b, s, nq x d) into o_proj
 
     def grad_sync_items(self) -> list[tuple[int, torch.Tensor | None]]:
         """For every KV head held by several ranks (same list on every rank): the numel of its

@@ -16,18 +16,20 @@ f its FFN columns, a its query heads; sigma = t with sequence parallelism, else 
     none       2R h/sigma   layer input x and residual h
              + 2R h/sigma   x / rms(x) inside each RMSNorm (and 2R for the 1/rms(x))
              + 2A h         QKV and gate/up inputs (under SP: the all-gathered sequence)
-             + A 5q         rope'd q, K and V expanded to q's heads, attention output, merged heads
-                            (A (4q + 3k) when a rank's query and KV heads are as many: no expansion)
+             + A 4q         rope'd q, K and V expanded to q's heads, attention output (the head
+                            merge is a view of it: flash kernels write (b, s, heads, d))
+                            (A (3q + 3k) when a rank's query and KV heads are as many: no
+                            expansion, rope'd k and the QKV output instead)
              + 4a           attention log-sum-exp (fp32)
              + A 4f         gate/up output (2f), silu(gate), silu(gate) x up
     selective  2R h/sigma + A (q + 2k) + A q + 4a + A 2f  (+ 2A h under SP)
-               (norm outputs, rope, K/V expansion, head merge and SwiGLU rebuilt in backward)
+               (norm outputs, rope, K/V expansion and SwiGLU rebuilt in backward)
     full       R h/sigma    (the layer input; one layer's "none" set rebuilt during its backward:
                             ``recompute_workspace``)
 
 Per micro-batch and stage: rope's cos and sin (2 R hd), token ids (8, and a 4 B mask at tp > 1)
 on the first stage; on the last the final norm (as a layer's first norm) and the cross-entropy's
-fp32 softmax numerators 4 V/t plus 14 B of per-token statistics. Under 1F1B the first stage
+fp32 softmax numerators 4 V/t plus 22 B of per-token statistics. Under 1F1B the first stage
 holds min(p, m) micro-batches in flight, the last one.
 
 Models outside that family (GPT: LayerNorm, dropout, GeLU MLP) follow Korthikanti et al. 2022,
@@ -134,7 +136,7 @@ def _llama_layer_bytes(m: ModelSpec, tokens: int, tp: int, *, sp: bool, recomput
     if recompute == "selective":
         per = 2 * R * h / sig + A * (q + 2 * k) + A * q + 4 * a + A * 2 * f
         return tokens * (per + (2 * A * h if sp else 0))
-    attn = A * 5 * q if a != kv_heads_per_rank(m, tp) else A * (4 * q + 3 * k)
+    attn = A * 4 * q if a != kv_heads_per_rank(m, tp) else A * (3 * q + 3 * k)
     norms = 2 * R * h / sig + 2 * R * h / sig + 2 * R + 2 * A * h
     return tokens * (norms + attn + 4 * a + A * 4 * f)
 
@@ -150,7 +152,7 @@ def _stage_extra_bytes(m: ModelSpec, tokens: int, tp: int, *, sp: bool, recomput
         norm = R * h / sig if recompute == "selective" else 2 * R * h / sig + R
         if recompute != "selective" or sp:
             norm += a_bytes * h  # the head's input (under SP all-gathered)
-        out += tokens * (norm + 4 * vocab_rows_per_rank(m, tp) + 14)
+        out += tokens * (norm + 4 * vocab_rows_per_rank(m, tp) + 22)
     return out
 
 

@@ -37,6 +37,9 @@ from ..mesh import Mesh
 from ..shards import assemble_local, sharded_params
 from .optim import EXP, adamw, counted_ranges, embedding_groups, squared_norm, sync_tied_embedding
 
+# torch 2.13 renames these two (the old names warn); earlier versions have only the old ones
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 BUCKET_ELEMS = 1 << 23  # 32 MiB of fp32 per bucket (DDP buckets 25 MiB, Megatron 40 M elements)
 
 
@@ -202,7 +205,7 @@ class ZeroAdamW:
             b.ready.clear()
         if self.dp > 1:
             part = torch.empty(b.size // self.dp, dtype=full.dtype, device=full.device)
-            dist.reduce_scatter_tensor(part, full, group=self.group)
+            _REDUCE_SCATTER(part, full, group=self.group)
         else:
             part = full
         if self.grad_flat is not None:
@@ -245,8 +248,8 @@ class ZeroAdamW:
             return
         for b in self.buckets:
             lo, hi = self._owned(b)
-            dist.all_gather_into_tensor(self.flat[b.start:b.start + b.size],
-                                        self.flat[lo:hi].clone(), group=self.group)
+            _ALL_GATHER(self.flat[b.start:b.start + b.size], self.flat[lo:hi].clone(),
+                        group=self.group)
 
     # ------------------------------------------------------------------------- checkpoints
     def writes_state(self) -> bool:
