@@ -197,7 +197,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON results (default benchmarks/"
                     "train_memory_<model>.json)")
     ap.add_argument("--only", nargs="*", help="layout names to run (default all)")
+    ap.add_argument("--replan", metavar="JSON", help="only recompute the planned column of an "
+                    "earlier result (after a planner change; the measurements stay)")
     args = ap.parse_args()
+    if args.replan:
+        return replan(Path(args.replan))
     from shardwise.launch import WorkerPool
     from shardwise.train.config import TrainConfig
     from shardwise.train.run import prepare
@@ -241,6 +245,25 @@ def main() -> None:
     out.write_text(json.dumps({"model": args.model, "seq_len": seq, "micro_batch": 2,
                                "global_batch": 8, "cpu": cpu, "rows": rows_out}, indent=1))
     print(f"wrote {out}")
+
+
+def replan(path: Path) -> None:
+    from shardwise.checkpoint.source import resolve
+    from shardwise.train.config import TrainConfig
+    d = json.loads(path.read_text())
+    config_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{d['model']}.json"
+    config_path.write_text(json.dumps(resolve(d["model"]).config.to_hf()))
+    for row in d["rows"]:
+        opts = {k: row[k] for k in ("zero", "recompute", "sequence_parallel", "bf16") if k in row}
+        cfg = TrainConfig(model=d["model"], tp=row["tp"], pp=row["pp"], dp=row["dp"],
+                          micro_batch=d["micro_batch"], global_batch=d["global_batch"],
+                          seq_len=d["seq_len"], **opts)
+        plan = planned(cfg, config_path, row["tp"] * row["pp"] * row["dp"])
+        row["planned"] = {k: plan[k] for k in COMPONENTS}
+        row["planned_workspace"] = plan["recompute_workspace"]
+        print(_line(row))
+    path.write_text(json.dumps(d, indent=1))
+    print(f"rewrote {path}")
 
 
 def _line(row: dict) -> str:

@@ -14,7 +14,7 @@ and the normalised values stay fp32); q, k: the rank's query and KV widths (head
 f its FFN columns, a its query heads; sigma = t with sequence parallelism, else 1::
 
     none       2R h/sigma   layer input x and residual h
-             + 2R h/sigma   x / rms(x) inside each RMSNorm (and 2R for the 1/rms(x))
+             + 2R h/sigma   x / rms(x) inside each RMSNorm (and 2R/sigma for the 1/rms(x))
              + 2A h         QKV and gate/up inputs (under SP: the all-gathered sequence)
              + A 4q         rope'd q, K and V expanded to q's heads, attention output (the head
                             merge is a view of it: flash kernels write (b, s, heads, d))
@@ -137,7 +137,7 @@ def _llama_layer_bytes(m: ModelSpec, tokens: int, tp: int, *, sp: bool, recomput
         per = 2 * R * h / sig + A * (q + 2 * k) + A * q + 4 * a + A * 2 * f
         return tokens * (per + (2 * A * h if sp else 0))
     attn = A * 4 * q if a != kv_heads_per_rank(m, tp) else A * (3 * q + 3 * k)
-    norms = 2 * R * h / sig + 2 * R * h / sig + 2 * R + 2 * A * h
+    norms = 2 * R * h / sig + 2 * R * h / sig + 2 * R / sig + 2 * A * h
     return tokens * (norms + attn + 4 * a + A * 4 * f)
 
 
@@ -149,7 +149,7 @@ def _stage_extra_bytes(m: ModelSpec, tokens: int, tp: int, *, sp: bool, recomput
         out += tokens * (8 + (4 if tp > 1 else 0))
     if last:
         sig = tp if sp else 1
-        norm = R * h / sig if recompute == "selective" else 2 * R * h / sig + R
+        norm = R * h / sig if recompute == "selective" else (2 * R * h + R) / sig
         if recompute != "selective" or sp:
             norm += a_bytes * h  # the head's input (under SP all-gathered)
         out += tokens * (norm + 4 * vocab_rows_per_rank(m, tp) + 22)
