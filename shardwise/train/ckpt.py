@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint.atomic import publish, staging_dir, write_text
-from ..checkpoint.sharded import Checkpoint, load_model, pieces_of_tensor, shard_file, write_file
-from ..checkpoint.sharded import write_meta
+from ..checkpoint.sharded import (load_model, pieces_of_tensor, shard_file, write_file,
+                                  write_meta)
 from ..shards import sharded_params
 
 
@@ -92,8 +92,3 @@ def load_checkpoint(path: str | Path, model: nn.Module, opt, mesh) -> dict[str, 
     saved = {k: ck.layout[k] for k in ("tp", "pp", "dp")}
     same = saved == {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp}
     return dict(ck.meta, rng=ck.rng(mesh.rank) if same else None)
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The step a checkpoint (or a run's checkpoint root) was saved at."""
-    return int(Checkpoint(path).meta["step"])

@@ -130,25 +130,34 @@ def clip_coefficient(norm: torch.Tensor | float, max_norm: float) -> float:
 EXP = ("exp_avg", "exp_avg_sq")
 
 
-class ReplicatedAdamW:
-    """AdamW over the full (TP-local) parameters of every data-parallel replica: plain DDP.
+class MeshAdamW:
+    """What the loop drives, for :class:`ReplicatedAdamW` and
+    :class:`~shardwise.train.zero.ZeroAdamW`: ``zero_grad``, ``finish_grads`` (TP completion,
+    tied-embedding sum, and the DP reduction where the optimizer owns it), ``grad_norm``,
+    ``clip``, ``step``; ``state_items`` / ``load_state`` / ``writes_state`` for checkpoints."""
 
-    The interface the loop drives (shared with :class:`~shardwise.train.zero.ZeroAdamW`):
-    ``zero_grad``, ``finish_grads`` (TP completion, tied-embedding sum), ``grad_norm``, ``clip``,
-    ``step``; ``state_items`` / ``load_state`` for checkpoints.
-    """
-
+    opt: torch.optim.AdamW
     zero = 0
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    @property
+    def opt_step(self) -> float:
+        """AdamW's step count (the same for every parameter)."""
+        return max((float(st["step"]) for st in self.opt.state.values() if "step" in st),
+                   default=0.0)
+
+
+class ReplicatedAdamW(MeshAdamW):
+    """AdamW over the full (TP-local) parameters of every data-parallel replica: plain DDP."""
 
     def __init__(self, model: nn.Module, mesh: Mesh, *, lr: float, betas: tuple[float, float],
                  weight_decay: float) -> None:
         self.model, self.mesh = model, mesh
         self.opt = build_optimizer(model, lr=lr, betas=betas, weight_decay=weight_decay)
         self.emb_group = embedding_groups(mesh)
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"] = lr
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -181,11 +190,6 @@ class ReplicatedAdamW:
             for k in EXP:
                 if k in st:
                     yield k, path, p, None, st[k]
-
-    @property
-    def opt_step(self) -> float:
-        return max((float(st["step"]) for st in self.opt.state.values() if "step" in st),
-                   default=0.0)
 
     @torch.no_grad()
     def load_state(self, reader, step: float) -> None:

@@ -11,9 +11,10 @@ owning slice ``r`` of every bucket::
 
 Gradients. ZeRO-1 keeps full gradients in one flat buffer (P) and reduce-scatters it after the
 backward, the result landing in the owned slices of that buffer. ZeRO-2 keeps only a shard
-buffer (the owned slices of every bucket, ~P / dp) and no full gradients: as soon as backward has produced every gradient of a bucket (a
-post-accumulate-grad hook per parameter), the bucket is reduce-scattered into the shard and its
-gradients freed (in every micro-batch: accumulation happens in the shard). Parameters whose
+buffer (the owned slices of every bucket, ~P / dp) and no full gradients: as soon as backward
+has produced every gradient of a bucket (a post-accumulate-grad hook per parameter), the bucket
+is reduce-scattered into the shard and its gradients freed (in every micro-batch: accumulation
+happens in the shard). Parameters whose
 gradient another collective completes after backward (sequence-parallel norm weights, KV heads
 replicated across TP ranks, the tied embedding under PP) sit in their own buckets, reduced after
 that completion (sums commute: completing before or after the DP sum is the same).
@@ -35,7 +36,8 @@ from torch import nn
 from ..layers import finalize_grads
 from ..mesh import Mesh
 from ..shards import assemble_local, sharded_params
-from .optim import EXP, adamw, counted_ranges, embedding_groups, squared_norm, sync_tied_embedding
+from .optim import (EXP, MeshAdamW, adamw, counted_ranges, embedding_groups, squared_norm,
+                    sync_tied_embedding)
 
 # torch 2.13 renames these two (the old names warn); earlier versions have only the old ones
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -67,7 +69,7 @@ def deferred_params(model: nn.Module, mesh: Mesh) -> set[int]:
     return out
 
 
-class ZeroAdamW:
+class ZeroAdamW(MeshAdamW):
     """AdamW with optimizer states (``stage`` 1) and gradients (``stage`` 2) sharded over DP.
 
     ``grad_scale``: the factor applied to the summed gradients (``1 / dp``, times
@@ -168,10 +170,6 @@ class ZeroAdamW:
         self.opt = adamw(decay, other, lr=lr, betas=betas, weight_decay=weight_decay)
 
     # ------------------------------------------------------------------------- gradients
-    def set_lr(self, lr: float) -> None:
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-
     def zero_grad(self) -> None:
         self.grad_shard.zero_()
         if self.grad_flat is not None:  # ZeRO-1: gradients accumulate in the flat buffer
@@ -262,11 +260,6 @@ class ZeroAdamW:
             for k in EXP:
                 if k in st:
                     yield k, self.paths[id(p)], p, (lo, hi), st[k]
-
-    @property
-    def opt_step(self) -> float:
-        return max((float(st["step"]) for st in self.opt.state.values() if "step" in st),
-                   default=0.0)
 
     @torch.no_grad()
     def load_state(self, reader, step: float) -> None:
