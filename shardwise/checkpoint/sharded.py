@@ -141,6 +141,15 @@ def find_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no complete checkpoint at {p}: expected {META} or a 'latest' file")
 
 
+def checkpoint_kind(path: str | Path) -> str:
+    """``"model"`` or ``"train"`` (from the metadata alone, any format version)."""
+    d = find_checkpoint(path)
+    if (d / META).is_file():
+        meta = json.loads((d / META).read_text())
+        return meta.get("kind", "model") if meta.get("format") == FORMAT else "model"
+    return "train"
+
+
 def is_checkpoint_dir(p: Path) -> bool:
     return (p / META).is_file() or (p / "meta.json").is_file()
 

@@ -114,5 +114,7 @@ def validate(cfg: TrainConfig, source: ModelSource, *, world: int | None = None)
         if not os.access(p, os.R_OK):
             raise FileNotFoundError(f"data file {f} is not readable (permission denied)")
     if cfg.resume is not None:
-        from ..checkpoint.sharded import find_checkpoint
-        find_checkpoint(cfg.resume)  # raises FileNotFoundError when there is nothing complete
+        from ..checkpoint.sharded import checkpoint_kind
+        if checkpoint_kind(cfg.resume) != "train":  # FileNotFoundError when nothing is complete
+            raise ValueError(f"{cfg.resume} is a model checkpoint (no step or optimizer state): "
+                             "start from it with --model DIR; --resume continues a training run")
