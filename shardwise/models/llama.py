@@ -12,6 +12,13 @@ parallelism each becomes an all-gather plus a reduce-scatter along the sequence.
 several ranks hold the same KV head costs one more reduction of those heads' weight gradients
 per step (:func:`finalize_grads`).
 
+Activation recomputation (:meth:`LlamaForCausalLM.set_recompute`): ``"full"`` reruns each layer in
+backward (torch's non-reentrant checkpoint; its collectives run again); ``"selective"`` rebuilds
+only the element-wise pieces (:mod:`.recompute`): both RMSNorms and the final norm, rope with the
+KV-head expansion, and SwiGLU. A layer then stores its input and the residual after attention,
+the QKV output, the attention output (with its log-sum-exp) and the gate/up output; no matmul or
+collective runs twice.
+
 Module and parameter names follow Hugging Face's ``LlamaForCausalLM``; fused weights carry
 pieces naming their HF tensors (``shardwise.shards``), so checkpoints map one to one.
 """
@@ -23,6 +30,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                       VocabParallelEmbedding)
@@ -30,6 +38,29 @@ from ..mesh import ProcessGroup, group_rank, group_size
 from ..partition import HeadLayout, Partition
 from ..shards import Piece
 from .config import LlamaConfig
+from .recompute import NoRecompute, Recompute
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+def compute_dtype(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype autocast would compute in (itself without autocast): a recomputed
+    piece hands the next matmul what it would have cast and saved anyway."""
+    kind = t.device.type
+    if torch.is_autocast_enabled(kind) and t.is_floating_point():
+        return t.to(torch.get_autocast_dtype(kind))
+    return t
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)``, computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def norm_for_matmul(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return compute_dtype(rms_norm(x, weight, eps))
 
 
 class RMSNorm(nn.Module):
@@ -42,9 +73,7 @@ class RMSNorm(nn.Module):
             self.weight.sequence_parallel_partial = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
@@ -84,6 +113,28 @@ def expand_kv(k: torch.Tensor, kv_index: torch.Tensor | None) -> torch.Tensor:
     return k if kv_index is None else k.index_select(1, kv_index)
 
 
+def rope_qk(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    return compute_dtype(apply_rope(q, cos, sin)), compute_dtype(apply_rope(k, cos, sin))
+
+
+def rope_qk_expand(q, k, v, cos, sin, kv_index) -> tuple[torch.Tensor, ...]:
+    """Rope on q and k, then K and V expanded to one head per local query head."""
+    q, k = rope_qk(q, k, cos, sin)
+    return q, expand_kv(k, kv_index), expand_kv(compute_dtype(v), kv_index)
+
+
+def merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """(b, heads, s, d) -> (b, s, heads x d): a view when attention wrote its output in
+    (b, s, heads, d) order, as the flash kernels do (CPU included)."""
+    b, n, s, d = out.shape
+    return out.transpose(1, 2).reshape(b, s, n * d)      # (b, s, heads x d)
+
+
+def swiglu(gate_up: torch.Tensor, local: int) -> torch.Tensor:
+    gate, up = gate_up.split(local, dim=-1)
+    return F.silu(gate) * up
+
+
 def causal_attend(layer: int, q, k, v, kv_index) -> torch.Tensor:
     """Plain causal attention over the given keys (training and one-shot prefill)."""
     return F.scaled_dot_product_attention(q, expand_kv(k, kv_index), expand_kv(v, kv_index),
@@ -117,17 +168,21 @@ class Attention(nn.Module):
         self.register_buffer("kv_index", torch.tensor(idx, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attend: Attend) -> torch.Tensor:
+                attend: Attend, rc: Recompute | NoRecompute = NoRecompute()) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         b, s, _ = qkv.shape
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         q = q.view(b, s, self.nq, self.d).transpose(1, 2)   # (b, nq, s, d)
         k = k.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
         v = v.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         index = None if self.kv_group == 1 else self.kv_index
+        if isinstance(rc, Recompute) and index is not None:  # training: expand here, recomputed
+            q, k, v = rc(rope_qk_expand, q, k, v, cos, sin, index)  # (b, nq, s, d) each
+            index = None
+        else:  # KV heads stay unexpanded for attend (KV caches store them so)
+            q, k = rc(rope_qk, q, k, cos, sin)
         out = attend(self.layer, q, k, v, index)            # (b, nq, s, d)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.nq * self.d))
+        return self.o_proj(merge_heads(out))                # (b, s, nq x d) into o_proj
 
     def grad_sync_items(self) -> list[tuple[int, torch.Tensor | None]]:
         """For every KV head held by several ranks (same list on every rank): the numel of its
@@ -166,9 +221,8 @@ class MLP(nn.Module):
                                            sequence_parallel=sequence_parallel,
                                            dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.local, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, rc: Recompute | NoRecompute = NoRecompute()) -> torch.Tensor:
+        return self.down_proj(rc(swiglu, self.gate_up_proj(x), self.local))
 
 
 class DecoderLayer(nn.Module):
@@ -180,10 +234,19 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer, group, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, group, **kw)
+        self.recompute = "none"
 
     def forward(self, x, cos, sin, attend: Attend = causal_attend) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, attend, use_reentrant=False)
+        return self._forward(x, cos, sin, attend)
+
+    def _forward(self, x, cos, sin, attend: Attend) -> torch.Tensor:
+        selective = self.recompute == "selective" and torch.is_grad_enabled()
+        with Recompute() if selective else NoRecompute() as rc:
+            n1, n2 = self.input_layernorm, self.post_attention_layernorm
+            h = x + self.self_attn(rc(norm_for_matmul, x, n1.weight, n1.eps), cos, sin, attend, rc)
+            return h + self.mlp(rc(norm_for_matmul, h, n2.weight, n2.eps), rc)
 
 
 class LlamaBackbone(nn.Module):
@@ -229,6 +292,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(self.model.embed_tokens, tied=cfg.tie_word_embeddings,
                                       sequence_parallel=sequence_parallel) if self.last else None
         self.register_buffer("inv_freq", rope_frequencies(cfg).to(device), persistent=False)
+        self.recompute = "none"
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation in training: ``"none"``, ``"selective"`` or ``"full"``."""
+        if mode not in RECOMPUTE:
+            raise ValueError(f"recompute {mode!r}: use one of {', '.join(RECOMPUTE)}")
+        self.recompute = mode
+        for layer in self.model.layers.values():
+            layer.recompute = mode
 
     @property
     def vocab_start(self) -> int:
@@ -261,4 +333,7 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError("selecting rows needs the full sequence: not with sequence "
                                  "parallelism (use it for training)")
             h = h[:, rows]                                            # (b, n_rows, hidden)
-        return self.lm_head(self.model.norm(h))
+        norm = self.model.norm
+        with Recompute() if self.recompute == "selective" and torch.is_grad_enabled() \
+                else NoRecompute() as rc:
+            return self.lm_head(rc(norm_for_matmul, h, norm.weight, norm.eps))
