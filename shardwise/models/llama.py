@@ -51,21 +51,18 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies ``theta^(-2i/d)``, with Llama 3's scaling (or linear) when configured."""
     d = cfg.dim_per_head
     inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind == "default":
+    rs = cfg.rope_scaling  # validated by LlamaConfig: None, linear or llama3
+    if rs is None:
         return inv.float()
-    if kind == "linear":
+    if rs["rope_type"] == "linear":
         return (inv / rs["factor"]).float()
-    if kind == "llama3":
-        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long waves: divide
-        smooth = (old / wavelen - lo) / (hi - lo)
-        mid = (wavelen <= old / lo) & (wavelen >= old / hi)  # in between: interpolate
-        return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled).float()
-    raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long waves: divide
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = (wavelen <= old / lo) & (wavelen >= old / hi)  # in between: interpolate
+    return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
