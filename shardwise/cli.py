@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``;
 this file only dispatches. Bad input raises ``ValueError`` / ``FileNotFoundError`` and is printed
-as one line, exit code 2 (``--traceback`` shows the whole stack).
+as one line, exit code 2 (``--traceback`` shows the whole stack). A failed worker rank
+(:class:`~shardwise.launch.WorkerError`) is printed with its rank, phase and traceback, exit 1.
 """
 from __future__ import annotations
 
@@ -62,8 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args._unavailable}", file=sys.stderr)
         return 2
     mod, _, run, _ = COMMANDS[args.command]
+    from .launch import WorkerError
     try:
         return int(getattr(importlib.import_module(mod), run)(args) or 0)
+    except WorkerError as e:  # a rank failed: its rank, phase and traceback, exit 1
+        if args.traceback:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, KeyError) as e:
         if args.traceback:
             raise

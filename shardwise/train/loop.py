@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ..checkpoint.source import ModelSource, build_model
 from ..comm import Ledger
+from ..failure import phase
 from ..layers import finalize_grads
 from ..mesh import Mesh
 from ..random import seed_everything
@@ -45,15 +46,17 @@ def _mean_loss(local: float | None, mesh: Mesh) -> float:
 def train_worker(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor) -> dict[str, Any]:
     """Train on this rank; returns ``{"losses": [...], "steps": [...], "records": [...]}`` (the
     same losses on every rank; records only on rank 0)."""
-    mesh = Mesh.init(cfg.tp, cfg.pp, cfg.dp)
-    try:
-        return train_on_mesh(cfg, source, rows, mesh)
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-            from ..mesh import forget_groups
-            forget_groups()
+    with phase("start"):
+        mesh = Mesh.init(cfg.tp, cfg.pp, cfg.dp)
+    out = train_on_mesh(cfg, source, rows, mesh)
+    # only after success: a rank that failed must not wait here for peers that never come
+    # (its error is already with the launcher, which ends the run)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        from ..mesh import forget_groups
+        forget_groups()
+    return out
 
 
 def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mesh: Mesh
@@ -64,18 +67,21 @@ def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mes
     model = build_model(source, group=mesh.tp_group, sequence_parallel=cfg.sequence_parallel,
                         layers=stage_layers(mc.num_hidden_layers, cfg.pp, mesh.pp_rank),
                         device=mesh.device, seed=cfg.seed)
-    emb_group = embedding_groups(mesh)
-    opt = build_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    with phase("build"):
+        emb_group = embedding_groups(mesh)
+        opt = build_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     start = 0
     if cfg.resume:
-        meta = load_checkpoint(cfg.resume, model, opt, mesh)
+        with phase("load checkpoint"):
+            meta = load_checkpoint(cfg.resume, model, opt, mesh)
         start = meta["step"]
         if meta.get("rng") is not None:
             tracker.load_state_dict(meta["rng"])
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    runner = StageRunner(model, mesh, micro_batches=cfg.accumulation, schedule=cfg.schedule,
-                         bf16=cfg.bf16)
+    with phase("build"):
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        runner = StageRunner(model, mesh, micro_batches=cfg.accumulation, schedule=cfg.schedule,
+                             bf16=cfg.bf16)
     data = PackedData(rows, cfg.seed)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rep = Reporter(cfg.out_dir, active=mesh.rank == 0, progress=cfg.progress, total=cfg.steps,
@@ -91,31 +97,33 @@ def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mes
         for g in opt.param_groups:
             g["lr"] = lr
         ids, targets = data.batch(k, global_batch=cfg.global_batch, dp=cfg.dp, dp_rank=mesh.dp_rank)
-        t0 = time.perf_counter()
-        with Ledger() as ledger:
-            opt.zero_grad(set_to_none=True)
-            local = runner.step(ids, targets)
-            finalize_grads(model, mesh.tp_group)
-            sync_tied_embedding(model, mesh, emb_group)
-            norm = global_grad_norm(model, mesh)
-            coef = clip_(model, norm, cfg.max_grad_norm)
-            opt.step()
-            loss = _mean_loss(local, mesh)
-        seconds = time.perf_counter() - t0
-        stats = gather_rank_stats([ledger.seconds, seconds, peak_memory_bytes(mesh.device),
-                                   param_bytes], mesh.device)
-        rec = rep.step(k + 1, loss=loss, lr=lr, grad_norm=float(norm), clip=coef,
-                       seconds=seconds, per_rank=stats,
-                       extra={"collectives": ledger.counts()} if mesh.rank == 0 else None)
+        with phase(f"step {k + 1}"):  # forward, backward, pipeline send/recv, optimizer
+            t0 = time.perf_counter()
+            with Ledger() as ledger:
+                opt.zero_grad(set_to_none=True)
+                local = runner.step(ids, targets)
+                finalize_grads(model, mesh.tp_group)
+                sync_tied_embedding(model, mesh, emb_group)
+                norm = global_grad_norm(model, mesh)
+                coef = clip_(model, norm, cfg.max_grad_norm)
+                opt.step()
+                loss = _mean_loss(local, mesh)
+            seconds = time.perf_counter() - t0
+            stats = gather_rank_stats([ledger.seconds, seconds, peak_memory_bytes(mesh.device),
+                                       param_bytes], mesh.device)
+            rec = rep.step(k + 1, loss=loss, lr=lr, grad_norm=float(norm), clip=coef,
+                           seconds=seconds, per_rank=stats,
+                           extra={"collectives": ledger.counts()} if mesh.rank == 0 else None)
         out["losses"].append(loss)
         out["steps"].append(k + 1)
         if mesh.rank == 0:
             out["records"].append(rec)
         done = k + 1 == cfg.steps
         if cfg.save and ((cfg.save_every and (k + 1) % cfg.save_every == 0) or done):
-            save_checkpoint(f"{cfg.out_dir}/checkpoints", k + 1, model, opt, mesh,
-                            meta=meta_base, rng=tracker.state_dict(),
-                            crash=cfg.crash_during_save_at == k + 1)
+            with phase(f"save step {k + 1}"):
+                save_checkpoint(f"{cfg.out_dir}/checkpoints", k + 1, model, opt, mesh,
+                                meta=meta_base, rng=tracker.state_dict(),
+                                crash=cfg.crash_during_save_at == k + 1)
     plot = rep.close()
     out["plot"] = str(plot) if plot else None
     return out
