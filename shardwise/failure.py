@@ -25,10 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-# Messages of errors raised in rank A because rank B died or stopped answering.
+# Messages of errors raised in rank A because rank B died or stopped answering (gloo, NCCL,
+# the shared-memory collectives of shardwise.shm).
 PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
               "Timed out", "timed out", "Socket Timeout", "NCCL communicator was aborted",
-              "ProcessGroupNCCL is aborted")
+              "ProcessGroupNCCL is aborted", "died mid-collective", "did not arrive within")
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,12 @@ def death(rank: int, phase: str, exitcode: int | None) -> Failure:
     """A rank that exited without reporting an error (killed, crashed in C, ``os._exit``)."""
     if exitcode is not None and exitcode < 0:
         try:
-            how = f"was killed by {signal.Signals(-exitcode).name}"
+            how = f"killed by {signal.Signals(-exitcode).name}"
         except ValueError:
-            how = f"was killed by signal {-exitcode}"
+            how = f"killed by signal {-exitcode}"
     else:
-        how = f"exited with code {exitcode} without reporting an error"
-    return Failure(rank, phase, f"the process {how}", at=time.time())
+        how = f"exit code {exitcode}, no error reported"
+    return Failure(rank, phase, f"the process died ({how})", at=time.time())
 
 
 def is_peer_error(exc: BaseException) -> bool:
