@@ -75,6 +75,7 @@ def test_train_phase_failure_ends_the_run(untied, fault):
     assert MESSAGE in f.error and MESSAGE in str(err.value)
     assert str(err.value).startswith(f"rank {rank} failed in phase '{phase}'")
     took = ended - fault_time(f.error)
+    print(f"train, fault in {fault} on rank {rank}: the run ended {took:.2f} s after it")
     assert 0 < took < GOAL_S, f"the run took {took:.1f} s to end after the fault"
 
 
@@ -134,6 +135,7 @@ def test_command_failure_names_rank_phase_and_error(untied, cli_runs, name):
     assert f"rank {rank} failed in phase '{phase}'" in stderr, stderr[-2000:]
     assert MESSAGE in stderr and "Traceback" in stderr, stderr[-2000:]
     took = ended - fault_time(stderr)
+    print(f"{name}: exit {code} {took:.2f} s after the fault on rank {rank}")
     assert 0 < took < GOAL_S, f"{name} ended {took:.1f} s after the fault:\n{stderr[-2000:]}"
 
 
