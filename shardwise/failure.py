@@ -57,6 +57,16 @@ class Failure:
         return text
 
 
+class WorkerError(RuntimeError):
+    """A worker process raised or died: ``failure`` is the original one, ``others`` the rest
+    (raised by :mod:`shardwise.launch`; defined here so that the CLI catches it without torch)."""
+
+    def __init__(self, message: str, failure: Failure | None = None,
+                 others: list[Failure] | None = None) -> None:
+        super().__init__(message)
+        self.failure, self.others = failure, others or []
+
+
 def death(rank: int, phase: str, exitcode: int | None) -> Failure:
     """A rank that exited without reporting an error (killed, crashed in C, ``os._exit``)."""
     if exitcode is not None and exitcode < 0:

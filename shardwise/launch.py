@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from . import failure
-from .failure import Failure
+from .failure import Failure, WorkerError  # noqa: F401 - WorkerError is raised from here
 
 SETTLE_S = 0.3     # after a first failure: let near-simultaneous reports and deaths arrive
 PEER_WAIT_S = 3.0  # when every failure so far only echoes a peer's: wait this long for the origin
@@ -55,15 +55,6 @@ def context() -> Any:
         ctx.set_forkserver_preload(["torch", "torch.distributed"])
         return ctx
     return mp.get_context("spawn")
-
-
-class WorkerError(RuntimeError):
-    """A worker process raised or died: ``failure`` is the original one, ``others`` the rest."""
-
-    def __init__(self, message: str, failure: Failure | None = None,
-                 others: list[Failure] | None = None) -> None:
-        super().__init__(message)
-        self.failure, self.others = failure, others or []
 
 
 def _setup(rank: int, world: int, port: int, threads: int | None) -> None:

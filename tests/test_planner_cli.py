@@ -52,11 +52,13 @@ def test_bad_input_exits_2_with_closest_names():
     ([*SERVE_70B, "--dp", "8", "--concurrency", "4"], "4 concurrent requests cannot be split over dp=8"),
     ([*SERVE_70B, "--precision", "int3"], "serving supports bf16, fp16, fp8, int8, int4"),
     (["--gpus", "8"], "--model is required"),
+    (["--model", "llama-3-8b", "--gpus", "16", "--virtual-stages", "3"], "--virtual-stages 3: no pipeline"),
+    (["--model", "llama-3-8b", "--gpus", "16", "--virtual-stages", "0"], "--virtual-stages must be at least 1"),
 ])
 def test_errors(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and msg in err
+    assert err.startswith("shardwise plan: error: ") and msg in err
 
 
 def test_text_report_and_plot(tmp_path, capsys):
@@ -111,22 +113,27 @@ def test_list(capsys):
 
 def test_no_torch_and_fast_for_3072_gpus():
     """Import every planner module under a bare `shardwise` package (the real one imports torch for
-    the model code) and plan the 1T model on 3072 GPUs: no torch, no matplotlib, well under a second."""
+    the model code) and plan the 1T model on 3072 GPUs: no torch, no matplotlib, under one second
+    (issue 17's goal: every tp x pp x dp x micro-batch x virtual-stage layout, text and JSON)."""
     code = f"""
 import sys, time, types, json, io, contextlib
 pkg = types.ModuleType("shardwise"); pkg.__path__ = [{str(ROOT / "shardwise")!r}]
 sys.modules["shardwise"] = pkg
 import shardwise.planner
-from shardwise.planner import calibration, cli, gpus, memory, model_catalog, models, plot, report, search, timing
+from shardwise.planner import (calibration, cli, gpus, kernels, layer, memory, model_catalog, models, plot,
+                               report, search, software, timing, validation)
 from shardwise.planner.__main__ import main
 argv = ["--model", "megatron-gpt-1t", "--gpus", "3072", "--gpu", "a100", "--global-batch", "3072",
         "--recompute", "full", "--json"]
-buf = io.StringIO()
-t = time.perf_counter()
-with contextlib.redirect_stdout(buf):
-    rc = main(argv)
-dt = time.perf_counter() - t
-assert rc == 0, rc
+times = []
+for _ in range(3):  # the fastest of three: the code's cost, not a neighbour's load spike
+    buf = io.StringIO()
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    times.append(time.perf_counter() - t)
+    assert rc == 0, rc
+dt = min(times)
 assert json.loads(buf.getvalue())["layout"]["pp"] == 64
 print(json.dumps({{"torch": "torch" in sys.modules, "mpl": "matplotlib" in sys.modules, "s": dt}}))
 """
@@ -134,7 +141,7 @@ print(json.dumps({{"torch": "torch" in sys.modules, "mpl": "matplotlib" in sys.m
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["torch"] is False and res["mpl"] is False
-    assert res["s"] < 5.0  # measured ~0.05 s; generous bound for a loaded machine
+    assert res["s"] < 1.0  # measured ~0.25 s on this 2-core machine
 
 
 def test_planner_sources_import_no_torch_and_matplotlib_lazily():

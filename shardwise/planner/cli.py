@@ -16,6 +16,7 @@ from .gpus import GPUS, check_interconnect, default_interconnect, get_gpu
 from .memory import WEIGHT_BYTES
 from .model_catalog import MODELS, get_model
 from .search import Cluster, ServeRequest, TrainRequest, plan
+from .software import DEFAULT_SOFTWARE, SOFTWARE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--recompute", choices=("none", "selective", "full"), default="selective",
                    help="activation recomputation (default selective)")
     t.add_argument("--zero1", action="store_true", help="shard optimizer states over dp (ZeRO-1)")
+    t.add_argument("--virtual-stages", type=int, metavar="V",
+                   help="model chunks per GPU for the interleaved 1F1B schedule (default: searched)")
+    t.add_argument("--software", default=DEFAULT_SOFTWARE, choices=sorted(SOFTWARE),
+                   help="kernels and overlaps of the training software (default megatron-core; "
+                        "the megatron-2021/2022 presets reproduce the papers' runs)")
     t.add_argument("--no-dp-overlap", action="store_true",
                    help="do not overlap the gradient all-reduce with the backward pass")
     s = parser.add_argument_group("serving")
@@ -73,10 +79,13 @@ def _catalogs() -> str:
 
 def build_request(args: argparse.Namespace, seq_default: int) -> TrainRequest | ServeRequest:
     if args.workload == "train":
+        if args.virtual_stages is not None and args.virtual_stages < 1:
+            raise ValueError(f"--virtual-stages must be at least 1, got {args.virtual_stages}")
         return TrainRequest(seq=args.seq_len or seq_default, global_batch=args.global_batch,
                             micro_batch=args.micro_batch, precision=args.precision,
                             sp=args.sequence_parallel, recompute=args.recompute, zero1=args.zero1,
-                            dp_overlap=not args.no_dp_overlap)
+                            dp_overlap=not args.no_dp_overlap, virtual_stages=args.virtual_stages,
+                            software=args.software)
     if args.precision not in WEIGHT_BYTES:
         raise ValueError(f"--precision {args.precision!r}: serving supports {', '.join(WEIGHT_BYTES)}")
     for name in ("ttft_ms", "tpot_ms"):
@@ -107,12 +116,22 @@ def make_plan(args: argparse.Namespace):
     return plan(model, cluster, build_request(args, model.seq_len), tp=args.tp, pp=args.pp, dp=args.dp)
 
 
+def check(args: argparse.Namespace) -> None:
+    """Validate the options (ValueError with the numbers and the closest names) and the extras."""
+    if args.list:
+        return
+    if args.plot:
+        from ..usage import require
+        require("matplotlib", what="--plot")
+    args.plan = make_plan(args)
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the plan (text or JSON), write the plot if asked; 0 if a layout fits, else 1."""
     if args.list:
         print(_catalogs())
         return 0
-    p = make_plan(args)
+    p = args.plan if getattr(args, "plan", None) is not None else make_plan(args)
     from .report import to_json, to_text
 
     if args.json:
@@ -121,9 +140,5 @@ def run(args: argparse.Namespace) -> int:
         print(to_text(p))
     if args.plot:
         from .plot import plot_candidates
-
-        try:
-            print(f"wrote {plot_candidates(p, args.plot)}", file=sys.stderr)
-        except ImportError as e:
-            raise ValueError(f"--plot needs matplotlib ({e}): pip install 'shardwise[bench]'") from e
+        print(f"wrote {plot_candidates(p, args.plot)}", file=sys.stderr)
     return 0 if p.best else 1

@@ -21,6 +21,15 @@ bus bandwidth (nccl-tests' busbw), below the per-direction link rate by an effic
 alpha (small-message latency): NVLink 8 us (NVIDIA/nccl issue 1259: ~6 us NVLS on 2 H100s; SGLang
 PR 6619: ~7 us at TP4), PCIe 30 us (NVIDIA/nccl issue 1530: ~40 us for 8 bytes over 8 PCIe GPUs),
 network 25 us (NCCL's own tuner estimate of 25.2 us for 8 bytes between H100 nodes, nccl issue 1453).
+
+Achievable matmul rate (MAMF, "Maximum Achievable Matmul FLOPS"): the best 16-bit matmul rate found by a
+shape search on one GPU, from the comparison table in S. Bekman, "Machine Learning Engineering Open
+Book", compute/accelerator/README.md (mamf-finder.py, mean of 100 iterations after 50 warm-ups):
+A100 SXM 271.2 of 312 (86.9%), A100 PCIe 252.9 (81.1%), H100 SXM 794.5 of 989 (80.3%). Parts
+without a measurement use MAMF_FALLBACK, the lowest NVIDIA ratio in that table (H100 SXM's 80%);
+H200 has H100 SXM's compute at the same 700 W and gets its figure. SM counts are from NVIDIA's
+architecture whitepapers (A100 108, H100 SXM 132, H100 PCIe 114, V100 80, L40S 142, L4 58, A10 72);
+H20's 78 is the count reported by nvidia-smi/deviceQuery listings (NVIDIA publishes none).
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ NVLINK_EFFICIENCY = 0.75
 PCIE_EFFICIENCY = 0.5
 NETWORK_EFFICIENCY = 0.85
 ALPHA_S = {"nvlink": 8e-6, "pcie": 30e-6, "network": 25e-6}
+MAMF_FALLBACK = 0.80
 
 
 @dataclass(frozen=True)
@@ -49,10 +59,17 @@ class GPUSpec:
     form: str  # "sxm" or "pcie"
     nvlink_pairs_only: bool = False  # NVLink bridge joining two PCIe cards
     source: str = ""
+    sms: int = 0  # streaming multiprocessors (the wave size of a GEMM; see kernels.py)
+    mamf_tflops: float | None = None  # measured Maximum Achievable Matmul FLOP/s, 16-bit (MAMF below)
 
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * 2**30)
+
+    @property
+    def matmul_fraction(self) -> float:
+        """Best measured 16-bit matmul rate over the datasheet peak (MAMF / peak)."""
+        return self.mamf_tflops / self.fp16_tflops if self.mamf_tflops else MAMF_FALLBACK
 
     def peak_flops(self, precision: str) -> float:
         """Dense tensor-core peak in FLOP/s for 16-bit or fp8 compute (int8/int4 are weight-only)."""
@@ -69,27 +86,32 @@ _H100 = "NVIDIA H100 Tensor Core GPU datasheet (2023): SXM 989/1979 TFLOPS BF16/
 _ENTRIES = [
     GPUSpec("v100-sxm2-32gb", 32, 900, 125, None, None, 300, 3, 50, "sxm",
             source="NVIDIA V100 datasheet: 125 TFLOPS FP16 tensor, 900 GB/s HBM2, NVLink 300 GB/s; "
-                   "network: DGX-1 4 x 100 Gb/s EDR for 8 GPUs"),
-    GPUSpec("a100-40gb-sxm", 40, 1555, 312, 312, None, 600, 4, 200, "sxm", source=_A100 + "; 1555 GB/s"),
+                   "network: DGX-1 4 x 100 Gb/s EDR for 8 GPUs", sms=80),
+    GPUSpec("a100-40gb-sxm", 40, 1555, 312, 312, None, 600, 4, 200, "sxm", source=_A100 + "; 1555 GB/s",
+            sms=108, mamf_tflops=271.2),
     GPUSpec("a100-80gb-sxm", 80, 2039, 312, 312, None, 600, 4, 200, "sxm",
-            source=_A100 + "; 2039 GB/s; network: DGX A100 8 x 200 Gb/s HDR"),
-    GPUSpec("a100-40gb-pcie", 40, 1555, 312, 312, None, 600, 4, 100, "pcie", True, _A100 + "; 1555 GB/s"),
-    GPUSpec("a100-80gb-pcie", 80, 1935, 312, 312, None, 600, 4, 100, "pcie", True, _A100 + "; 1935 GB/s"),
+            source=_A100 + "; 2039 GB/s; network: DGX A100 8 x 200 Gb/s HDR", sms=108, mamf_tflops=271.2),
+    GPUSpec("a100-40gb-pcie", 40, 1555, 312, 312, None, 600, 4, 100, "pcie", True, _A100 + "; 1555 GB/s",
+            sms=108, mamf_tflops=252.9),
+    GPUSpec("a100-80gb-pcie", 80, 1935, 312, 312, None, 600, 4, 100, "pcie", True, _A100 + "; 1935 GB/s",
+            sms=108, mamf_tflops=252.9),
     GPUSpec("h100-sxm", 80, 3350, 989, 989, 1979, 900, 5, 400, "sxm",
-            source=_H100 + "; network: DGX H100 8 x 400 Gb/s NDR"),
-    GPUSpec("h100-pcie", 80, 2000, 756, 756, 1513, 600, 5, 200, "pcie", True, _H100),
+            source=_H100 + "; network: DGX H100 8 x 400 Gb/s NDR", sms=132, mamf_tflops=794.5),
+    GPUSpec("h100-pcie", 80, 2000, 756, 756, 1513, 600, 5, 200, "pcie", True, _H100, sms=114),
     GPUSpec("h200", 141, 4800, 989, 989, 1979, 900, 5, 400, "sxm",
-            source="NVIDIA H200 datasheet (2024): 141 GB HBM3e, 4.8 TB/s, H100 SXM compute, NVLink 900 GB/s"),
+            source="NVIDIA H200 datasheet (2024): 141 GB HBM3e, 4.8 TB/s, H100 SXM compute, NVLink 900 GB/s",
+            sms=132, mamf_tflops=794.5),
     GPUSpec("h20", 96, 4000, 148, 148, 296, 900, 5, 400, "sxm",
             source="NVIDIA HGX H20 product brief (2024): 96 GB HBM3, 4.0 TB/s, 148/296 TFLOPS "
-                   "BF16/FP8, NVLink 900 GB/s"),
+                   "BF16/FP8, NVLink 900 GB/s", sms=78),
     GPUSpec("l40s", 48, 864, 362, 362, 733, 0, 4, 100, "pcie",
             source="NVIDIA L40S datasheet (2023): 48 GB GDDR6, 864 GB/s, 362/733 TFLOPS BF16/FP8 "
-                   "dense, PCIe gen4 x16 64 GB/s bidirectional, no NVLink"),
+                   "dense, PCIe gen4 x16 64 GB/s bidirectional, no NVLink",
+            sms=142),
     GPUSpec("l4", 24, 300, 121, 121, 242, 0, 4, 50, "pcie",
-            source="NVIDIA L4 datasheet (2023): 24 GB GDDR6, 300 GB/s, 121/242 TFLOPS BF16/FP8 dense"),
+            source="NVIDIA L4 datasheet (2023): 24 GB GDDR6, 300 GB/s, 121/242 TFLOPS BF16/FP8 dense", sms=58),
     GPUSpec("a10", 24, 600, 125, 125, None, 0, 4, 50, "pcie",
-            source="NVIDIA A10 datasheet (2021): 24 GB GDDR6, 600 GB/s, 125 TFLOPS BF16 dense"),
+            source="NVIDIA A10 datasheet (2021): 24 GB GDDR6, 600 GB/s, 125 TFLOPS BF16 dense", sms=72),
 ]
 GPUS: dict[str, GPUSpec] = {g.name: g for g in _ENTRIES}
 GPU_ALIASES = {"a100": "a100-80gb-sxm", "h100": "h100-sxm", "v100": "v100-sxm2-32gb",

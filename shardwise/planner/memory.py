@@ -19,8 +19,8 @@ narrower than Q), gated MLPs (gate, up and their product: 6 s b f instead of 4 s
 without dropout (no masks; softmax output kept once: 2 a s^2 b instead of 5 a s^2 b). For GPT
 shapes the general formula equals the table exactly.
 
-With 1F1B pipelining the first stage holds min(p, m) micro-batches of activations; the last stage
-also holds fp32 logits, 4 s b V / t bytes.
+With 1F1B pipelining the first stage holds min(p, m) micro-batches of activations (times
+1 + (p-1)/(p v) with v interleaved model chunks); the last stage also holds fp32 logits, 4 s b V / t.
 
 KV cache per token per GPU: 2 x (layers / pp) x (KV heads per rank) x head_dim x bytes.
 """
@@ -99,13 +99,22 @@ def stage_params_per_rank(m: ModelSpec, tp: int, pp: int) -> tuple[int, int]:
     return layers, edge
 
 
+def interleave_factor(pp: int, virtual_stages: int) -> float:
+    """Extra in-flight activations of the interleaved schedule on the first stage: 1 + (p-1)/(p v)
+    (Korthikanti et al. 2022, section 4.2.3, with v model chunks); 1 without interleaving."""
+    if virtual_stages <= 1 or pp <= 1:
+        return 1.0
+    return 1 + (pp - 1) / (pp * virtual_stages)
+
+
 def kv_bytes_per_token(m: ModelSpec, tp: int, pp: int = 1, kv_bytes: float = 2) -> float:
     """K and V of one token on one GPU. Llama-3-70B bf16: 320 KiB whole, 40 KiB per GPU at tp=8."""
     return 2 * layers_per_stage(m, pp) * kv_heads_per_rank(m, tp) * m.hd * kv_bytes
 
 
 def training_memory(m: ModelSpec, *, tp: int, pp: int, dp: int, micro_batch: int, micro_batches: int,
-                    seq: int, sp: bool, recompute: str, zero1: bool, capacity: float) -> Memory:
+                    seq: int, sp: bool, recompute: str, zero1: bool, capacity: float,
+                    virtual_stages: int = 1) -> Memory:
     layers, edge = stage_params_per_rank(m, tp, pp)
     p = layers + edge
     act = activation_bytes_per_layer(m, seq, micro_batch, tp, sp=sp, recompute=recompute)
@@ -114,7 +123,8 @@ def training_memory(m: ModelSpec, *, tp: int, pp: int, dp: int, micro_batch: int
     if recompute == "full":  # one layer rematerialised during its backward
         work = activation_bytes_per_layer(m, seq, micro_batch, tp, sp=sp, recompute="none")
     logits = 4 * seq * micro_batch * vocab_rows_per_rank(m, tp)
-    first = n_layers * act * min(pp, micro_batches) + work
+    in_flight = min(pp, micro_batches) * interleave_factor(pp, virtual_stages)
+    first = n_layers * act * in_flight + work
     last = n_layers * act + work + logits
     return Memory(weights=2 * p, grads=2 * p, optimizer=12 * p / (dp if zero1 else 1),
                   activations=max(first, last) if pp > 1 else last, overhead=overhead_bytes(capacity))

@@ -5,9 +5,10 @@ import math
 from dataclasses import asdict
 
 from . import gpus as G
-from . import timing as T
+from . import kernels as K
 from .memory import FRAGMENTATION, GiB, RUNTIME_BYTES, WEIGHT_BYTES
 from .search import Candidate, Plan, TrainRequest
+from .software import get_software
 from .timing import ServeTime, TrainTime, training_flops
 
 SHOW = 8  # rows of each table in the text report
@@ -29,7 +30,8 @@ def components(c: Candidate) -> dict[str, float]:
         m = t.micro_batches
         return {"compute": m * t.compute_s, "TP all-reduce": m * t.tp_comm_s,
                 "pipeline sends": m * t.p2p_s, "pipeline bubble": t.bubble_s,
-                "DP all-reduce (exposed)": t.dp_exposed_s, "optimizer": t.optimizer_s}
+                "DP all-reduce (exposed)": t.dp_exposed_s, "optimizer": t.optimizer_s,
+                "embedding all-reduce": t.embedding_sync_s}
     assert isinstance(t, ServeTime)
     per_dec = t.output / (t.dp * t.batch * t.output)  # decode steps per generated token
     per_pre = t.batch / (t.dp * t.batch * t.output)  # prefills per generated token
@@ -52,7 +54,8 @@ def _headline(p: Plan, c: Candidate) -> str:
     lay, mem, cap = c.layout, c.memory.total / GiB, p.cluster.gpu.memory_gib
     if p.workload == "train":
         t = c.time
-        return (f"{lay.short()} with micro-batch {lay.micro_batch}: {c.throughput:,.0f} tokens/s, step "
+        v = f", {t.virtual_stages} model chunks per GPU (interleaved)" if t.virtual_stages > 1 else ""
+        return (f"{lay.short()} with micro-batch {lay.micro_batch}{v}: {c.throughput:,.0f} tokens/s, step "
                 f"{_ms(t.step_s)}, {mem:.1f} of {cap:g} GiB per GPU")
     t = c.time
     return (f"{lay.short()} ({lay.micro_batch} sequences per replica): {c.throughput:,.0f} output tokens/s, "
@@ -162,16 +165,23 @@ def explain(p: Plan) -> list[str]:
 
 def assumptions(p: Plan) -> list[str]:
     cl = p.cluster
+    gpu = cl.gpu
     link = cl.intra(8)
-    out = [f"compute at {_pct(T.MATMUL_EFFICIENCY)} of dense {cl.gpu.name} peak; memory streams at "
-           f"{_pct(T.HBM_EFFICIENCY)} of {cl.gpu.hbm_GBps:g} GB/s",
+    ceiling = gpu.fp16_tflops * gpu.matmul_fraction
+    out = [f"GEMMs from their shapes: {ceiling:.0f} TFLOP/s measured matmul ceiling on {gpu.name} "
+           f"({_pct(gpu.matmul_fraction)} of dense peak) x {K.SUSTAINED_MATMUL:g} sustained in a step, "
+           f"tile and wave quantization over {gpu.sms} SMs, roofline at the memory bandwidth",
+           f"memory-bound kernels at up to {_pct(K.STREAM_CURVE[-1][1] * K.SUSTAINED_STREAM)} of "
+           f"{gpu.hbm_GBps:g} GB/s (less for small transfers)",
            f"intra-node: {link.describe()}",
            f"network: {cl.network_gbps:g} Gb/s per GPU at {_pct(G.NETWORK_EFFICIENCY)}, "
            f"{G.ALPHA_S['network'] * 1e6:.0f} us",
            f"overhead per GPU: {RUNTIME_BYTES / GiB:g} GiB runtime + {_pct(FRAGMENTATION)} of capacity"]
     if p.workload == "train":
+        sw = get_software(p.request.software)
         out.append("mixed-precision Adam: 16-bit weights and grads, fp32 master + m + v (16 B/param); "
-                   "1F1B pipeline schedule")
+                   "1F1B pipeline schedule, interleaved with v model chunks per GPU when v > 1")
+        out.append(f"software {sw.name}: {sw.description}")
     else:
         out.append("TTFT = prefill of one prompt on an idle replica; throughput counts each request's "
                    "prefill and its decode steps at the full batch; int8/int4 are weight-only "
@@ -195,7 +205,7 @@ def _cand_dict(p: Plan, c: Candidate) -> dict:
         flops = training_flops(p.model, r.global_batch, r.seq, r.recompute)
         model_flops = training_flops(p.model, r.global_batch, r.seq, "none")
         peak = p.cluster.gpu.peak_flops(r.precision)
-        d.update(step_time_s=t.step_s, throughput_tokens_per_s=c.throughput,
+        d.update(virtual_stages=t.virtual_stages, step_time_s=t.step_s, throughput_tokens_per_s=c.throughput,
                  tflops_per_gpu=flops / t.step_s / n / 1e12, mfu=model_flops / t.step_s / n / peak,
                  tp_comm_share=t.tp_share, bubble_share=t.bubble_s / t.step_s,
                  dp_allreduce_s=t.dp_comm_s, dp_exposed_s=t.dp_exposed_s)
@@ -226,7 +236,7 @@ def to_json(p: Plan) -> dict:
                    memory_gib=bd["memory_gib"],
                    throughput={"value": best.throughput,
                                "unit": "tokens/s" if p.workload == "train" else "output tokens/s"})
-        keys = (("step_time_s", "tflops_per_gpu", "mfu", "tp_comm_share", "bubble_share")
+        keys = (("virtual_stages", "step_time_s", "tflops_per_gpu", "mfu", "tp_comm_share", "bubble_share")
                 if p.workload == "train" else ("ttft_s", "tpot_s", "decode_allreduce_share"))
         obj.update({k: bd[k] for k in keys})
     obj["candidates"] = [_cand_dict(p, c) for c in p.candidates]
@@ -242,10 +252,11 @@ def _row(p: Plan, i, c: Candidate) -> list[str]:
     base = [str(i), str(lay.tp), str(lay.pp), str(lay.dp), str(lay.micro_batch), mem]
     t = c.time
     if isinstance(t, TrainTime):
-        return base + [_ms(t.step_s), f"{c.throughput:,.0f}", _pct(t.tp_share), _pct(t.bubble_s / t.step_s)]
+        return base[:5] + [str(t.virtual_stages)] + base[5:] + [_ms(t.step_s), f"{c.throughput:,.0f}",
+                                                               _pct(t.tp_share), _pct(t.bubble_s / t.step_s)]
     if isinstance(t, ServeTime):
         return base + [_ms(t.ttft_s), _ms(t.tpot_s), f"{c.throughput:,.0f}", _pct(t.decode_comm_share)]
-    return base + ["-"] * 4
+    return base[:5] + (["-"] if p.workload == "train" else []) + base[5:] + ["-"] * 4
 
 
 def _table(rows: list[list[str]], head: list[str]) -> list[str]:
@@ -259,11 +270,11 @@ def to_text(p: Plan) -> str:
     req = p.request
     prec = req.precision
     what = (f"train, seq {req.seq}, global batch {req.global_batch}, {prec}, recompute {req.recompute}"
-            f"{', sequence parallel' if req.sp else ''}" if isinstance(req, TrainRequest) else
+            f"{', sequence parallel' if req.sp else ''}, {req.software}" if isinstance(req, TrainRequest) else
             f"serve, prompt {req.prompt} + output {req.output} tokens, {req.concurrency} concurrent, {prec}")
     lines = [f"{m.name} ({m.total_params() / 1e9:.2f}B params) on {cl.gpus} x {cl.gpu.name} "
              f"({math.ceil(cl.gpus / cl.node_size)} node(s) of {cl.node_size}, {cl.interconnect}): {what}", ""]
-    head = ["#", "tp", "pp", "dp", "mb" if p.workload == "train" else "batch", "GiB/GPU"]
+    head = ["#", "tp", "pp", "dp"] + (["mb", "v"] if p.workload == "train" else ["batch"]) + ["GiB/GPU"]
     head += (["step", "tokens/s", "TP comm", "bubble"] if p.workload == "train"
              else ["TTFT", "TPOT", "tokens/s", "AR/decode"])
     if p.candidates:

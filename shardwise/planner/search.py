@@ -16,6 +16,7 @@ from .gpus import GPUSpec, Link, intra_link, network_link
 from .memory import GiB, WEIGHT_BYTES, Memory, kv_bytes_per_token, serving_memory, training_memory
 from .memory import stage_params_per_rank
 from .models import ModelSpec, tp_problem
+from .software import DEFAULT_SOFTWARE, get_software
 from .timing import ServeTime, TrainTime, serve_time, train_time
 
 
@@ -81,6 +82,8 @@ class TrainRequest:
     recompute: str = "selective"
     zero1: bool = False
     dp_overlap: bool = True
+    virtual_stages: int | None = None  # model chunks per GPU (interleaved 1F1B); None: searched
+    software: str = DEFAULT_SOFTWARE  # a preset of ``software.SOFTWARE``
 
 
 @dataclass(frozen=True)
@@ -176,21 +179,37 @@ def _tp_cross(c: Cluster, tp: int) -> str | None:
             f"for the NICs; pin --tp/--pp/--dp to evaluate it anyway")
 
 
-def _train_one(m, c, r: TrainRequest, t, p, d, mb, pinned) -> Candidate:
-    lay = Layout(t, p, d, mb)
-    micro = r.global_batch // (d * mb)
+def chunk_choices(m: ModelSpec, pp: int, micro_batches: int, pinned: int | None) -> list[int]:
+    """Virtual stages v to try: v divides the stage's layers, and (Megatron's rule for the
+    interleaved schedule) the micro-batches are a multiple of pp."""
+    n = -(-m.layers // pp)
+    if pinned:
+        ok = pinned == 1 or (pp > 1 and n % pinned == 0 and micro_batches % pp == 0)
+        return [pinned] if ok else []
+    if pp == 1 or micro_batches % pp:
+        return [1]
+    return [v for v in (1, 2, 3, 4, 6, 8) if n % v == 0]
+
+
+def evaluate_train(m: ModelSpec, c: Cluster, r: TrainRequest, *, tp: int, pp: int, dp: int,
+                   micro_batch: int, virtual_stages: int = 1, pinned: bool = True) -> Candidate:
+    """Memory and time of one training layout (rejected with a reason when it cannot work)."""
+    lay = Layout(tp, pp, dp, micro_batch)
+    micro = r.global_batch // (dp * micro_batch)
     cap = c.gpu.memory_bytes
-    mem = training_memory(m, tp=t, pp=p, dp=d, micro_batch=mb, micro_batches=micro, seq=r.seq,
-                          sp=r.sp, recompute=r.recompute, zero1=r.zero1, capacity=cap)
-    params = sum(stage_params_per_rank(m, t, p))
-    tm = train_time(m, c.gpu, tp=t, pp=p, dp=d, micro_batch=mb, micro_batches=micro, seq=r.seq,
-                    precision=r.precision, sp=r.sp, recompute=r.recompute, zero1=r.zero1,
-                    dp_overlap=r.dp_overlap, stage_params=params, tp_link=c.link(t, 1),
-                    pp_link=c.link(p, t * d), dp_link=c.link(d, t))
+    mem = training_memory(m, tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, micro_batches=micro,
+                          seq=r.seq, sp=r.sp, recompute=r.recompute, zero1=r.zero1, capacity=cap,
+                          virtual_stages=virtual_stages)
+    params = sum(stage_params_per_rank(m, tp, pp))
+    tm = train_time(m, c.gpu, tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, micro_batches=micro,
+                    seq=r.seq, precision=r.precision, sp=r.sp, recompute=r.recompute, zero1=r.zero1,
+                    dp_overlap=r.dp_overlap, stage_params=params, tp_link=c.link(tp, 1),
+                    pp_link=c.link(pp, tp * dp), dp_link=c.link(dp, tp), virtual_stages=virtual_stages,
+                    software=get_software(r.software))
     cand = Candidate(lay, mem, tm, r.global_batch * r.seq / tm.step_s)
     if mem.total > cap:
         cand.reason = _oom(mem, cap, f", activations {_gib(mem.activations)}")
-    elif not pinned and (why := _tp_cross(c, t)):
+    elif not pinned and (why := _tp_cross(c, tp)):
         cand.reason = why
     return cand
 
@@ -210,7 +229,13 @@ def _train(m, c, r: TrainRequest, pins, pinned) -> tuple[list, list]:
             continue
         per = r.global_batch // d
         mbs = [r.micro_batch] if r.micro_batch else [b for b in (1, 2, 4, 8) if per % b == 0]
-        tried = [_train_one(m, c, r, t, p, d, mb, pinned) for mb in mbs]
+        tried = [evaluate_train(m, c, r, tp=t, pp=p, dp=d, micro_batch=mb, virtual_stages=v, pinned=pinned)
+                 for mb in mbs for v in chunk_choices(m, p, per // mb, r.virtual_stages)]
+        if not tried:
+            bad.append(Candidate(lay, reason=(
+                f"--virtual-stages {r.virtual_stages} needs pp > 1, the {-(-m.layers // p)} layers per "
+                f"stage divisible by it and micro-batches a multiple of pp={p}")))
+            continue
         good = [x for x in tried if x.fits]
         if good:
             ok.append(max(good, key=lambda x: (x.throughput, x.layout.micro_batch)))
@@ -263,6 +288,7 @@ def plan(model: ModelSpec, cluster: Cluster, request: TrainRequest | ServeReques
         raise ValueError(f"{cluster.gpu.name} has no BF16 tensor cores: use --precision fp16")
     if isinstance(request, TrainRequest):
         _check_train(request, dp)
+        _check_chunks(model, cluster, request, pp)
         ok, bad = _train(model, cluster, request, pins, pinned)
         workload = "train"
     else:
@@ -291,6 +317,21 @@ def _check_train(r: TrainRequest, dp: int | None) -> None:
                          f"which micro-batches of {r.micro_batch} cannot split")
     if r.precision not in ("bf16", "fp16"):
         raise ValueError(f"training precision must be bf16 or fp16, got {r.precision!r}")
+    if r.virtual_stages is not None and r.virtual_stages < 1:
+        raise ValueError(f"--virtual-stages must be at least 1, got {r.virtual_stages}")
+    get_software(r.software)  # raises with the closest preset names
+
+
+def _check_chunks(m: ModelSpec, c: Cluster, r: TrainRequest, pp: int | None) -> None:
+    """A pinned --virtual-stages V > 1 needs some pp > 1 whose stages hold a multiple of V layers."""
+    v = r.virtual_stages
+    if not v or v == 1:
+        return
+    ok = [p for p in ([pp] if pp else _divisors(c.gpus)) if p > 1 and -(-m.layers // p) % v == 0]
+    if not ok:
+        raise ValueError(f"--virtual-stages {v}: no pipeline degree{f' (pp={pp})' if pp else ''} gives "
+                         f"stages whose layers ({m.layers} in all) split into {v} chunks; use a divisor "
+                         f"of the layers per stage")
 
 
 def _check_serve(r: ServeRequest, dp: int | None) -> None:

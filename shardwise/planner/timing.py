@@ -1,49 +1,48 @@
-"""Seconds: compute from FLOPs, memory traffic from bytes, collectives from the alpha-beta model.
+"""Seconds of a training step, of time to first token and of time per output token.
 
-Collectives (ring; nccl-tests' bus bandwidth B, latency alpha; S bytes, n ranks):
+Training, per micro-batch on each pipeline stage, is the sum of its layers (``layer.py``: GEMMs from
+their shapes, memory-bound kernels from their bytes, the collectives the software does not hide),
+plus the embedding on the first stage and the output head and loss on the last. The schedule is
+1F1B (Narayanan et al. 2021, section 2.2) with m micro-batches over p stages of times T_i:
 
-    all-reduce                    alpha + 2 (n-1)/n x S / B
-    all-gather, reduce-scatter    alpha + (n-1)/n x S / B        (S = the full gathered buffer)
+    non-interleaved    (m - 1) max T_i + sum T_i            = (m + p - 1) T for equal stages
+    interleaved, v     m max T_i + (sum T_i - max T_i) / v  = (m + (p - 1) / v) T
+                       model chunks per GPU (virtual stages): the bubble divided by v, and v times
+                       the pipeline sends (2 v per micro-batch, each b s h x 2 bytes, / t with the
+                       scatter/gather optimization plus an NVLink all-gather; blocking unless the
+                       software overlaps them)
 
-Training (Narayanan et al. 2021): per layer and micro-batch, tensor parallelism does 4 all-reduces
-of b s h activations (2 forward, 2 backward): 8 b s h (t-1)/t elements per device; full
-recomputation repeats the forward pair (6). With sequence parallelism each all-reduce becomes an
-all-gather plus a reduce-scatter of the same total volume (twice the latency). FLOPs per iteration
-with full recomputation F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h)), 72 instead of 96 without it:
-computed here from the shapes as 2 x (matmul weights) per token plus 4 b s^2 h per layer for the
-attention scores, times 3 for forward + backward (+1 forward for full recomputation).
-1F1B pipeline: (m + p - 1) micro-batch slots of which (p - 1) are bubble, (p-1)/(m+p-1) of the time.
-The data-parallel gradient all-reduce overlaps the last micro-batch's backward when enabled.
+After the last backward: the data-parallel gradient all-reduce (reduce-scatter + all-gather with
+ZeRO-1) of the stage's 16-bit gradients, exposed unless the software overlaps it with the last
+micro-batch's backward (then only the excess); with pp > 1 and tied embeddings, the all-reduce of the
+embedding gradient between the first and last stage; then the optimizer step, memory-bound at
+OPTIMIZER_BYTES per parameter. FLOPs per iteration with full recomputation equal Narayanan's
+F = 96 B s l h^2 (1 + s/(6h) + V/(16 l h)) for GPT shapes, 72 instead of 96 without recomputation.
 
-Serving: prefill of one prompt is compute-bound (2 N P + causal attention 2 P^2 q l FLOPs), decode
-is bound by reading the weights and KV cache (bytes / HBM bandwidth) or by FLOPs, whichever is
+Serving: prefill of one prompt runs its GEMMs (``kernels.gemm_s``) and fused attention; decode reads
+the weights and KV cache at the streaming bandwidth or is bound by the GEMM ceiling, whichever is
 slower, plus 2 all-reduces of b x h activations per layer. With p stages the batch is split into p
 micro-batches; each token passes all p stages, so TPOT = p x stage time.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from .collectives import allreduce_s, gather_s, p2p_s
 from .gpus import GPUSpec, Link
-from .models import (ModelSpec, heads_per_rank, layers_per_stage, matmul_params_per_rank,
-                     vocab_rows_per_rank)
+from .kernels import flash_attention_s, gemm_s, stream_s
+from .layer import Setup, Work, embedding_time, head_time, layer_time
+from .models import (ModelSpec, heads_per_rank, kv_heads_per_rank, layers_per_stage,
+                     matmul_params_per_rank, vocab_rows_per_rank)
+from .software import DEFAULT_SOFTWARE, SOFTWARE, Software
 
-MATMUL_EFFICIENCY = 0.6  # achieved / peak tensor FLOP/s; Narayanan et al. reach 44-52% end to end
-HBM_EFFICIENCY = 0.8  # achieved / datasheet memory bandwidth when streaming weights and KV cache
-OPTIMIZER_BYTES = 28  # Adam step per parameter: read fp32 w, m, v, 16-bit g; write w, m, v, 16-bit w
+__all__ = ["allreduce_s", "gather_s", "p2p_s", "train_time", "serve_time", "training_flops"]
 
-
-def allreduce_s(nbytes: float, n: int, link: Link) -> float:
-    return 0.0 if n <= 1 else link.alpha_s + 2 * (n - 1) / n * nbytes / (link.busbw_GBps * 1e9)
-
-
-def gather_s(nbytes: float, n: int, link: Link) -> float:
-    """All-gather or reduce-scatter of a full buffer of ``nbytes``."""
-    return 0.0 if n <= 1 else link.alpha_s + (n - 1) / n * nbytes / (link.busbw_GBps * 1e9)
-
-
-def p2p_s(nbytes: float, link: Link) -> float:
-    return link.alpha_s + nbytes / (link.busbw_GBps * 1e9)
+# Mixed-precision Adam per parameter (Megatron's fp16/bf16 optimizer): 16-bit gradient to fp32 main
+# gradient (read 2, write 4), unscale and inf check (read 4, write 4), gradient-norm clipping (read 4),
+# fused Adam (read w, g, m, v; write w, m, v: 28), fp32 weights back to 16-bit (read 4, write 2).
+OPTIMIZER_BYTES = 6 + 8 + 4 + 28 + 6
 
 
 def tp_volume_per_layer(b: int, s: int, h: int, t: int) -> float:
@@ -64,58 +63,83 @@ def training_flops(m: ModelSpec, batch: int, seq: int, recompute: str) -> float:
 
 @dataclass(frozen=True)
 class TrainTime:
-    compute_s: float  # one micro-batch, forward + backward, busiest stage
-    tp_comm_s: float  # one micro-batch
-    p2p_s: float  # one micro-batch
+    compute_s: float  # one micro-batch, forward + backward, busiest stage: GEMMs + memory-bound
+    tp_comm_s: float  # one micro-batch, exposed TP collectives
+    p2p_s: float  # one micro-batch, exposed pipeline sends
     micro_batches: int
     pp: int
+    bubble_s: float  # pipeline fill and drain
     dp_comm_s: float
     dp_exposed_s: float
     optimizer_s: float
+    virtual_stages: int = 1
+    embedding_sync_s: float = 0.0  # tied embedding gradient between first and last stage
+    gemm_s: float = 0.0  # the tensor-core part of compute_s
 
     @property
     def micro_batch_s(self) -> float:
         return self.compute_s + self.tp_comm_s + self.p2p_s
 
     @property
-    def bubble_s(self) -> float:
-        return (self.pp - 1) * self.micro_batch_s
-
-    @property
     def step_s(self) -> float:
-        slots = self.micro_batches + self.pp - 1
-        return slots * self.micro_batch_s + self.dp_exposed_s + self.optimizer_s
+        return (self.micro_batches * self.micro_batch_s + self.bubble_s + self.dp_exposed_s
+                + self.optimizer_s + self.embedding_sync_s)
 
     @property
     def tp_share(self) -> float:
-        """Fraction of the step spent in tensor-parallel collectives."""
-        return (self.micro_batches + self.pp - 1) * self.tp_comm_s / self.step_s
+        """Fraction of the step spent in exposed tensor-parallel collectives."""
+        return self.micro_batches * self.tp_comm_s / self.step_s
+
+
+def pipeline_s(stages: list[float], micro_batches: int, virtual_stages: int) -> float:
+    """Time of m micro-batches through stages of the given per-micro-batch times (docstring)."""
+    top, total = max(stages), sum(stages)
+    if virtual_stages <= 1:
+        return (micro_batches - 1) * top + total
+    return micro_batches * top + (total - top) / virtual_stages
+
+
+def _p2p(m: ModelSpec, s: Setup, pp: int, v: int, pp_link: Link) -> float:
+    """Exposed pipeline-send seconds per micro-batch on one stage."""
+    if pp == 1 or s.software.p2p_overlap:
+        return 0.0
+    act = s.micro_batch * s.seq * m.hidden * 2
+    if s.software.scatter_gather and s.tp > 1:
+        one = p2p_s(act / s.tp, pp_link) + gather_s(act, s.tp, s.tp_link)
+    else:
+        one = p2p_s(act, pp_link)
+    return 2 * v * one
 
 
 def train_time(m: ModelSpec, gpu: GPUSpec, *, tp: int, pp: int, dp: int, micro_batch: int,
                micro_batches: int, seq: int, precision: str, sp: bool, recompute: str,
                zero1: bool, dp_overlap: bool, stage_params: int, tp_link: Link, pp_link: Link,
-               dp_link: Link) -> TrainTime:
-    b, s, h = micro_batch, seq, m.hidden
-    q = heads_per_rank(m, tp) * m.hd
-    layers = layers_per_stage(m, pp)
-    fwd = 2 * b * s * matmul_params_per_rank(m, tp) + 4 * b * s * s * q
-    mult = 4 if recompute == "full" else 3
-    extra = 4 * b * s * s * q if recompute == "selective" else 0
-    logits = 3 * 2 * b * s * h * vocab_rows_per_rank(m, tp)
-    flops = layers * (mult * fwd + extra) + logits
-    compute = flops / (gpu.peak_flops(precision) * MATMUL_EFFICIENCY)
-    act = b * s * h * 2
-    n_ar = 6 if recompute == "full" else 4
-    one = 2 * gather_s(act, tp, tp_link) if sp else allreduce_s(act, tp, tp_link)
-    tp_comm = layers * n_ar * one
-    p2p = 2 * p2p_s(act / tp, pp_link) if pp > 1 else 0.0
+               dp_link: Link, virtual_stages: int = 1, software: Software | None = None) -> TrainTime:
+    sw = software or SOFTWARE[DEFAULT_SOFTWARE]
+    s = Setup(tp, micro_batch, seq, sp, recompute, sw, precision, tp_link)
+    layer = layer_time(m, gpu, s)
+    n = layers_per_stage(m, pp)
+    head, emb = head_time(m, gpu, s), embedding_time(m, gpu, s)
+    body = layer.total * n
+    p2p = _p2p(m, s, pp, virtual_stages, pp_link)
+    if pp == 1:
+        stages = [body + emb.total + head.total]
+    else:
+        stages = [body + emb.total, body + head.total] + [body] * (pp - 2)
+    times = [w.total_s + p2p for w in stages]
+    busiest = stages[times.index(max(times))]
+    pipe = pipeline_s(times, micro_batches, virtual_stages)
+    bubble = pipe - micro_batches * max(times)
     grads = stage_params * 2
-    dp_comm = (2 * gather_s(grads, dp, dp_link)) if zero1 else allreduce_s(grads, dp, dp_link)
-    backward = compute * 2 / mult
-    exposed = max(0.0, dp_comm - backward) if dp_overlap else dp_comm
-    opt = stage_params * OPTIMIZER_BYTES / (dp if zero1 else 1) / (gpu.hbm_GBps * 1e9 * HBM_EFFICIENCY)
-    return TrainTime(compute, tp_comm, p2p, micro_batches, pp, dp_comm, exposed, opt)
+    dp_comm = 2 * gather_s(grads, dp, dp_link) if zero1 else allreduce_s(grads, dp, dp_link)
+    window = (layer.backward * n + head.backward).total_s  # the last micro-batch's backward
+    exposed = max(0.0, dp_comm - window) if (dp_overlap and sw.dp_overlap) else dp_comm
+    emb_sync = 0.0
+    if pp > 1 and m.tied_embeddings:
+        emb_sync = allreduce_s(vocab_rows_per_rank(m, tp) * m.hidden * 2, 2, pp_link)
+    opt = stream_s(gpu, stage_params * OPTIMIZER_BYTES / (dp if zero1 else 1))
+    return TrainTime(busiest.compute_s, busiest.comm_s, p2p, micro_batches, pp, bubble, dp_comm,
+                     exposed, opt, virtual_stages, emb_sync, busiest.gemm_s)
 
 
 @dataclass(frozen=True)
@@ -144,6 +168,17 @@ class ServeTime:
         return self.decode_comm_s / self.tpot_s if self.tpot_s else 0.0
 
 
+def _prefill_s(m: ModelSpec, gpu: GPUSpec, tp: int, tokens: int, precision: str) -> float:
+    """One layer's GEMMs and causal fused attention over a prompt of ``tokens`` on one TP rank."""
+    h, f = m.hidden, math.ceil(m.ffn / tp)
+    q = heads_per_rank(m, tp) * m.hd
+    k = kv_heads_per_rank(m, tp) * m.hd
+    p = "bf16" if precision in ("int8", "int4") else precision  # weight-only: 16-bit compute
+    gemms = (gemm_s(gpu, tokens, q + 2 * k, h, 1, p) + gemm_s(gpu, tokens, h, q, 1, p)
+             + gemm_s(gpu, tokens, f * (2 if m.gated_mlp else 1), h, 1, p) + gemm_s(gpu, tokens, h, f, 1, p))
+    return gemms + flash_attention_s(gpu, 2.0 * tokens * tokens * q, backward=False, precision=p)
+
+
 def serve_time(m: ModelSpec, gpu: GPUSpec, *, tp: int, pp: int, dp: int, batch: int, prompt: int,
                output: int, precision: str, weight_bytes: float, kv_token_bytes: float,
                tp_link: Link, pp_link: Link) -> ServeTime:
@@ -153,20 +188,20 @@ def serve_time(m: ModelSpec, gpu: GPUSpec, *, tp: int, pp: int, dp: int, batch: 
     q = heads_per_rank(m, tp) * m.hd
     w = matmul_params_per_rank(m, tp)
     head = 2 * h * vocab_rows_per_rank(m, tp)
-    peak = gpu.peak_flops(precision) * MATMUL_EFFICIENCY
-    hbm = gpu.hbm_GBps * 1e9 * HBM_EFFICIENCY
+    p = "bf16" if precision in ("int8", "int4") else precision
+    ceiling = gpu.peak_flops(p) * gpu.matmul_fraction
     # prefill of one prompt: stages run one after another
-    pf = layers * (2 * prompt * w + 2 * prompt * prompt * q) + head
+    pf = layers * _prefill_s(m, gpu, tp, prompt, precision) + head / ceiling
     pf_comm = layers * 2 * allreduce_s(prompt * h * 2, tp, tp_link)
     pf_hop = p2p_s(prompt * h * 2, pp_link) if pp > 1 else 0.0
-    stage = max(pf / peak, weight_bytes / hbm) + pf_comm + pf_hop
+    stage = max(pf, stream_s(gpu, weight_bytes)) + pf_comm + pf_hop
     # decode: p micro-batches of ceil(b / p) sequences, each token crosses p stages
     bm = -(-batch // pp)
     ctx = prompt + output / 2
     dflops = layers * (2 * bm * w + 4 * bm * ctx * q) + bm * head
     dbytes = weight_bytes + bm * ctx * kv_token_bytes
     comm = layers * 2 * allreduce_s(bm * h * 2, tp, tp_link)
-    c, mem = dflops / peak, dbytes / hbm
+    c, mem = dflops / ceiling, stream_s(gpu, dbytes)
     hop = p2p_s(bm * h * 2, pp_link) if pp > 1 else 0.0
     tpot = pp * (max(c, mem) + comm + hop)
     return ServeTime(pp * stage, stage, pf_comm, tpot, pp * c, pp * mem, pp * comm, batch, output, dp)

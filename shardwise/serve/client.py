@@ -7,6 +7,10 @@ same thread checks that every worker is alive: one that exits while the server h
 to is fatal (every waiting request gets an error and :attr:`EngineClient.dead` says why). Every
 rank also posts its phase and, on an exception, its :class:`~shardwise.failure.Failure` to the
 event queue, so a failure on any rank names that rank, its phase and its error.
+A request the engine refuses or fails on its own (a ``fail`` event) gets its error alone.
+
+A request's queue receives ``("token", tok, finish_reason, logprobs, time)`` items, then ends, or
+one ``("error", message, status, code)``.
 """
 from __future__ import annotations
 
@@ -108,7 +112,7 @@ class EngineClient:
                 msg = None
             except (EOFError, OSError):
                 msg = ("error", "the event queue from TP rank 0 broke")
-            if msg is not None and msg[0] in ("step", "stats"):
+            if msg is not None and msg[0] in ("step", "stats", "fail"):
                 self._loop.call_soon_threadsafe(self._deliver, msg)
                 continue
             if msg is not None and msg[0] == "phase":
@@ -130,6 +134,13 @@ class EngineClient:
 
     def _deliver(self, msg: tuple) -> None:
         now = time.perf_counter()
+        if msg[0] == "fail":
+            _, sid, status, why = msg
+            q = self._streams.pop(sid, None)
+            if q is not None:
+                q.put_nowait(("error", why, status,
+                              "invalid_value" if status < 500 else "engine_error"))
+            return
         if msg[0] == "step":
             for sid, tok, reason, lp in msg[1]:
                 q = self._streams.get(sid)
@@ -145,7 +156,7 @@ class EngineClient:
             return
         self.dead = reason
         for q in self._streams.values():
-            q.put_nowait(("error", reason))
+            q.put_nowait(("error", reason, 503, "worker_died"))
         self._streams.clear()
         self.kill()
         if self.on_dead:

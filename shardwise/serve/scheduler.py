@@ -11,6 +11,10 @@ the head of the queue, to be recomputed from its prompt and the tokens it alread
 A sequence's tokens are ``prompt + output``; ``cached`` of them have KV in the cache, and each step
 feeds ``tokens[cached:cached + n]``. When a chunk reaches the last known token the step samples
 the next one.
+
+A step that raises (on every rank alike: the same plan, the same code) fails no request blindly:
+when it ran one sequence, that sequence fails; otherwise its sequences become *suspects* and run
+one per step until each has either succeeded alone (and rejoins the batch) or failed alone.
 """
 from __future__ import annotations
 
@@ -69,6 +73,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._drop: list[int] = []
         self.preemptions = 0
+        self.suspects: set[int] = set()  # sequences of a failed step, retried one per step
 
     # ------------------------------------------------------------------ requests in and out
     def add(self, seq: Sequence) -> None:
@@ -88,6 +93,7 @@ class Scheduler:
         return False
 
     def _release(self, seq: Sequence) -> None:
+        self.suspects.discard(seq.id)
         self.alloc.free(seq.blocks)
         seq.blocks = []
         if seq.registered:
@@ -116,7 +122,13 @@ class Scheduler:
         self.preemptions += 1
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan()
+        self.suspects &= {s.id for s in self.running}  # preempted suspects rejoin as others do
+        if self.suspects:
+            seq = next(s for s in self.running if s.id in self.suspects)
+            n = min(seq.pending, self.budget)
+            if self._grow(seq, seq.cached + n):  # the failed step held these blocks already
+                return self._plan([(seq, n)])
+            self.suspects.discard(seq.id)
         budget = self.budget
         picked: list[tuple[Sequence, int]] = []
         decodes = [s for s in self.running if s.pending == 1]
@@ -149,6 +161,10 @@ class Scheduler:
             n = min(seq.pending, budget)
             picked.append((seq, n))
             budget -= n
+        return self._plan(picked)
+
+    def _plan(self, picked: list[tuple[Sequence, int]]) -> StepPlan:
+        plan = StepPlan()
         for seq, n in picked:
             if seq not in self.running:
                 continue
@@ -166,6 +182,8 @@ class Scheduler:
         """Advance after a step; ``sampled`` maps seq id -> new token. Returns
         ``(seq, token, finish_reason)`` for every sampled token (finished ones released)."""
         by_id = {s.id: s for s in self.running}
+        if len(plan.chunks) == 1:  # a suspect that ran alone and succeeded rejoins the batch
+            self.suspects.discard(plan.chunks[0].seq_id)
         out = []
         for c in plan.chunks:
             seq = by_id.get(c.seq_id)
@@ -187,3 +205,14 @@ class Scheduler:
                 self._release(seq)
             out.append((seq, tok, reason))
         return out
+
+    def fail_step(self, plan: StepPlan) -> list[Sequence]:
+        """A step raised: returns the sequences that fail now (released) -- the step's only
+        sequence -- or none, making the step's sequences suspects to retry one by one."""
+        seqs = [s for s in self.running if any(c.seq_id == s.id for c in plan.chunks)]
+        if len(seqs) != 1:
+            self.suspects |= {s.id for s in seqs}
+            return []
+        self.running.remove(seqs[0])
+        self._release(seqs[0])
+        return seqs
