@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.hf_config import rope_keys
 from .atomic import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -228,8 +229,7 @@ def _hf_config(reader: Any, arch_name: str, arch: _Arch, dtype: torch.dtype) -> 
         "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": _nice(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": theta,
-        "rope_scaling": _rope_scaling(reader, arch_name, theta, head_dim),
+        **rope_keys(theta, _rope_scaling(reader, arch_name, theta, head_dim)),
         "max_position_embeddings": int(get("context_length", 2048)),
         "vocab_size": int(names["token_embd.weight"].shape[-1]),  # ggml shape (hidden, vocab)
         "tie_word_embeddings": "output.weight" not in names,

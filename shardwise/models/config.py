@@ -1,17 +1,30 @@
-"""The Llama-family configuration (Llama 2/3, Mistral, Qwen2, SmolLM2) and named presets."""
+"""The Llama-family configuration (Llama 2/3, Mistral, Qwen2, SmolLM2) and named presets.
+
+``from_hf`` / ``to_hf`` go through :mod:`shardwise.models.hf_config`, the one place that reads and
+writes Hugging Face config keys (transformers 4.x and 5.x styles).
+"""
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+from .hf_config import FAMILIES, ROPE_TYPES, read_hf_config, write_hf_config
+
+SUPPORTED = tuple(FAMILIES)
 
 
 @dataclass(frozen=True)
 class LlamaConfig:
+    """The decoder's shape and settings.
+
+    ``rope_scaling``: ``None`` (plain rope) or ``{"rope_type": "linear" | "llama3", <its
+    parameters>}``. ``sliding_window``: the window of a Mistral / Qwen2 config (``None``: none);
+    the decoder attends to every earlier position, so ``max_position_embeddings`` (the positions
+    it runs) is limited to the window, where both agree exactly.
+    """
+
     vocab_size: int = 256
     hidden_size: int = 64
     intermediate_size: int = 160
@@ -22,6 +35,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # q/k/v bias (Qwen2)
@@ -29,18 +43,32 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     model_type: str = "llama"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED:
             raise ValueError(f"architecture {self.model_type!r} is not supported: "
                              f"shardwise runs {', '.join(SUPPORTED)}")
+        fam = FAMILIES[self.model_type]
+        if fam.attention_bias is not None and self.attention_bias != fam.attention_bias:
+            raise ValueError(f"model_type {self.model_type!r} has attention_bias="
+                             f"{fam.attention_bias} by architecture, not {self.attention_bias}")
+        if self.sliding_window is not None and fam.window == "none":
+            raise ValueError(f"model_type {self.model_type!r} has no sliding window")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{self.num_attention_heads} query heads are not a multiple of "
                              f"{self.num_key_value_heads} KV heads")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"{self.num_attention_heads} heads; give head_dim explicitly")
+        rs = self.rope_scaling
+        if rs is not None:
+            kind = rs.get("rope_type")
+            if kind not in ROPE_TYPES or kind == "default":
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, llama3; "
+                                 "None for plain rope)")
+            missing = [k for k in ROPE_TYPES[kind] if k not in rs]
+            if missing:
+                raise ValueError(f"rope_scaling {kind!r} lacks {', '.join(missing)}")
 
     @property
     def dim_per_head(self) -> int:
@@ -62,41 +90,18 @@ class LlamaConfig:
     # ------------------------------------------------------------------ Hugging Face config.json
     @classmethod
     def from_hf(cls, cfg: dict[str, Any] | str | Path) -> "LlamaConfig":
+        """From a config.json (path, directory or parsed dict) in transformers 4.x or 5.x style."""
         if not isinstance(cfg, dict):
             path = Path(cfg)
             path = path / "config.json" if path.is_dir() else path
             if not path.exists():
                 raise FileNotFoundError(f"no config.json at {path}")
             cfg = json.loads(path.read_text())
-        mt = cfg.get("model_type", "")
-        if mt not in SUPPORTED:
-            arch = ", ".join(cfg.get("architectures") or []) or mt or "unknown"
-            raise ValueError(f"architecture {arch!r} (model_type {mt!r}) is not supported: "
-                             f"shardwise runs {', '.join(SUPPORTED)}")
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", mt == "mistral") else None
-        if window and window < cfg.get("max_position_embeddings", 0):
-            limit = window
-        else:
-            limit = cfg.get("max_position_embeddings", 2048)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "model_type"}
-        kw = {k: cfg[k] for k in names if cfg.get(k) is not None}
-        kw.setdefault("num_key_value_heads", cfg["num_attention_heads"])
-        kw["max_position_embeddings"] = limit
-        kw["attention_bias"] = bool(cfg.get("attention_bias", mt == "qwen2"))
-        if cfg.get("mlp_bias"):
-            raise ValueError("MLP biases (mlp_bias=true) are not supported")
-        return cls(model_type=mt, **kw)
+        return cls(**read_hf_config(cfg))
 
     def to_hf(self) -> dict[str, Any]:
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM"}[self.model_type]
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        out.update(architectures=[arch], hidden_act="silu", torch_dtype="float32")
-        if self.head_dim is None:
-            out["head_dim"] = self.dim_per_head
-        if self.model_type == "qwen2":
-            out.pop("attention_bias")
-        return out
+        """config.json contents that transformers 4.x and 5.x read back as this model."""
+        return write_hf_config(self)
 
 
 PRESETS: dict[str, LlamaConfig] = {

@@ -80,21 +80,18 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies ``theta^(-2i/d)``, with Llama 3's scaling (or linear) when configured."""
     d = cfg.dim_per_head
     inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind == "default":
+    rs = cfg.rope_scaling  # validated by LlamaConfig: None, linear or llama3
+    if rs is None:
         return inv.float()
-    if kind == "linear":
+    if rs["rope_type"] == "linear":
         return (inv / rs["factor"]).float()
-    if kind == "llama3":
-        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long waves: divide
-        smooth = (old / wavelen - lo) / (hi - lo)
-        mid = (wavelen <= old / lo) & (wavelen >= old / hi)  # in between: interpolate
-        return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled).float()
-    raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long waves: divide
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = (wavelen <= old / lo) & (wavelen >= old / hi)  # in between: interpolate
+    return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -250,7 +247,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaBackbone(nn.Module):
-    """Embedding, the layers ``[first, last)`` this pipeline stage runs, and the final norm."""
+    """Embedding, the layers ``[first, last)`` this pipeline stage runs, and the final norm;
+    the embedding and the norm are ``None`` on stages that do not hold them."""
 
     def __init__(self, cfg: LlamaConfig, group, layers: range, *, has_embed: bool, has_norm: bool,
                  sequence_parallel: bool, pad_multiple: int, dtype=None, device=None) -> None:
@@ -284,13 +282,18 @@ class LlamaForCausalLM(nn.Module):
         layers = range(cfg.num_hidden_layers) if layers is None else layers
         self.first = layers.start == 0
         self.last = layers.stop == cfg.num_hidden_layers
+        tied = cfg.tie_word_embeddings
         HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, group_size(group))  # validate
-        self.model = LlamaBackbone(cfg, group, layers, has_embed=self.first or (
-            self.last and cfg.tie_word_embeddings), has_norm=self.last,
-            sequence_parallel=sequence_parallel, pad_multiple=pad_multiple, dtype=dtype,
-            device=device)
-        self.lm_head = ParallelLMHead(self.model.embed_tokens, tied=cfg.tie_word_embeddings,
-                                      sequence_parallel=sequence_parallel) if self.last else None
+        # The slice this stage holds: the embedding on the first stage (and, tied, on the last
+        # too: the head's weight there is the same logical parameter, its gradient summed over
+        # both stages by the training loop); the final norm and the head on the last stage.
+        self.model = LlamaBackbone(cfg, group, layers, has_embed=self.first or (self.last and tied),
+                                   has_norm=self.last, sequence_parallel=sequence_parallel,
+                                   pad_multiple=pad_multiple, dtype=dtype, device=device)
+        self.lm_head = ParallelLMHead(
+            cfg.vocab_size, cfg.hidden_size, group=group, pad_multiple=pad_multiple,
+            tied_to=self.model.embed_tokens if tied else None,
+            sequence_parallel=sequence_parallel, dtype=dtype, device=device) if self.last else None
         self.register_buffer("inv_freq", rope_frequencies(cfg).to(device), persistent=False)
         self.recompute = "none"
 
@@ -304,7 +307,11 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def vocab_start(self) -> int:
-        return self.model.embed_tokens.start
+        """First vocabulary row of this rank's partition (the head's, or the embedding's)."""
+        holder = self.lm_head or self.model.embed_tokens
+        if holder is None:
+            raise ValueError("a middle pipeline stage holds no vocabulary rows")
+        return holder.start
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (b, 1, s, d) for positions (b, s)."""
