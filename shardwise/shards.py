@@ -133,19 +133,24 @@ def seeded_normal(name: str, shape: tuple[int, ...], *, seed: int, std: float) -
     return torch.randn(shape, generator=gen) * std
 
 
-@torch.no_grad()
-def init_weights(module: nn.Module, *, seed: int = 0, std: float = 0.02) -> None:
-    """Initialise every parameter as the unsharded model would be, then keep the local rows.
-
-    Matrices and embeddings: N(0, std^2) (Llama's ``initializer_range``); vectors named like
-    norms: ones; other vectors (biases): zeros. Each full tensor is materialised once, on CPU.
-    """
+def seeded_reader(*, seed: int, std: float) -> ReadFn:
+    """A :data:`ReadFn` over the full tensors an unsharded model would be initialised with:
+    matrices and embeddings N(0, std^2) (Llama's ``initializer_range``); vectors named like
+    norms: ones; other vectors (biases): zeros. Each full tensor is materialised, on CPU."""
     def read(name: str, shape: tuple, dim: int, start: int, stop: int) -> torch.Tensor:
         if len(shape) >= 2:
             full = seeded_normal(name, shape, seed=seed, std=std)
         else:
             full = torch.ones(shape) if "norm" in name else torch.zeros(shape)
         return full.narrow(dim, start, stop - start) if full.dim() else full
+    return read
 
+
+@torch.no_grad()
+def init_weights(module: nn.Module, *, seed: int = 0, std: float = 0.02) -> None:
+    """Initialise every parameter as the unsharded model would be (:func:`seeded_reader`), then
+    keep the local rows. Placeholders of quantized weights are left to the quantized loader."""
+    read = seeded_reader(seed=seed, std=std)
     for path, p, _ in sharded_params(module):
-        p.copy_(assemble_local(path, p, read).to(p.dtype))
+        if not p.is_meta:
+            p.copy_(assemble_local(path, p, read).to(p.dtype))

@@ -33,9 +33,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
-                      VocabParallelEmbedding)
+                      VocabParallelEmbedding, group_multiple)
 from ..mesh import ProcessGroup, group_rank, group_size
-from ..partition import HeadLayout, Partition
+from ..partition import HeadLayout, aligned_sizes
 from ..shards import Piece
 from .config import LlamaConfig
 from .recompute import NoRecompute, Recompute
@@ -140,7 +140,7 @@ def causal_attend(layer: int, q, k, v, kv_index) -> torch.Tensor:
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int, group: ProcessGroup | None, *,
-                 sequence_parallel: bool, dtype=None, device=None) -> None:
+                 sequence_parallel: bool, dtype=None, device=None, quant=None) -> None:
         super().__init__()
         self.layer, self.group = layer, group
         self.layout = HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, group_size(group))
@@ -153,11 +153,11 @@ class Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, pieces, group=group,
                                              bias=cfg.attention_bias,
                                              sequence_parallel=sequence_parallel,
-                                             dtype=dtype, device=device)
+                                             dtype=dtype, device=device, quant=quant)
         self.o_proj = RowParallelLinear(H, cfg.hidden_size, group=group,
                                         in_pieces=[Piece("", 1, q0 * d, q1 * d, H)],
                                         sequence_parallel=sequence_parallel,
-                                        dtype=dtype, device=device)
+                                        dtype=dtype, device=device, quant=quant)
         idx = self.layout.kv_index(r)
         regular = idx == [i // (self.nq // self.nkv) for i in range(self.nq)] \
             and self.nq % self.nkv == 0
@@ -204,19 +204,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU with the intermediate columns split over ranks: as evenly as possible, on
+    multiples of the int4 group when the weights are int4 (so that down_proj's groups do not
+    straddle ranks)."""
+
     def __init__(self, cfg: LlamaConfig, group: ProcessGroup | None, *, sequence_parallel: bool,
-                 dtype=None, device=None) -> None:
+                 dtype=None, device=None, quant=None) -> None:
         super().__init__()
         n = cfg.intermediate_size
-        i0, i1 = Partition(n, group_size(group), unit="MLP columns").range(group_rank(group))
+        sizes = aligned_sizes(n, group_size(group), multiple=group_multiple(quant),
+                              unit="MLP columns")
+        i0 = sum(sizes[:group_rank(group)])
+        i1 = i0 + sizes[group_rank(group)]
         self.local = i1 - i0
+        kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device, quant=quant)
         self.gate_up_proj = ColumnParallelLinear(
             cfg.hidden_size, [Piece("gate_proj", 0, i0, i1, n), Piece("up_proj", 0, i0, i1, n)],
-            group=group, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+            group=group, **kw)
         self.down_proj = RowParallelLinear(n, cfg.hidden_size, group=group,
-                                           in_pieces=[Piece("", 1, i0, i1, n)],
-                                           sequence_parallel=sequence_parallel,
-                                           dtype=dtype, device=device)
+                                           in_pieces=[Piece("", 1, i0, i1, n)], **kw)
 
     def forward(self, x: torch.Tensor, rc: Recompute | NoRecompute = NoRecompute()) -> torch.Tensor:
         return self.down_proj(rc(swiglu, self.gate_up_proj(x), self.local))
@@ -224,13 +230,13 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int, group: ProcessGroup | None, *,
-                 sequence_parallel: bool = False, dtype=None, device=None) -> None:
+                 sequence_parallel: bool = False, dtype=None, device=None, quant=None) -> None:
         super().__init__()
         kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, layer, group, **kw)
+        self.self_attn = Attention(cfg, layer, group, quant=quant, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = MLP(cfg, group, **kw)
+        self.mlp = MLP(cfg, group, quant=quant, **kw)
         self.recompute = "none"
 
     def forward(self, x, cos, sin, attend: Attend = causal_attend) -> torch.Tensor:
@@ -251,14 +257,16 @@ class LlamaBackbone(nn.Module):
     the embedding and the norm are ``None`` on stages that do not hold them."""
 
     def __init__(self, cfg: LlamaConfig, group, layers: range, *, has_embed: bool, has_norm: bool,
-                 sequence_parallel: bool, pad_multiple: int, dtype=None, device=None) -> None:
+                 sequence_parallel: bool, pad_multiple: int, dtype=None, device=None,
+                 quant=None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
             cfg.vocab_size, cfg.hidden_size, group=group, pad_multiple=pad_multiple,
-            sequence_parallel=sequence_parallel, dtype=dtype, device=device) if has_embed else None
+            sequence_parallel=sequence_parallel, dtype=dtype, device=device,
+            quant=quant) if has_embed else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, group,
                                                           sequence_parallel=sequence_parallel,
-                                                          dtype=dtype, device=device)
+                                                          dtype=dtype, device=device, quant=quant)
                                      for i in layers})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sequence_parallel,
                             dtype=dtype, device=device) if has_norm else None
@@ -276,9 +284,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig, *, group: ProcessGroup | None = None,
                  sequence_parallel: bool = False, layers: range | None = None,
                  pad_multiple: int = 1, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, quant=None) -> None:
         super().__init__()
         self.config, self.group, self.sequence_parallel = cfg, group, sequence_parallel
+        self.quant = quant  # a QuantConfig: the matmul weights are filled by quant.load
         layers = range(cfg.num_hidden_layers) if layers is None else layers
         self.first = layers.start == 0
         self.last = layers.stop == cfg.num_hidden_layers
@@ -289,11 +298,13 @@ class LlamaForCausalLM(nn.Module):
         # both stages by the training loop); the final norm and the head on the last stage.
         self.model = LlamaBackbone(cfg, group, layers, has_embed=self.first or (self.last and tied),
                                    has_norm=self.last, sequence_parallel=sequence_parallel,
-                                   pad_multiple=pad_multiple, dtype=dtype, device=device)
+                                   pad_multiple=pad_multiple, dtype=dtype, device=device,
+                                   quant=quant)
         self.lm_head = ParallelLMHead(
             cfg.vocab_size, cfg.hidden_size, group=group, pad_multiple=pad_multiple,
             tied_to=self.model.embed_tokens if tied else None,
-            sequence_parallel=sequence_parallel, dtype=dtype, device=device) if self.last else None
+            sequence_parallel=sequence_parallel, dtype=dtype, device=device,
+            quant=quant) if self.last else None
         self.register_buffer("inv_freq", rope_frequencies(cfg).to(device), persistent=False)
         self.recompute = "none"
 
