@@ -20,6 +20,8 @@ from .failure import phase
 from .mesh import Mesh
 from .models.cache import KVCache
 from .partition import HeadLayout
+from .quant.config import QuantConfig
+from .quant.load import weight_bytes
 from .sampling import SamplingParams, sample
 
 
@@ -32,6 +34,7 @@ class GenerateJob:
     stream: str | None = "stdout"  # where rank 0 streams text: "stdout", "stderr" or None
     dtype: str = "float32"
     eos_ids: list[int] = field(default_factory=list)
+    quant: QuantConfig | None = None
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:
@@ -67,8 +70,9 @@ def run_generation(job: GenerateJob) -> dict:
     t0 = time.perf_counter()
     with phase("start"):
         mesh = Mesh.init(tp=job.tp)
-    source = resolve(job.model)
+    source = resolve(job.model, dense=job.quant is None)
     model = build_model(source, group=mesh.tp_group, dtype=getattr(torch, job.dtype),
+                        quant=job.quant,
                         device=mesh.device).eval()
     tokenizer = load_tokenizer(source) if source.tokenizer else None
     load_s = time.perf_counter() - t0
@@ -117,7 +121,7 @@ def run_generation(job: GenerateJob) -> dict:
         "load_s": round(load_s, 3),
         "prefill_tokens_per_s": round(len(job.prompt_ids) / times[0], 1) if times else 0.0,
         "decode_tokens_per_s": round(len(decode) / sum(decode), 1) if decode else 0.0,
-        "param_mib": round(sum(q.numel() * q.element_size() for q in model.parameters()) / 2**20, 1),
+        "param_mib": round(weight_bytes(model) / 2**20, 1),
         "peak_rss_mib": round(_peak_rss_mib(), 1),
         "comm_s": round(ledger.seconds, 4),
         "compute_s": round(max(0.0, total - ledger.seconds), 4),

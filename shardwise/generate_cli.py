@@ -22,7 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat-template", action="store_true")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="activation dtype (with --quant too)")
+    from .quant.config import add_arguments as quant_arguments
+    quant_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="stdout holds exactly one JSON object; everything else goes to stderr")
 
@@ -35,7 +38,11 @@ def check(args: argparse.Namespace) -> None:
     args.params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed,
                                  max_tokens=args.max_new_tokens, stop=args.stop)
-    args.source = resolve(args.model)
+    from .quant.config import from_args
+    args.quant_config = from_args(args)
+    args.source = resolve(args.model, dense=args.quant_config is None)
+    from .checkpoint.source import quant_for
+    quant_for(args.source, args.quant_config)
     require("transformers", what="generate (the tokenizer)")
     from .checkpoint.source import load_tokenizer
     tokenizer = load_tokenizer(args.source)
@@ -50,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         check(args)
     job = GenerateJob(args.model, args.tp, args.ids, args.params,
                       stream="stderr" if args.json else "stdout", dtype=args.dtype,
-                      eos_ids=args.source.config.eos_ids)
+                      eos_ids=args.source.config.eos_ids, quant=args.quant_config)
     summary = summarize(generate(job))
     if args.json:
         print(json.dumps(summary))

@@ -33,6 +33,8 @@ from .comm import Ledger, all_gather_dim
 from .failure import phase
 from .layers import gather_logits
 from .mesh import Mesh, group_size, subgroup
+from .quant.config import QuantConfig
+from .quant.load import weight_bytes
 
 EXIT_EXCEEDED = 1
 
@@ -46,6 +48,7 @@ class VerifyJob:
     seed: int = 0
     sequence_parallel: bool = False
     corrupt: tuple[str, int] | None = None  # test hook: (parameter name, tp rank) to perturb
+    quant: QuantConfig | None = None        # both sides quantized alike (shardwise.quant)
 
 
 @dataclass
@@ -126,9 +129,9 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
         group = _group_for(job.tp) if job.tp > 1 else None
     if group is False:
         return None
-    source = resolve(job.model)
+    source = resolve(job.model, dense=job.quant is None)
     model = build_model(source, group=group, sequence_parallel=job.sequence_parallel,
-                        seed=job.seed).eval()
+                        seed=job.seed, quant=job.quant).eval()
     rank = 0 if group is None else torch.distributed.get_rank(group)
     if job.corrupt is not None and job.corrupt[1] == rank:
         params = dict(model.named_parameters())
@@ -170,13 +173,14 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
         else:
             full[name] = out
     return {"rank": rank, "outputs": full if rank == 0 else None, "counts": counts,
-            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "param_bytes": weight_bytes(model),
             "peak_rss_mib": round(_peak_rss_mib(), 1), "comm_backend": _comm_backend(group)}
 
 
 def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
            sequence_parallel: bool = False, atol: float = 1e-4, rtol: float = 1e-4,
-           corrupt: tuple[str, int] | None = None, pool: Any = None) -> Report:
+           corrupt: tuple[str, int] | None = None, pool: Any = None,
+           quant: QuantConfig | None = None) -> Report:
     """Compare ``model`` at ``tp`` ranks (spawned locally, or on ``pool``, a
     :class:`~shardwise.launch.WorkerPool` of at least ``tp`` ranks) with tp=1 in this process.
 
@@ -187,8 +191,8 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
         raise ValueError(f"tp={tp}: must be >= 1")
     if sequence_parallel and seq % tp:
         raise ValueError(f"sequence parallelism needs seq % tp == 0 (seq={seq}, tp={tp})")
-    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt)
-    ref = run_rank(VerifyJob(model, 1, batch, seq, seed))
+    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt, quant)
+    ref = run_rank(VerifyJob(model, 1, batch, seq, seed, quant=quant))
     if tp == 1:
         results = [run_rank(job)]
     elif pool is not None:
@@ -257,13 +261,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=1e-4)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    from .quant.config import add_arguments as quant_arguments
+    quant_arguments(parser)
 
 
 def check(args: argparse.Namespace) -> None:
     """The model, the layout and the lengths, before any worker starts."""
-    from .checkpoint.source import resolve
+    from .checkpoint.source import quant_for, resolve
     from .partition import HeadLayout
-    cfg = resolve(args.model).config
+    from .quant.config import from_args
+    args.quant_config = from_args(args)
+    source = resolve(args.model, dense=args.quant_config is None)
+    quant_for(source, args.quant_config)
+    cfg = source.config
     HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
     if args.sequence_parallel and args.seq % args.tp:
         raise ValueError(f"sequence parallelism splits --seq={args.seq} over tp={args.tp} ranks: "
@@ -275,7 +285,8 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rep = verify(args.model, args.tp, batch=args.batch, seq=args.seq, seed=args.seed,
-                 sequence_parallel=bool(args.sequence_parallel), atol=args.atol, rtol=args.rtol)
+                 sequence_parallel=bool(args.sequence_parallel), atol=args.atol, rtol=args.rtol,
+                 quant=getattr(args, "quant_config", None))
     print(json.dumps(rep.to_json(), indent=1) if args.json else format_report(rep))
     return 0 if rep.ok else EXIT_EXCEEDED
 

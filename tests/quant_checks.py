@@ -17,7 +17,7 @@ from shardwise.models.config import LlamaConfig
 from shardwise.models.llama import LlamaForCausalLM
 from shardwise.quant.kernels import QuantizedWeight
 from shardwise.quant.load import is_placeholder, load_quantized, quantizing_reader
-from shardwise.quant.qtensor import QuantConfig
+from shardwise.quant.config import QuantConfig
 from shardwise.shards import Piece, assemble_local, seeded_reader, sharded_params
 
 

@@ -14,7 +14,8 @@ import torch
 from quant_checks import reference, run_quant
 from shardwise.quant.grid import int4_grid
 from shardwise.quant.kernels import PACK_ROWS, prepare
-from shardwise.quant.qtensor import QuantConfig, pack_nibbles, quantize, unpack_nibbles
+from shardwise.quant.config import QuantConfig
+from shardwise.quant.qtensor import pack_nibbles, quantize, unpack_nibbles
 
 REL = 1e-5
 # built to straddle: 6 heads of 32 (o_proj splits 2+2+1+1 heads on 4 ranks: columns 128, 160

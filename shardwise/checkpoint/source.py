@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..models.config import PRESETS, LlamaConfig
-from ..quant.qtensor import QuantConfig
+from ..quant.config import QuantConfig
 from .sharded import has_tokenizer, is_checkpoint
 
 REAL_MODELS = ("smollm2-135m",)
@@ -157,10 +157,11 @@ def readers(source: ModelSource, *, seed: int = 0, q8_0: str = "channel"):
         read = seeded_reader(seed=seed, std=source.config.initializer_range)
         qread = quantizing_reader(read)
     elif is_checkpoint(source.weights):
+        from .qsharded import quantized_reader
         from .sharded import Checkpoint
         ck = Checkpoint(source.weights)
         read = ck.reader("param")
-        qread = ck.qreader() if source.quant is not None else quantizing_reader(read)
+        qread = quantized_reader(ck) if source.quant is not None else quantizing_reader(read)
     else:
         from .hf import SafetensorsReader
         st = closer = SafetensorsReader(source.weights)

@@ -50,6 +50,10 @@ class QuantizedWeight(nn.Module):
         return (self.n, self.k)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("quantized weights are for inference and have no backward: "
+                               "train the float model, then quantize it (shardwise convert "
+                               "--quant)")
         lead = x.shape[:-1]
         y = self._mm(x.reshape(-1, self.k).to(self.dtype).contiguous())  # (tokens, k)
         y = y.view(*lead, self.n)                                        # (..., n)

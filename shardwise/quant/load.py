@@ -147,6 +147,12 @@ def quantized_bytes(model: nn.Module) -> int:
     return sum(m.nbytes() for m in model.modules() if isinstance(m, QuantizedWeight))
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as held: parameters plus quantized weights' buffers."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta) + \
+        quantized_bytes(model)
+
+
 def is_quantized(model: nn.Module) -> bool:
     from .kernels import QuantizedWeight
     return getattr(model, "quant", None) is not None or any(

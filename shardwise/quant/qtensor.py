@@ -28,47 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-METHODS = ("int8", "int4")
-GROUPS = (32, 64, 128, 256)  # int4 group sizes torch's kernel takes
-Q8_0_MODES = ("channel", "block")
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """How a model's weights are quantized.
-
-    ``method``: the matmul weights of the decoder layers (``int8`` per output channel, or
-    ``int4`` in groups of ``group`` input columns). ``embedding``: the embedding and the LM head
-    (``int8`` per row: llama.cpp keeps them at 8 bits or more in its 4-bit files too; a 4-bit
-    head costs more quality than the rest of the model). ``q8_0``: how GGUF Q8_0 tensors load:
-    ``channel`` re-quantizes their 32-blocks per row (torch's int8 kernel), ``block`` keeps the
-    blocks exactly (one int8 kernel call per block column).
-    """
-
-    method: str = "int8"
-    group: int = 128
-    embedding: str = "int8"
-    q8_0: str = "channel"
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"quantization {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.embedding not in METHODS:
-            raise ValueError(f"embedding quantization {self.embedding!r}: use one of "
-                             f"{', '.join(METHODS)}")
-        if self.group not in GROUPS:
-            raise ValueError(f"group {self.group}: torch's int4 kernel takes groups of "
-                             f"{', '.join(map(str, GROUPS))} columns")
-        if self.q8_0 not in Q8_0_MODES:
-            raise ValueError(f"q8_0 {self.q8_0!r}: use one of {', '.join(Q8_0_MODES)}")
-
-    def to_json(self) -> dict:
-        return {"method": self.method, "group": self.group, "embedding": self.embedding}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "QuantConfig":
-        return cls(method=d["method"], group=int(d.get("group", 128)),
-                   embedding=d.get("embedding", "int8"))
+from .config import METHODS
 
 
 @dataclass

@@ -35,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait beyond --max-seqs; more get 429")
     parser.add_argument("--max-prompt-tokens", type=int_range(1), default=None,
                         help="longest prompt accepted, in tokens (default: the context - 1)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="activation dtype (with --quant too)")
+    from ..quant.config import add_arguments as quant_arguments
+    quant_arguments(parser)
     parser.add_argument("--threads", type=int_range(1), default=None,
                         help="torch threads per rank (default max(1, cores // tp))")
     parser.add_argument("--drain-timeout", type=float_range(0.0), default=120.0,
@@ -45,11 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
+    from ..quant.config import from_args
     from .engine import EngineConfig
     return EngineConfig(model=args.model, tp=args.tp, kv_tokens=args.kv_tokens,
                         block_size=args.block_size, max_seqs=args.max_seqs,
                         max_batched_tokens=args.max_batched_tokens, dtype=args.dtype,
-                        threads=args.threads, profile=args.profile)
+                        threads=args.threads, profile=args.profile, quant=from_args(args))
 
 
 def _check_listen(host: str, port_: int) -> None:
@@ -91,7 +95,10 @@ def check(args: argparse.Namespace) -> None:
     args.limits = ServeLimits(api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
                               max_running=args.max_seqs, max_queue=args.max_queue)
     args.engine_config = engine_config(args)
-    args.source = resolve(args.model)
+    quant = args.engine_config.quant
+    args.source = resolve(args.model, dense=quant is None)
+    from ..checkpoint.source import quant_for
+    quant_for(args.source, quant)
     cfg = args.source.config
     HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
     args.tokenizer = load_tokenizer(args.source)

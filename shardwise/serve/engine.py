@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Ledger, all_gather_last
+from ..quant.config import QuantConfig
 from ..sampling import SamplingParams, sample
 from ..shm import PeerError
 from .admit import admission_error, make_sampler
@@ -48,6 +49,7 @@ class EngineConfig:
     dtype: str = "float32"
     threads: int | None = None        # torch threads per rank (default max(1, cores // tp))
     profile: bool = False             # time collectives in each step (the Ledger)
+    quant: QuantConfig | None = None  # weight-only quantization (shardwise.quant)
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the option, before any worker starts."""
@@ -240,8 +242,9 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
         with torch.inference_mode(), failure.phase("start"):
             t0 = time.perf_counter()
             mesh = Mesh.init(tp=cfg.tp, backend="gloo", timeout_s=7 * 86400.0)
-            source = resolve(cfg.model)
+            source = resolve(cfg.model, dense=cfg.quant is None)
             model = build_model(source, group=mesh.tp_group, dtype=getattr(torch, cfg.dtype),
+                                quant=cfg.quant,
                                 device=mesh.device).eval()
             context = source.config.max_position_embeddings
             with failure.phase("allocate KV cache"):
