@@ -85,3 +85,20 @@ def run_quant(case: dict, tp: int) -> dict | None:
 
 def reference(case: dict) -> dict:
     return run_quant(case, 1)
+
+
+def run_source(spec: str, tp: int, quant: QuantConfig | None, ids: torch.Tensor,
+               dtype: str = "float32") -> dict | None:
+    """Worker side: ``spec`` (a GGUF, checkpoint, preset) built by ``build_model`` on the first
+    ``tp`` ranks, full logits of ``ids``."""
+    from shardwise.checkpoint.source import build_model, resolve
+    group = subgroup(list(range(tp)))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank >= tp:
+        return None
+    model = build_model(resolve(spec, dense=quant is None), group=group, quant=quant,
+                        dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        logits = gather_logits(model(ids), model.lm_head)
+    forms = {n: m.form for n, m in model.named_modules() if isinstance(m, QuantizedWeight)}
+    return {"rank": group_rank(group), "logits": logits.float(), "forms": forms}

@@ -59,8 +59,9 @@ def _tiny_model(model_type: str, tied: bool, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _write_gguf(path, model, qtype: str = "F32", arch: str | None = None, extra=None) -> None:
-    """Write ``model`` as llama.cpp would: its names, permuted q/k for llama, 2-D weights in ``qtype``."""
+def _write_gguf(path, model, qtype="F32", arch: str | None = None, extra=None) -> None:
+    """Write ``model`` as llama.cpp would: its names, permuted q/k for llama, 2-D weights in ``qtype``
+    (a type name, or a function of the GGUF tensor name giving one)."""
     c = model.config
     arch = arch or c.model_type
     w = gguf.GGUFWriter(str(path), arch)
@@ -84,12 +85,13 @@ def _write_gguf(path, model, qtype: str = "F32", arch: str | None = None, extra=
         kind = name.split(".")[2] if name.startswith("blk.") else ""
         if c.model_type == "llama" and kind in heads:
             a = llama_cpp_permute(a, heads[kind])
-        if a.ndim == 1 or qtype == "F32":
+        qt = qtype(name) if callable(qtype) else qtype
+        if a.ndim == 1 or qt == "F32":
             w.add_tensor(name, a)
-        elif qtype == "F16":
+        elif qt == "F16":
             w.add_tensor(name, a.astype(np.float16))
         else:
-            q = gguf.GGMLQuantizationType[qtype]
+            q = gguf.GGMLQuantizationType[qt]
             w.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
     for name, a in (extra or {}).items():
         w.add_tensor(name, a)

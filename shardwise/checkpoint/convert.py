@@ -77,7 +77,7 @@ def save_quantized(spec: str, out: str | Path, *, tp: int, pp: int = 1, quant=No
     if quant is None:
         raise ValueError(f"{spec} is not quantized: give --quant int8 or int4")
     check_layout(source.config, tp, pp, 1)
-    with readers(source, q8_0=quant.q8_0) as (read, qread):
+    with readers(source, quant=quant) as (read, qread):
         return atomic_dir(out, lambda tmp: write_quantized(
             tmp, source.config, quant, tp=tp, pp=pp, read=read, qread=qread,
             meta={"model": source.name, "dtype": "float32"}, tokenizer=source.tokenizer))

@@ -16,9 +16,10 @@ A rank reads only its blocks, with positioned reads: its rows (q/k/v, gate/up, v
 one contiguous range) or, per row, its block columns (o_proj, down_proj). Q8_0 either keeps its
 blocks (``q8_0="block"``) or is re-quantized per row for torch's per-channel int8 kernel
 (``"channel"``, the default: the change is reported). Q4 blocks in an int8 slot (``--quant
-int8``) are re-quantized per row. F32/F16/BF16 weights are quantized on load like any float
-checkpoint; any other type (K-quants, IQ) is dequantized with gguf's own code and kept dense,
-with a one-line notice.
+int8``: ``q4_to_int8``) are re-quantized per row; otherwise a GGUF's types decide, whatever
+the slot (a Q4_1 embedding stays int4). F32/F16/BF16 weights are quantized on load like any float
+checkpoint; any other type (K-quants, IQ) is dequantized with gguf's own code and kept dense in
+the activation dtype (bf16 when serving in bf16), with a one-line notice.
 """
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ class GGUFTensors:
     :data:`~shardwise.quant.load.QReadFn`) over a GGUF file's tensors, by their HF names.
     ``bytes_read`` counts the bytes read from the file."""
 
-    def __init__(self, path: str | os.PathLike, *, q8_0: str = "channel",
+    def __init__(self, path: str | os.PathLike, *, q8_0: str = "channel", q4_to_int8: bool = False,
                  table: str | os.PathLike | None = None) -> None:
-        self.path, self.q8_0 = Path(path), q8_0
+        self.path, self.q8_0, self.q4_to_int8 = Path(path), q8_0, q4_to_int8
         if table is not None and Path(table).is_file():  # parsed once, at conversion
             meta = json.loads(Path(table).read_text())
         else:  # parsing every key of a GGUF takes seconds (its vocabulary)
@@ -138,10 +139,10 @@ class GGUFTensors:
         e = self._entry(name, shape)
         if e.kind in FLOAT:
             return self._float(name, shape, dim, start, stop, method, group)
-        if e.kind not in KEPT:
-            return self.read(name, shape, dim, start, stop).to(torch.bfloat16)
+        if e.kind not in KEPT:  # dense: gguf's dequantization, then the model's dtype
+            return self.read(name, shape, dim, start, stop)
         requantize = (e.kind == "Q8_0" and self.q8_0 == "channel") or \
-            (e.kind != "Q8_0" and method == "int8")
+            (e.kind != "Q8_0" and self.q4_to_int8)
         r0, r1, c0, c1 = (start, stop, 0, e.shape[1]) if dim == 0 else (0, e.shape[0], start, stop)
         if requantize:
             c0, c1 = 0, e.shape[1]  # per-row scales need whole rows

@@ -142,7 +142,7 @@ def build_model(source: ModelSource, *, group=None, sequence_parallel: bool = Fa
 
 
 @contextmanager
-def readers(source: ModelSource, *, seed: int = 0, q8_0: str = "channel"):
+def readers(source: ModelSource, *, seed: int = 0, quant: QuantConfig | None = None):
     """``(read, qread)`` over ``source``'s full tensors: a float
     :data:`~shardwise.shards.ReadFn` and a :data:`~shardwise.quant.load.QReadFn` (stored
     integers where the source is quantized, else the float tensors quantized on load)."""
@@ -151,7 +151,9 @@ def readers(source: ModelSource, *, seed: int = 0, q8_0: str = "channel"):
     closer = None
     if source.gguf is not None:
         from .gguf_read import TABLE, GGUFTensors
-        tensors = closer = GGUFTensors(source.gguf, q8_0=q8_0, table=source.weights / TABLE)
+        quant = quant or QuantConfig()
+        tensors = closer = GGUFTensors(source.gguf, q8_0=quant.q8_0, table=source.weights / TABLE,
+                                       q4_to_int8=quant.method == "int8")
         read, qread = tensors.read, tensors.qread
     elif source.weights is None:
         read = seeded_reader(seed=seed, std=source.config.initializer_range)
@@ -180,7 +182,7 @@ def load_quantized_source(model, source: ModelSource, *, seed: int = 0, dtype: t
     quantized weights, from ``source``; returns the loader's notes per weight."""
     from ..quant.load import is_placeholder, load_quantized
     from ..shards import assemble_local, sharded_params
-    with readers(source, seed=seed, q8_0=model.quant.q8_0) as (read, qread):
+    with readers(source, seed=seed, quant=model.quant) as (read, qread):
         for path, p, _ in sharded_params(model):
             if not is_placeholder(p):
                 p.copy_(assemble_local(path, p, read).to(p.dtype))

@@ -122,7 +122,7 @@ def load_quantized(model: nn.Module, qread: QReadFn, *, dtype: torch.dtype,
     return notes
 
 
-def say_notes(notes: dict[str, list[str]], *, rank: int, stream=sys.stderr) -> None:
+def say_notes(notes: dict[str, list[str]], *, rank: int, stream=None) -> None:
     """One line per kind of note (its text without numbers), naming the weights (layer numbers
     folded to ``*``) and quoting the note with the largest first number."""
     import re
@@ -138,7 +138,7 @@ def say_notes(notes: dict[str, list[str]], *, rank: int, stream=sys.stderr) -> N
             kinds[key] = (paths, line if first > was else worst)
     for paths, line in kinds.values():
         names = ", ".join(dict.fromkeys(paths))
-        print(f"shardwise: rank {rank}: {names}: {line}", file=stream, flush=True)
+        print(f"shardwise: rank {rank}: {names}: {line}", file=stream or sys.stderr, flush=True)
 
 
 def quantized_bytes(model: nn.Module) -> int:
