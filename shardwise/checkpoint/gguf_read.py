@@ -38,7 +38,7 @@ from .gguf import _ROPE_FREQS, _arch, _field, _hf_config, _open, hf_tensor_name,
 
 KEPT = ("Q4_0", "Q4_1", "Q8_0")
 FLOAT = ("F32", "F16", "BF16")
-CHUNK_ROWS = 4096  # rows converted at a time: bounds the transient memory of big tensors
+CHUNK_ROWS = 256  # rows converted at a time: bounds the transient memory of big tensors
 TABLE = "gguf_tensors.json"  # the tensor table, written beside a converted GGUF's config
 
 
@@ -147,16 +147,16 @@ class GGUFTensors:
         if requantize:
             c0, c1 = 0, e.shape[1]  # per-row scales need whole rows
         b0, b1 = c0 // e.block, -(-c1 // e.block)
-        parts, err, top = [], 0.0, 0.0
-        for r in range(r0, r1, CHUNK_ROWS):
+        qt, err, top = None, 0.0, 0.0
+        for r in range(r0, r1, CHUNK_ROWS):  # into one preallocated tensor, chunk by chunk
             part = _decode(e.kind, self._raw(e, r, min(r1, r + CHUNK_ROWS), b0, b1), e.block)
             if requantize:
                 exact = part.dequantize()
                 part = quantize(exact, "int8")
                 err = max(err, float((part.dequantize() - exact).abs().max()))
                 top = max(top, float(exact.abs().max()))
-            parts.append(part)
-        qt = _cat(parts)
+            qt = qt or _empty_like(part, r1 - r0)
+            _fill(qt, part, r - r0)
         if dim == 1:
             qt = qt.cols(start - b0 * e.block, stop - b0 * e.block)
         order = self._row_order(e, r0, r1)
@@ -208,9 +208,18 @@ def _decode(kind: str, raw: np.ndarray, block: int) -> QTensor:
     return QTensor("int4", q, d, torch.zeros_like(d), block)
 
 
-def _cat(parts: list[QTensor]) -> QTensor:
-    from ..quant.qtensor import cat_rows
-    return parts[0] if len(parts) == 1 else cat_rows(parts)
+def _empty_like(part: QTensor, rows: int) -> QTensor:
+    """A QTensor of ``rows`` rows shaped and typed like ``part`` (filled by :func:`_fill`)."""
+    new = lambda t: None if t is None else t.new_empty((rows,) + tuple(t.shape[1:]))  # noqa: E731
+    return QTensor(part.method, new(part.q), new(part.scale), new(part.zero), part.group)
+
+
+def _fill(qt: QTensor, part: QTensor, row: int) -> None:
+    n = part.q.shape[0]
+    qt.q[row:row + n] = part.q
+    qt.scale[row:row + n] = part.scale
+    if qt.zero is not None:
+        qt.zero[row:row + n] = part.zero
 
 
 def _take_rows(qt: QTensor, order: torch.Tensor) -> QTensor:

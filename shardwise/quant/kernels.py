@@ -30,7 +30,7 @@ from torch import nn
 from .grid import int4_grid
 from .qtensor import QTensor, pack_nibbles, quantize, unpack_nibbles
 
-PACK_ROWS = 4096  # rows packed at a time (a multiple of the kernel's 64-row blocks)
+PACK_ROWS = 256  # rows packed at a time (a multiple of the kernel's 64-row blocks)
 
 
 class QuantizedWeight(nn.Module):
@@ -173,9 +173,13 @@ class Int4Kernel(QuantizedWeight):
         self.register_buffer("packed", self._pack(q, device))
 
     def _pack(self, q: torch.Tensor, device) -> torch.Tensor:
-        chunks = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q[r:r + PACK_ROWS].to(torch.int32).contiguous(), 1) for r in range(0, self.n, PACK_ROWS)]
-        return torch.cat(chunks).to(device)
+        """Packed in chunks of rows (the kernel packs blocks of 64 rows independently), so that
+        the int32 copy the packing function wants is small."""
+        out = torch.empty(self.n, self.k // 2, dtype=torch.uint8)
+        for r in range(0, self.n, PACK_ROWS):
+            out[r:r + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q[r:r + PACK_ROWS].to(torch.int32).contiguous(), 1)
+        return out.to(device)
 
     def _mm(self, x2):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.kg, self.sz)
