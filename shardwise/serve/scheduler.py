@@ -345,8 +345,9 @@ class Scheduler:
 
     def prompt_logprobs(self, plan: StepPlan, found: dict[int, list]) -> list[tuple[int, list]]:
         """``(seq id, entries)`` of the prompt log-probabilities a step computed (entry i is
-        for prompt position ``chunk.start + 1 + i``), without those reported before a
-        preemption made the sequence recompute them."""
+        for prompt position ``chunk.start + 1 + i``), for the sequence and its unforked
+        followers, without those reported before a preemption made the sequence recompute
+        them."""
         out = []
         for c in plan.chunks:
             seq = next((s for s in self.running if s.id == c.seq_id), None)
@@ -356,7 +357,7 @@ class Scheduler:
             fresh = entries[max(0, seq.lp_done - (c.start + 1)):]
             seq.lp_done = max(seq.lp_done, c.start + 1 + len(entries))
             if fresh:
-                out.append((seq.id, fresh))
+                out += [(s.id, fresh) for s in (seq, *seq.followers)]
         return out
 
     def fail_step(self, plan: StepPlan) -> list[Sequence]:
