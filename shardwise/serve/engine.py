@@ -213,8 +213,9 @@ def _add(req: Request, sched: Scheduler, grammars: Grammars, *, vocab: int,
                           block_size=sched.block_size, max_seqs=sched.max_seqs)
     if why is None and req.grammar is not None:
         try:
-            for s in seqs:
-                s.grammar = grammars.constraint(req.grammar)
+            seqs[0].grammar = grammars.constraint(req.grammar)
+            for s in seqs[1:]:
+                s.grammar = seqs[0].grammar.copy()
         except ValueError as e:  # GrammarError, or a tokenizer llguidance cannot read
             why = f"the grammar cannot be used: {e}"
     if why is None:

@@ -68,8 +68,13 @@ def lark_literal(text: str) -> str:
 def lark_json(schema: dict[str, Any] | None, *, strict: bool = True) -> str:
     """A ``%json`` item of a Lark grammar: JSON valid under ``schema``, compact."""
     s = {"type": "object"} if schema is None else dict(schema)
-    s["x-guidance"] = {**JSON_STYLE, "lenient": not strict, **(s.get("x-guidance") or {})}
-    return "%json " + json.dumps(s)
+    own = s.get("x-guidance")
+    s["x-guidance"] = {**JSON_STYLE, "lenient": not strict, **(own if isinstance(own, dict)
+                                                               else {})}
+    try:
+        return "%json " + json.dumps(s)
+    except (TypeError, ValueError) as e:
+        raise GrammarError(f"the schema is not JSON: {e}") from None
 
 
 class Constraint:
@@ -89,9 +94,9 @@ class Constraint:
             raise GrammarError(f"token {token} broke the grammar: {self.matcher.get_error()}")
         return self.matcher.is_stopped()
 
-    @property
-    def error(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
+    def copy(self) -> "Constraint":
+        """The same grammar in the same state, to advance on its own."""
+        return Constraint(self.matcher.deep_copy(), self.words)
 
 
 class Grammars:

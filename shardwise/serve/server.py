@@ -91,7 +91,7 @@ def _chat_grammar(req: ChatRequest) -> str | None:
                 strict=rf.type != "json_schema" or bool(rf.json_schema.strict))
             return tool_grammar(req, item)
         return answer
-    except GrammarError as e:
+    except (GrammarError, TypeError, ValueError) as e:
         raise APIError(400, f"{param}: the schema cannot be used for structured output: {e}",
                        param=param, code="invalid_schema") from None
 
