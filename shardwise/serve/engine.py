@@ -277,7 +277,7 @@ def _stats(sched: Scheduler) -> dict[str, Any]:
             "blocks_used": sched.alloc.num_used, "blocks_free": sched.alloc.num_free,
             "blocks_cached": sched.alloc.num_cached, "preemptions": sched.preemptions,
             "prefix_hit_tokens": sched.hit_tokens, "prefix_query_tokens": sched.query_tokens,
-            "prefill_tokens": sched.prefill_tokens}
+            "prefill_tokens": sched.prefill_tokens, "evictions": sched.alloc.evictions}
 
 
 def _follow(runner: Runner, group) -> None:

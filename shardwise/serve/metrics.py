@@ -58,6 +58,7 @@ COUNTERS = {
     "preemptions_total": "Sequences preempted for lack of KV blocks (recomputed later).",
     "prefix_cache_hit_tokens_total": "Prompt tokens whose KV came from the prefix cache.",
     "prefix_cache_query_tokens_total": "Prompt tokens of sequences admitted (cache looked up).",
+    "prefix_cache_evictions_total": "Cached blocks evicted to make room.",
     "prefill_tokens_total": "Prompt tokens run through the model (the rest came from the cache "
                             "or a forked sample).",
 }
@@ -95,6 +96,7 @@ class Metrics:
             self.counters["prefix_cache_hit_tokens_total"][""] = hit
             self.counters["prefix_cache_query_tokens_total"][""] = query
             self.counters["prefill_tokens_total"][""] = stats.get("prefill_tokens", 0)
+            self.counters["prefix_cache_evictions_total"][""] = stats.get("evictions", 0)
             self.gauges["prefix_cache_hit_ratio"] = hit / query if query else 0.0
             if "step_s" in stats:
                 self.step.observe(stats["step_s"])
