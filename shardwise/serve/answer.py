@@ -108,7 +108,7 @@ class Choice:
 
     @property
     def finish_reason(self) -> str | None:
-        if self.finish == "stop" and self.parser is not None and self.parser.mode == "calls":
+        if self.finish == "stop" and self.parser is not None and self.parser.calls:
             return "tool_calls"
         return self.finish
 

@@ -191,8 +191,9 @@ class ToolStream:
         return []
 
     def message(self) -> dict[str, Any]:
-        """The whole answer as an assistant message (``content`` or ``tool_calls``)."""
-        if self.mode != "calls":
+        """The whole answer as an assistant message (``content`` or ``tool_calls``); a call cut
+        before its name was complete leaves the text as content."""
+        if self.mode != "calls" or not self.calls:
             return {"role": "assistant", "content": self.buf}
         return {"role": "assistant", "content": None, "tool_calls": [
             {"id": c["id"], "type": "function",
