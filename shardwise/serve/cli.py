@@ -85,6 +85,7 @@ def check(args: argparse.Namespace) -> None:
     the extras, the address."""
     require("fastapi", what="shardwise serve")
     require("uvicorn", what="shardwise serve")
+    require("llguidance", what="shardwise serve (structured output)")
     require("transformers", what="shardwise serve (the tokenizer)")
     from ..checkpoint.source import load_tokenizer, resolve
     from ..partition import HeadLayout
