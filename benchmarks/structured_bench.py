@@ -7,8 +7,9 @@
    five nested schemas (objects in arrays in objects, enums, required fields, numbers with
    bounds), sampled at temperature 0.8 with a seed per request, ``--concurrency`` at a time.
    Each answer must parse (``json.loads``) and validate (``jsonschema``). With ``--bounded``, every
-   string without a ``maxLength`` gets 40 and every array without ``maxItems`` gets 4, so that
-   an answer's length is bounded by the schema rather than by the model's will to stop.
+   string without a ``maxLength`` gets 40, every array without ``maxItems`` 4 and every number
+   without bounds [-10**6, 10**6], so that an answer's length is bounded by the schema rather
+   than by the model's will to stop.
 2. Cost: rounds of ``--concurrency`` streamed requests, alternating *with* a schema (A) and
    *without* (B, the same prompts, ``ignore_eos`` and ``max_tokens`` set to the token count each
    request produced in the A round before it, so both do the same work). Decode throughput of a
@@ -68,13 +69,17 @@ SCHEMAS = {
 
 
 def bounded(s: dict) -> dict:
-    """``s`` with ``maxLength`` 40 on its strings and ``maxItems`` 4 on its arrays (if unset)."""
+    """``s`` with ``maxLength`` 40 on its strings, ``maxItems`` 4 on its arrays and +-10**6 on its
+    numbers (where unset)."""
     s = {k: {n: bounded(x) for n, x in v.items()} if k == "properties" else
          bounded(v) if isinstance(v, dict) else v for k, v in s.items()}
     if s.get("type") == "string":
         s.setdefault("maxLength", 40)
     if s.get("type") == "array":
         s.setdefault("maxItems", 4)
+    if s.get("type") in ("integer", "number"):
+        s.setdefault("minimum", -10**6)
+        s.setdefault("maximum", 10**6)
     return s
 
 
