@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from shardwise.serve.blocks import BlockPool, extend_hashes
@@ -14,6 +15,11 @@ from shardwise.serve.scheduler import SamplerSpec, Scheduler, Sequence
 from test_serve_engine import _model, _solo
 
 BS = 4
+
+
+@pytest.fixture(scope="module")
+def m():
+    return _model()
 
 
 def _run(m, seqs_by_step: dict[int, list[Sequence]], *, blocks: int = 64, caching: bool = True,
@@ -35,8 +41,7 @@ def _run(m, seqs_by_step: dict[int, list[Sequence]], *, blocks: int = 64, cachin
 
 
 @torch.inference_mode()
-def test_prefix_cache_reuses_blocks_and_keeps_the_tokens():
-    m = _model()
+def test_prefix_cache_reuses_blocks_and_keeps_the_tokens(m):
     results = {}
     for caching in (False, True):
         rng = random.Random(1)  # the same conversations with and without the cache
@@ -66,8 +71,7 @@ def test_prefix_cache_reuses_blocks_and_keeps_the_tokens():
 
 
 @torch.inference_mode()
-def test_eviction_under_pressure_keeps_the_tokens():
-    m = _model()
+def test_eviction_under_pressure_keeps_the_tokens(m):
     rng = random.Random(2)
     prompts = [[rng.randrange(256) for _ in range(rng.randint(9, 20))] for _ in range(6)]
     prompts += [p + [1, 2] for p in prompts]  # second round: the first round's prefixes again
@@ -102,8 +106,7 @@ def test_block_pool_shares_counts_and_evicts_lru():
 
 
 @torch.inference_mode()
-def test_n_samples_fork_from_one_prefill():
-    m = _model()
+def test_n_samples_fork_from_one_prefill(m):
     prompt = list(range(30, 43))  # 13 tokens: 3 full blocks and a partial one to copy
     specs = [SamplerSpec(temperature=1.0, seed=s) for s in (11, 12, 13, 14)]
 
@@ -146,8 +149,7 @@ class EvenOnly:
 
 
 @torch.inference_mode()
-def test_token_masks_constrain_sampling_and_finish_the_sequence():
-    m = _model()
+def test_token_masks_constrain_sampling_and_finish_the_sequence(m):
     vocab = m.lm_head.num_embeddings
     free = Sequence(1, [5, 6, 7], SamplerSpec(temperature=1.0, seed=3), 12)
     seqs = [Sequence(i, [5, 6, 7], SamplerSpec(temperature=t, seed=i), 12)
@@ -161,8 +163,7 @@ def test_token_masks_constrain_sampling_and_finish_the_sequence():
 
 
 @torch.inference_mode()
-def test_prompt_logprobs_equal_the_full_forward():
-    m = _model()
+def test_prompt_logprobs_equal_the_full_forward(m):
     prompt = [3, 17, 99, 4, 250, 8, 61, 12, 9, 33]
     seq = Sequence(1, list(prompt), SamplerSpec(logprobs=2, prompt_logprobs=3), 2)
     runner = Runner(m, None, PagedKVCache(m, 16, BS))

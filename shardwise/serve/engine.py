@@ -320,6 +320,8 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                               prefix_caching=cfg.prefix_caching)
             grammars = Grammars(lambda: load_tokenizer(source), vocab=runner.vocab,
                                 eos_ids=source.config.eos_ids)
+            if source.tokenizer is not None:
+                grammars.warm()
             evt_q.put(("ready", {"num_blocks": cache.num_blocks, "block_size": cfg.block_size,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
                                  "load_s": time.perf_counter() - t0, "pid": os.getpid()}))

@@ -13,11 +13,13 @@ JSON is generated compactly, with the separators ``", "`` and ``": "`` and no ot
 a small model cannot wander into endless newlines. ``strict`` schemas must use only keywords
 llguidance implements (an unknown one is a 400); non-strict schemas ignore the unknown keywords.
 The matcher's tokenizer (:class:`Grammars`) is built from the model's Hugging Face tokenizer on
-rank 0 when the first constrained request arrives (about half a second for SmolLM2).
+rank 0, in a thread started with the engine (about a second for SmolLM2), so that the first
+constrained request does not stall the steps of the others.
 """
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, Callable
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -105,16 +107,28 @@ class Grammars:
     def __init__(self, load: Callable[[], Any], *, vocab: int, eos_ids: list[int]) -> None:
         self._load, self.vocab, self.eos_ids = load, vocab, eos_ids
         self._tok: Any = None
+        self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        """Build the tokenizer in the background (errors surface at the first request)."""
+        def build() -> None:
+            try:
+                self._tokenizer()
+            except Exception:  # noqa: BLE001 - the first constrained request reports it
+                pass
+        threading.Thread(target=build, daemon=True, name="grammar-tokenizer").start()
 
     def _tokenizer(self) -> Any:
         """llguidance's view of the model's tokenizer, with the same end-of-sequence ids as the
         server (the config's and the tokenizer's)."""
-        if self._tok is None:
-            import llguidance.hf
-            hf = self._load()
-            eos = sorted(set(self.eos_ids) | ({hf.eos_token_id} - {None}))
-            self._tok = llguidance.hf.from_tokenizer(hf, n_vocab=self.vocab, eos_token=eos or None)
-        return self._tok
+        with self._lock:
+            if self._tok is None:
+                import llguidance.hf
+                hf = self._load()
+                eos = sorted(set(self.eos_ids) | ({hf.eos_token_id} - {None}))
+                self._tok = llguidance.hf.from_tokenizer(hf, n_vocab=self.vocab,
+                                                         eos_token=eos or None)
+            return self._tok
 
     def constraint(self, grammar: str) -> Constraint:
         """A fresh matcher of ``grammar``; raises :class:`GrammarError`."""
