@@ -157,7 +157,8 @@ async def sse(st: "ServerState", gen: AsyncIterator[tuple[int, Piece]], first: t
     done = 0
 
     def chunk(objs: list[dict], extra: dict | None = None) -> str:
-        return f"data: {json.dumps({**shape.head, 'object': obj, 'choices': objs, **(extra or {})})}\n\n"
+        body = {**shape.head, "object": obj, "choices": objs, **(extra or {})}
+        return f"data: {json.dumps(body)}\n\n"
 
     try:
         if shape.chat:

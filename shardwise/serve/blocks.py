@@ -15,12 +15,12 @@ sequence that shares the prefix), and prefills only the rest. The hit stops one 
 the prompt, so at least one token runs and gives the logits to sample from (vLLM's rule): a prompt
 of exactly ``k`` cached blocks reuses ``k - 1`` and recomputes the last one.
 
-Partial blocks are never shared: the block that holds a sequence's last, incomplete ``n % block_size``
-tokens is private to it, and a sequence only ever writes KV at positions past what it reused, so a
-shared block is never written and copy-on-write is never needed. (The ``n > 1`` samples of one
-prompt get a *copy* of the leader's partial block; see :mod:`.scheduler`.) When a second sequence
-fills a block whose hash is already registered, the first registration stays and the second block
-remains private, freed when its sequence ends.
+Partial blocks are never shared: the block that holds a sequence's last, incomplete
+``n % block_size`` tokens is private to it, and a sequence only ever writes KV at positions past
+what it reused, so a shared block is never written and copy-on-write is never needed. (The
+``n > 1`` samples of one prompt get a *copy* of the leader's partial block; see :mod:`.scheduler`.)
+When a second sequence fills a block whose hash is already registered, the first registration
+stays and the second block remains private, freed when its sequence ends.
 
 Eviction. A cached block with no holder is evictable. Allocation takes never-used free blocks first,
 then evicts cached blocks least recently released first (a sequence releases its blocks last to

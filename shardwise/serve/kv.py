@@ -7,8 +7,8 @@ owns a list of blocks (its *block table*); its token at position ``p`` lives in 
 
 Rank 0 decides which block ids a sequence uses (:mod:`.blocks`); the other ranks receive the
 tables in each step's plan. One engine step runs every scheduled sequence's new tokens as one flat
-row ``(1, T)``: decodes first (one token each), then prefill chunks. :meth:`PagedKVCache.attend` writes the step's k/v into
-their slots, then attends
+row ``(1, T)``: decodes first (one token each), then prefill chunks. :meth:`PagedKVCache.attend`
+writes the step's k/v into their slots, then attends
 
 * all decodes at once: keys gathered into ``(n_dec, nkv, L_max, d)`` with a padding mask; with a
   regular GQA layout the ``g`` query heads sharing a KV head are the "query sequence" of one SDPA

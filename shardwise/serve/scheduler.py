@@ -286,7 +286,8 @@ class Scheduler:
         plan.drop, self._drop = self._drop, []
         return plan
 
-    def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[tuple[Sequence, int, str | None]]:
+    def update(self, plan: StepPlan,
+               sampled: dict[int, int]) -> list[tuple[Sequence, int, str | None]]:
         """Advance after a step; ``sampled`` maps seq id -> new token. Returns
         ``(seq, token, finish_reason)`` for every sampled token (finished ones released)."""
         by_id = {s.id: s for s in self.running}

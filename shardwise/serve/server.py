@@ -9,8 +9,9 @@ then the body is validated against its model (a 400 naming the field otherwise),
 features are refused, the prompts are tokenized and the grammar of a structured answer is compiled
 (in a thread: a long prompt does not stall the streams), each prompt is checked against the prompt
 limit, the context and the KV cache, and the request's choices (``n`` samples of each prompt) are
-handed to the engine (:mod:`.respond`) and answered (:mod:`.answer`). At most ``max_running + max_queue`` requests are in
-flight; beyond that, 429. Every error is an OpenAI error object, a 500 included.
+handed to the engine (:mod:`.respond`) and answered (:mod:`.answer`). At most
+``max_running + max_queue`` requests are in flight; beyond that, 429. Every error is an OpenAI
+error object, a 500 included.
 """
 from __future__ import annotations
 
