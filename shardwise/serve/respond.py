@@ -119,8 +119,11 @@ async def pieces(st: "ServerState", sid: int, q: asyncio.Queue, req: Any) -> Asy
 async def merged(gens: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
     """``(choice index, piece)`` from several choices as they come; the first error ends all."""
     if len(gens) == 1:
-        async for p in gens[0]:
-            yield 0, p
+        try:
+            async for p in gens[0]:
+                yield 0, p
+        finally:
+            await gens[0].aclose()  # type: ignore[attr-defined]
         return
     box: asyncio.Queue = asyncio.Queue()
 

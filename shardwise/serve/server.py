@@ -153,9 +153,9 @@ def _take_slot(st: ServerState, req: ChatRequest | CompletionRequest) -> Slot:
 
 
 def _start(st: ServerState, req: ChatRequest | CompletionRequest, prep: Prepared,
-           chat: bool) -> tuple[AsyncIterator, Shape, int]:
-    """Check the lengths, submit every choice; returns the merged pieces and the answer's
-    shape."""
+           chat: bool) -> tuple[AsyncIterator, Shape, list[int]]:
+    """Check the lengths, submit every choice; returns the merged pieces, the answer's shape and
+    the choices' sequence ids."""
     n_choices = req.n * len(prep.prompts)
     if n_choices > MAX_CHOICES:
         raise APIError(400, f"n={req.n} x {len(prep.prompts)} prompts = {n_choices} choices; "
@@ -177,14 +177,15 @@ def _start(st: ServerState, req: ChatRequest | CompletionRequest, prep: Prepared
                   logprobs=logprobs, tools=chat and bool(req.tools) and req.tool_choice != "none",
                   echo=echo, include_usage=req.stream_options is not None and
                   req.stream_options.include_usage)
-    return merged([pieces(st, sid, q, req) for sid, q in seqs]), shape, n_choices
+    return merged([pieces(st, sid, q, req) for sid, q in seqs]), shape, [sid for sid, _ in seqs]
 
 
 async def _handle(st: ServerState, req: ChatRequest | CompletionRequest, chat: bool) -> Response:
-    slot, gen, handed_off = _take_slot(st, req), None, False
+    slot, gen, handed_off, sids = _take_slot(st, req), None, False, []
     try:
         prep = await asyncio.to_thread(_prepare, st, req)
-        gen, shape, n_choices = _start(st, req, prep, chat)
+        gen, shape, sids = _start(st, req, prep, chat)
+        n_choices = len(sids)
         if req.stream:
             first = await gen.__anext__()  # errors before the first token get a status code
             events = sse(st, gen, first, shape, n_choices, slot)
@@ -195,6 +196,8 @@ async def _handle(st: ServerState, req: ChatRequest | CompletionRequest, chat: b
         if not handed_off:
             if gen is not None:
                 await gen.aclose()
+            for sid in sids:  # choices never started have no generator to cancel them
+                st.engine.cancel(sid)
             slot.release()
 
 
