@@ -50,7 +50,7 @@ def test_prefix_cache_reuses_blocks_and_keeps_the_tokens(m):
         sched = Scheduler(64, BS, max_seqs=4, max_batched_tokens=24, prefix_caching=caching)
         convs = [system + [rng.randrange(256) for _ in range(3 + i)] for i in range(3)]
         outs = []
-        for turn in range(4):
+        for turn in range(3):
             seqs = [Sequence(10 * turn + i, list(p), SamplerSpec(), 5)
                     for i, p in enumerate(convs)]
             for s in seqs:
@@ -73,11 +73,11 @@ def test_prefix_cache_reuses_blocks_and_keeps_the_tokens(m):
 @torch.inference_mode()
 def test_eviction_under_pressure_keeps_the_tokens(m):
     rng = random.Random(2)
-    prompts = [[rng.randrange(256) for _ in range(rng.randint(9, 20))] for _ in range(6)]
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(9, 20))] for _ in range(4)]
     prompts += [p + [1, 2] for p in prompts]  # second round: the first round's prefixes again
-    ref = [_solo(m, p, 6) for p in prompts]
-    seqs = [Sequence(i, list(p), SamplerSpec(), 6) for i, p in enumerate(prompts)]
-    sched = _run(m, {0: seqs[:6], 40: seqs[6:]}, blocks=12, max_seqs=3)
+    ref = [_solo(m, p, 5) for p in prompts]
+    seqs = [Sequence(i, list(p), SamplerSpec(), 5) for i, p in enumerate(prompts)]
+    sched = _run(m, {0: seqs[:4], 30: seqs[4:]}, blocks=10, max_seqs=3)
     assert sched.alloc.evictions > 0 and sched.hit_tokens > 0
     assert [s.output for s in seqs] == ref
 
