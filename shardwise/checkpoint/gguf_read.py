@@ -155,7 +155,8 @@ class GGUFTensors:
                 part = quantize(exact, "int8")
                 err = max(err, float((part.dequantize() - exact).abs().max()))
                 top = max(top, float(exact.abs().max()))
-            qt = qt or _empty_like(part, r1 - r0)
+            if qt is None:
+                qt = _empty_like(part, r1 - r0)
             _fill(qt, part, r - r0)
         if dim == 1:
             qt = qt.cols(start - b0 * e.block, stop - b0 * e.block)

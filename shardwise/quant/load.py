@@ -27,7 +27,7 @@ from torch import nn
 
 from ..shards import ReadFn, full_name, full_shape, pieces_of
 from .kernels import prepare
-from .qtensor import QTensor, cat_rows, group_span, quantize
+from .qtensor import QTensor, group_span, quantize, stack_rows
 
 QReadFn = Callable[[str, tuple, int, int, int, str, int], "QTensor | torch.Tensor"]
 """``qread(name, full_shape, dim, start, stop, method, group)``: rows ``[start, stop)`` along
@@ -80,7 +80,7 @@ def assemble_quantized(path: str, param: torch.Tensor, qread: QReadFn
     same = all(isinstance(p, QTensor) for p, _ in parts) and len(
         {(p.method, p.group, p.offset) for p, _ in parts}) == 1
     if same:
-        return cat_rows([p.padded(pad) for p, pad in parts])
+        return stack_rows([p for p, _ in parts], [pad for _, pad in parts])
     dense = [p.dequantize() if isinstance(p, QTensor) else p.float() for p, _ in parts]
     dense = [torch.cat([d, d.new_zeros(pad, d.shape[1])]) if pad else d
              for d, (_, pad) in zip(dense, parts)]
@@ -119,7 +119,23 @@ def load_quantized(model: nn.Module, qread: QReadFn, *, dtype: torch.dtype,
                     "kept quantized"] + said
         if said:
             notes[path] = said
+        del value
+        release_free_memory()
     return notes
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    A weight's transients (raw blocks, unpacked values, int32 packing chunks) are freed, but
+    glibc keeps freed heap chunks mapped for reuse, and they count in the resident set: without
+    this a rank's load peaks some 10 MiB above what it holds (``benchmarks/load_memory.py``)."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def say_notes(notes: dict[str, list[str]], *, rank: int, stream=None) -> None:

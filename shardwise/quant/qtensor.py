@@ -88,17 +88,6 @@ class QTensor:
         return replace(self, q=self.q[:, start:stop], scale=self.scale[:, a:b], zero=z,
                        offset=(self.offset + start) % self.group, notes=list(self.notes))
 
-    def padded(self, rows: int) -> "QTensor":
-        """``rows`` zero rows appended (value 0: scale 0, zero point 0)."""
-        if not rows:
-            return self
-        n_g = self.scale.shape[1]
-        fill = 0 if self.method == "int8" else 8
-        q = torch.cat([self.q, self.q.new_full((rows, self.q.shape[1]), fill)])
-        s = torch.cat([self.scale, self.scale.new_zeros(rows, n_g)])
-        z = None if self.zero is None else torch.cat([self.zero, self.zero.new_zeros(rows, n_g)])
-        return replace(self, q=q, scale=s, zero=z, notes=list(self.notes))
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.zero)
                    if t is not None)
@@ -109,18 +98,34 @@ def n_groups(k: int, group: int, offset: int = 0) -> int:
     return -(-(offset + k) // group) if k else 0
 
 
-def cat_rows(parts: list[QTensor]) -> QTensor:
-    """Stack row blocks with the same columns and grid (fused QKV, gate/up, vocabulary rows)."""
+def stack_rows(parts: list[QTensor], pads: list[int] | None = None) -> QTensor:
+    """Stack row blocks with the same columns and grid (fused QKV, gate/up, vocabulary rows),
+    ``pads[i]`` zero rows (scale 0, zero point 0: value 0) after part ``i``, into one
+    preallocated tensor (a load's peak memory is the result plus one part, not twice the
+    result). One part without padding is returned as it is."""
+    pads = pads or [0] * len(parts)
     first = parts[0]
     for p in parts[1:]:
         if (p.method, p.group, p.offset, p.q.shape[1]) != \
                 (first.method, first.group, first.offset, first.q.shape[1]):
             raise ValueError("row blocks of one fused weight must share method, columns and "
                              "groups")
-    z = None if first.zero is None else torch.cat([p.zero for p in parts])
-    notes = [n for p in parts for n in p.notes]
-    return replace(first, q=torch.cat([p.q for p in parts]),
-                   scale=torch.cat([p.scale for p in parts]), zero=z, notes=notes)
+    if len(parts) == 1 and not pads[0]:
+        return first
+    rows = sum(p.q.shape[0] + pad for p, pad in zip(parts, pads))
+    new = lambda t, fill: None if t is None else t.new_full(  # noqa: E731
+        (rows,) + tuple(t.shape[1:]), fill)
+    out = replace(first, q=new(first.q, 0 if first.method == "int8" else 8),
+                  scale=new(first.scale, 0), zero=new(first.zero, 0),
+                  notes=[n for p in parts for n in p.notes])
+    at = 0
+    for p, pad in zip(parts, pads):
+        n = p.q.shape[0]
+        out.q[at:at + n], out.scale[at:at + n] = p.q, p.scale
+        if out.zero is not None:
+            out.zero[at:at + n] = p.zero
+        at += n + pad
+    return out
 
 
 def _grouped(w: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
