@@ -33,18 +33,29 @@ from .config import LlamaConfig
 
 
 class RMSNorm(nn.Module):
+    """``w * x / sqrt(mean(x^2) + eps)``, normalised in fp32 and cast back before the weight
+    multiplies (Hugging Face's order, so bf16 rounds as transformers does).
+
+    ``norm(x, residual)`` first adds the residual stream and returns ``(norm(x + residual),
+    x + residual)``: the add and the norm are one pass in a compiled step.
+    """
+
     def __init__(self, dim: int, eps: float, *, sequence_parallel: bool = False,
                  dtype: torch.dtype | None = None, device=None) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.shape = eps, (dim,)
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
         if sequence_parallel:  # each rank sees only its sequence shard: the grad is partial
             self.weight.sequence_parallel_partial = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual                                   # the new residual stream
+        if x.dtype == torch.float32:
+            y = F.rms_norm(x, self.shape, self.weight, self.eps)
+        else:
+            y = self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
+        return y if residual is None else (y, x)
 
 
 def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
@@ -69,9 +80,22 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs ``(x_i, x_{i+d/2})`` (HF's rotate-half layout). x: (b, heads, s, d)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate pairs ``(x_i, x_{i+d/2})`` in place (HF's rotate-half layout)::
+
+        x1' = x1 cos - x2 sin,   x2' = x2 cos + x1 sin
+
+    x: (b, s, heads, d), a view into the fused QKV output; cos, sin: (b, s, 1, d/2). Returns x,
+    or a new tensor when autograd records (training). Bit-identical to
+    ``x * cat(cos, cos) + cat(-x2, x1) * cat(sin, sin)``.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    t = x1 * sin
+    x1.mul_(cos).sub_(x2 * sin)
+    x2.mul_(cos).add_(t)
+    return x
 
 
 class Attend(Protocol):
@@ -120,11 +144,11 @@ class Attention(nn.Module):
                 attend: Attend) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         b, s, _ = qkv.shape
-        q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
-        q = q.view(b, s, self.nq, self.d).transpose(1, 2)   # (b, nq, s, d)
-        k = k.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
-        v = v.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        heads = qkv.view(b, s, self.nq + 2 * self.nkv, self.d)  # (b, s, nq + 2 nkv, d)
+        qk = apply_rope(heads[:, :, : self.nq + self.nkv], cos, sin)  # q and k heads, in place
+        q = qk[:, :, : self.nq].transpose(1, 2)                   # (b, nq, s, d)
+        k = qk[:, :, self.nq:].transpose(1, 2)                    # (b, nkv, s, d)
+        v = heads[:, :, self.nq + self.nkv:].transpose(1, 2)      # (b, nkv, s, d)
         index = None if self.kv_group == 1 else self.kv_index
         out = attend(self.layer, q, k, v, index)            # (b, nq, s, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.nq * self.d))
@@ -182,8 +206,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, group, **kw)
 
     def forward(self, x, cos, sin, attend: Attend = causal_attend) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        y, h = self.post_attention_layernorm(a, residual=x)   # h = x + a, y = norm(h)
+        return h + self.mlp(y)
 
 
 class LlamaBackbone(nn.Module):
@@ -235,9 +260,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.start
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (b, 1, s, d) for positions (b, s)."""
+        """cos, sin of shape (b, s, 1, d/2) for positions (b, s) (:func:`apply_rope`)."""
         ang = positions.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq  # (b, s, d/2)
-        ang = torch.cat((ang, ang), dim=-1).unsqueeze(1)                       # (b, 1, s, d)
+        ang = ang.unsqueeze(2)                                                 # (b, s, 1, d/2)
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
