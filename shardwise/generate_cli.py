@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the decode step eager instead of as a compiled graph")
     p.add_argument("--json", action="store_true",
                    help="stdout holds exactly one JSON object; everything else goes to stderr")
 
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template)
     check_request(source, args.tp, len(ids), args.max_new_tokens)
     job = GenerateJob(args.model, args.tp, ids, params, stream="stderr" if args.json else "stdout",
-                      dtype=args.dtype, eos_ids=source.config.eos_ids)
+                      dtype=args.dtype, eos_ids=source.config.eos_ids,
+                      compile=not args.no_compile)
     summary = summarize(generate(job))
     if args.json:
         print(json.dumps(summary))

@@ -7,9 +7,10 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT), which :meth:`shardwise.Mesh.init` reads.
 * :class:`WorkerPool` keeps N processes (and their process group) alive and runs many tasks on
   them: a test module pays the ~1-3 s start-up of N processes once.
 
-Each worker sets torch's intra-op threads to ``max(1, cores // N)``: two ranks with two threads each
-on two cores run several times slower than with one (see REFERENCES.md). A worker that raises or
-dies makes the call raise in the parent, naming the rank, instead of hanging.
+Each worker is pinned to its own cores (:mod:`shardwise.affinity`: disjoint cores per rank, NUMA
+aware) and runs as many torch threads as it has cores: two ranks with two threads each on two
+cores run several times slower than with one (see REFERENCES.md). A worker that raises or dies
+makes the call raise in the parent, naming the rank, instead of hanging.
 """
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ class WorkerError(RuntimeError):
 def _setup(rank: int, world: int, port: int, threads: int | None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(threads or threads_per_rank(world))
+    from .affinity import pin
+    pin(rank, world)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _worker(rank: int, world: int, port: int, threads: int | None, init_pg: bool,

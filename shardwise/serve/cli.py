@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds SIGTERM waits for in-flight requests")
     parser.add_argument("--profile", action="store_true",
                         help="time collectives in every step (engine step metrics)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="run decode steps eager instead of as compiled graphs")
 
 
 def engine_config(args: argparse.Namespace):
@@ -35,7 +37,8 @@ def engine_config(args: argparse.Namespace):
     return EngineConfig(model=args.model, tp=args.tp, kv_tokens=args.kv_tokens,
                         block_size=args.block_size, max_seqs=args.max_seqs,
                         max_batched_tokens=args.max_batched_tokens, dtype=args.dtype,
-                        threads=args.threads, profile=args.profile)
+                        threads=args.threads, profile=args.profile,
+                        compile=not args.no_compile)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"shardwise serve: {source.name} on {args.tp} rank(s), KV cache "
           f"{info['num_blocks']} blocks x {info['block_size']} tokens "
-          f"({info['kv_mib']:.0f} MiB/rank), loaded in {info['load_s']:.1f} s; "
+          f"({info['kv_mib']:.0f} MiB/rank), loaded in {info['load_s']:.1f} s, "
+          f"{info['graphs']} decode graphs ready in {info['compile_s']:.1f} s; "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     try:
         server.run()

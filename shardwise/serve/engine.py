@@ -25,6 +25,7 @@ from ..comm import Ledger, all_gather_last
 from ..sampling import SamplingParams, sample
 from .kv import PagedKVCache, blocks_for
 from .scheduler import SamplerSpec, Scheduler, Sequence, StepPlan
+from .step import StaticStep, StepOptions
 
 
 @dataclass
@@ -36,18 +37,21 @@ class EngineConfig:
     max_seqs: int = 32
     max_batched_tokens: int = 256
     dtype: str = "float32"
-    threads: int | None = None        # torch threads per rank (default max(1, cores // tp))
+    threads: int | None = None        # torch threads per rank (default: its pinned cores)
     profile: bool = False             # time collectives in each step (the Ledger)
+    compile: bool = True              # decode steps through torch.compile (--no-compile: eager)
 
     def num_blocks(self, context: int) -> int:
         return blocks_for(self.kv_tokens or context, self.block_size)
 
 
 class Runner:
-    """One rank's model, cache and per-sequence samplers."""
+    """One rank's model, cache, step function and per-sequence samplers."""
 
-    def __init__(self, model, group, cache: PagedKVCache) -> None:
+    def __init__(self, model, group, cache: PagedKVCache, *,
+                 options: StepOptions = StepOptions()) -> None:
         self.model, self.group, self.cache = model, group, cache
+        self.step = StaticStep(model, cache, options)
         self.head = model.lm_head
         self.samplers: dict[int, tuple[SamplerSpec, SamplingParams, torch.Generator]] = {}
 
@@ -60,15 +64,14 @@ class Runner:
             params = SamplingParams(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
                                     seed=sp.seed)
             self.samplers[sid] = (sp, params, torch.Generator().manual_seed(sp.seed))
-        ids, pos, last = self.cache.prepare(plan.chunks)
-        picked = [(c.seq_id, last[i]) for i, c in enumerate(plan.chunks) if c.sample]
-        local = self.model(ids, pos, self.cache.attend, rows=[r for _, r in picked])[0]
+        local = self.step(plan.chunks)
+        picked = [c.seq_id for c in plan.chunks if c.sample]
         if not picked:
             return {}, {}
-        samp = [self.samplers[sid] for sid, _ in picked]
+        samp = [self.samplers[sid] for sid in picked]
         toks = sample(local, [s[1] for s in samp], [s[2] for s in samp], start=self.head.start,
                       vocab=self.head.num_embeddings, group=self.group).tolist()
-        sampled = {sid: t for (sid, _), t in zip(picked, toks)}
+        sampled = dict(zip(picked, toks))
         want = [i for i, s in enumerate(samp) if s[0].logprobs is not None]
         logprobs: dict[int, Any] = {}
         if want:
@@ -77,7 +80,7 @@ class Runner:
             for row, i in enumerate(want):
                 k = samp[i][0].logprobs or 0
                 top = lp[row].topk(k) if k else None
-                logprobs[picked[i][0]] = (float(lp[row, toks[i]]), [] if top is None else
+                logprobs[picked[i]] = (float(lp[row, toks[i]]), [] if top is None else
                                           list(zip(top.indices.tolist(), top.values.tolist())))
         return sampled, logprobs
 
@@ -167,9 +170,11 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(cfg.tp), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(cfg.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from ..checkpoint.source import build_model, resolve
-    from ..launch import threads_per_rank
+    from ..affinity import pin
     from ..mesh import Mesh
-    torch.set_num_threads(cfg.threads or threads_per_rank(cfg.tp))
+    pin(rank, cfg.tp)  # before loading: the weights land in this rank's NUMA node
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -179,7 +184,11 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                                 device=mesh.device).eval()
             context = source.config.max_position_embeddings
             cache = PagedKVCache(model, cfg.num_blocks(context), cfg.block_size)
-            runner = Runner(model, mesh.tp_group, cache)
+            runner = Runner(model, mesh.tp_group, cache,
+                            options=StepOptions(compile=cfg.compile, max_seqs=cfg.max_seqs))
+            t1 = time.perf_counter()
+            runner.step.warmup()
+            compile_s = time.perf_counter() - t1
             if rank != 0:
                 _follow(runner, mesh.tp_group)
                 return
@@ -187,7 +196,9 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                               max_batched_tokens=cfg.max_batched_tokens)
             evt_q.put(("ready", {"num_blocks": cache.num_blocks, "block_size": cfg.block_size,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
-                                 "load_s": time.perf_counter() - t0, "pid": os.getpid()}))
+                                 "load_s": t1 - t0, "compile_s": compile_s,
+                                 "graphs": len(runner.step.buckets) if cfg.compile else 0,
+                                 "pid": os.getpid()}))
             _lead(runner, sched, mesh.tp_group, cmd_q, evt_q, cfg.profile)
     except BaseException:  # noqa: BLE001 - tell the server, then die non-zero
         if rank == 0:
