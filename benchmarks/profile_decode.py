@@ -49,12 +49,20 @@ def _legacy(model, prompt, n):
     return step
 
 
-def _static(model, group, prompt, n, compiled):
+def _static(model, prompt, n, compiled):
+    from shardwise.serve.kv import Chunk, PagedKVCache
     from shardwise.serve.step import StaticStep, StepOptions
-    st = StaticStep(model, group, StepOptions(compile=compiled, max_seqs=1,
+    cache = PagedKVCache(model, -(-(len(prompt) + n + 8) // 16), 16)
+    st = StaticStep(model, cache, StepOptions(compile=compiled, max_seqs=1,
                                               max_context=len(prompt) + n + 8))
-    seq = st.generator(prompt)
-    return lambda: next(seq)
+    blocks = list(range(cache.num_blocks))
+    chunk = Chunk(0, prompt, 0, blocks, True)
+
+    def step():
+        nonlocal chunk
+        tok = int(st([chunk]).argmax(-1)[0])  # local argmax: enough to keep going
+        chunk = Chunk(0, [tok], chunk.start + len(chunk.tokens), blocks, True)
+    return step
 
 
 def rank_main(tp: int, dtype: str, mode: str, steps: int) -> dict:
@@ -66,7 +74,7 @@ def rank_main(tp: int, dtype: str, mode: str, steps: int) -> dict:
     prompt = list(range(1000, 1016))
     with torch.inference_mode():
         step = _legacy(model, prompt, steps * 3) if mode == "legacy" else \
-            _static(model, mesh.tp_group, prompt, steps * 3, mode == "compiled")
+            _static(model, prompt, steps * 3, mode == "compiled")
         for _ in range(steps):  # prefill + warm-up (and compile)
             step()
         if tp > 1:

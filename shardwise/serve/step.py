@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from .kv import Chunk, PagedKVCache
 
 MIN_WIDTH = 64
@@ -87,6 +88,7 @@ class StaticStep:
 
     def __init__(self, model, cache: PagedKVCache, options: StepOptions = StepOptions()) -> None:
         self.model, self.cache, self.options = model, cache, options
+        kernels.enable()  # before anything is traced: the decode products' kernel
         self.buckets = batch_buckets(options.max_seqs, options.max_graphs)
         self.limit = min(options.max_context or model.config.max_position_embeddings,
                          cache.num_blocks * cache.block_size)
