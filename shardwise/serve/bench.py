@@ -59,6 +59,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per contender run")
     p.add_argument("--out", default=None, help="write a markdown report here")
+    p.add_argument("--no-compile", action="store_true", help="serve with eager decode steps")
 
 
 def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
@@ -105,6 +106,7 @@ def bench_shardwise(args: argparse.Namespace, tp: int, work) -> Run:
     cmd = [sys.executable, "-m", "shardwise.serve", "--model", args.model, "--tp", str(tp),
            "--port", str(port), "--max-seqs", str(args.concurrency),
            "--max-batched-tokens", str(args.max_batched_tokens), "--profile"]
+    cmd += ["--no-compile"] if args.no_compile else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
