@@ -84,11 +84,15 @@ _ENABLED: frozenset[torch.dtype] = frozenset()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; through ``shardwise::linear`` once :func:`enable`d, when x has at most
-    :data:`MAX_ROWS` rows and no gradient is wanted (one operator under torch.compile)."""
-    if (x.dtype in _ENABLED and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and x.numel() <= MAX_ROWS * x.shape[-1]):
-        return torch.ops.shardwise.linear(x, weight, bias)
+    """``F.linear`` for inference, by the fastest path measured here once :func:`enable`d:
+    ``shardwise::linear`` for at most :data:`MAX_ROWS` rows; oneDNN for more rows in fp32
+    (MKL's sgemm, F.linear's path, runs well below it on AMD CPUs: benchmarks/RESULTS.md).
+    Each is one operator under torch.compile; with a gradient to carry it is ``F.linear``."""
+    if x.dtype in _ENABLED and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if x.numel() <= MAX_ROWS * x.shape[-1]:
+            return torch.ops.shardwise.linear(x, weight, bias)
+        if x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
