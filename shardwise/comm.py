@@ -95,14 +95,57 @@ def all_reduce_(x: torch.Tensor, group: ProcessGroup | None, op: str = "sum") ->
 # --------------------------------------------------------------------------- raw helpers
 
 def all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """Sum ``x`` over ``group`` into a new tensor (the input is left as it was)."""
+    """Sum ``x`` over ``group`` into a new tensor (the input is left as it was). One operator
+    to ``torch.compile`` (``shardwise::all_reduce``): a compiled graph keeps it in place."""
     if group_size(group) == 1:
         return x
-    return all_reduce_(x.contiguous().clone(), group)
+    return torch.ops.shardwise.all_reduce(x, group_key(group))
 
 
 def gather_stacked(x: torch.Tensor, group: ProcessGroup | None, t: int) -> torch.Tensor:
-    """``(t, *x.shape)``: every rank's ``x``, stacked in rank order (one collective)."""
+    """``(t, *x.shape)``: every rank's ``x``, stacked in rank order (one collective, one
+    operator to ``torch.compile``: ``shardwise::all_gather``)."""
+    return torch.ops.shardwise.all_gather(x, group_key(group), t)
+
+
+# --------------------------------------------------------------------------- graph operators
+# torch.compile sees each collective as one custom operator with a fake (shape-only)
+# implementation, so a compiled step keeps its collectives inside the graph instead of breaking
+# at each of them. At run time the operator calls the path above (shared memory, gloo or NCCL;
+# counted by the ledger as before). An operator's schema holds strings, not process groups:
+# groups travel by name.
+
+def group_key(group: ProcessGroup) -> str:
+    """The name a graph operator uses for ``group`` (torch.distributed's unique group name)."""
+    return group.group_name
+
+
+def _group(key: str) -> ProcessGroup:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(key)
+
+
+@torch.library.custom_op("shardwise::all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor, group: str) -> torch.Tensor:
+    return all_reduce_(x.contiguous().clone(), _group(group))
+
+
+@_all_reduce_op.register_fake
+def _(x: torch.Tensor, group: str) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("shardwise::all_gather", mutates_args=())
+def _all_gather_op(x: torch.Tensor, group: str, t: int) -> torch.Tensor:
+    return _gather_stacked(x, _group(group), t)
+
+
+@_all_gather_op.register_fake
+def _(x: torch.Tensor, group: str, t: int) -> torch.Tensor:
+    return x.new_empty((t,) + tuple(x.shape))
+
+
+def _gather_stacked(x: torch.Tensor, group: ProcessGroup, t: int) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((t * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     comm = _shm_for(group, x)
@@ -231,8 +274,13 @@ def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
 
 
 def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """*g*: all-reduce forward, identity backward. Leaves a tensor-parallel region."""
-    return x if _trivial(group) else _ReduceFromTP.apply(x, group, None)
+    """*g*: all-reduce forward, identity backward. Leaves a tensor-parallel region. Without a
+    gradient to carry (inference) it is the bare all-reduce operator."""
+    if _trivial(group):
+        return x
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return all_reduce(x, group)
+    return _ReduceFromTP.apply(x, group, None)
 
 
 def gather_from_tp(x: torch.Tensor, group: ProcessGroup | None,

@@ -1,8 +1,10 @@
 """``shardwise generate``: one prompt through a tensor-parallel model, token by token.
 
-Every rank runs the same loop: prefill the prompt, then one token per step with a KV cache of
-its own KV heads. Sampling exchanges only what it must (``shardwise.sampling``); every rank
-decodes the text itself to check stop strings, so no rank needs to tell the others to stop.
+Every rank runs the same loop: prefill the prompt, then one token per step, through the serving
+engine's step function (:class:`~shardwise.serve.step.StaticStep`: a compiled decode graph of
+batch 1 over a paged KV cache of its own KV heads; ``compile=False`` runs it eager). Sampling
+exchanges only what it must (``shardwise.sampling``); every rank decodes the text itself to check
+stop strings, so no rank needs to tell the others to stop.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from .checkpoint.source import ModelSource, build_model, load_tokenizer, resolve
 from .comm import Ledger
 from .failure import phase
 from .mesh import Mesh
-from .models.cache import KVCache
 from .partition import HeadLayout
 from .sampling import SamplingParams, sample
+from .serve.kv import Chunk, PagedKVCache, blocks_for
+from .serve.step import StaticStep, StepOptions
 
 
 @dataclass
@@ -32,6 +35,7 @@ class GenerateJob:
     stream: str | None = "stdout"  # where rank 0 streams text: "stdout", "stderr" or None
     dtype: str = "float32"
     eos_ids: list[int] = field(default_factory=list)
+    compile: bool = True
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:
@@ -74,8 +78,14 @@ def run_generation(job: GenerateJob) -> dict:
     load_s = time.perf_counter() - t0
     p = job.params
     gen = torch.Generator().manual_seed(p.seed if p.seed is not None else 0)
-    ids = torch.tensor([job.prompt_ids], device=mesh.device)
-    cache = KVCache(model, 1, len(job.prompt_ids) + p.max_tokens)
+    n = len(job.prompt_ids) + p.max_tokens
+    cache = PagedKVCache(model, blocks_for(n, 16), 16)
+    run_step = StaticStep(model, cache, StepOptions(compile=job.compile, max_seqs=1, max_context=n))
+    t1 = time.perf_counter()
+    run_step.warmup()
+    compile_s = time.perf_counter() - t1
+    blocks = list(range(cache.num_blocks))
+    chunk = Chunk(0, list(job.prompt_ids), 0, blocks, sample=True)
     head = model.lm_head
     out_ids: list[int] = []
     text, shown = "", 0
@@ -85,9 +95,8 @@ def run_generation(job: GenerateJob) -> dict:
     with phase("generate"), Ledger() as ledger:
         for step in range(p.max_tokens):
             start = time.perf_counter()
-            logits = model(ids, cache.positions(1, ids.shape[1]), attend=cache.attend, rows=[-1])
-            cache.advance(ids.shape[1])
-            nxt = int(sample(logits[:, -1], [p], [gen], start=head.start,
+            logits = run_step([chunk])                                   # (1, V / t)
+            nxt = int(sample(logits, [p], [gen], start=head.start,
                              vocab=head.num_embeddings, group=mesh.tp_group)[0])
             times.append(time.perf_counter() - start)
             if nxt in job.eos_ids:
@@ -104,7 +113,7 @@ def run_generation(job: GenerateJob) -> dict:
                     shown = len(text)
                 if cut is not None:
                     break
-            ids = torch.tensor([[nxt]], device=mesh.device)
+            chunk = Chunk(0, [nxt], chunk.start + len(chunk.tokens), blocks, sample=True)
     if stream:
         stream.write("\n")
         stream.flush()
@@ -115,6 +124,7 @@ def run_generation(job: GenerateJob) -> dict:
         "prompt_tokens": len(job.prompt_ids),
         "generated_tokens": len(out_ids),
         "load_s": round(load_s, 3),
+        "compile_s": round(compile_s, 3),
         "prefill_tokens_per_s": round(len(job.prompt_ids) / times[0], 1) if times else 0.0,
         "decode_tokens_per_s": round(len(decode) / sum(decode), 1) if decode else 0.0,
         "param_mib": round(sum(q.numel() * q.element_size() for q in model.parameters()) / 2**20, 1),
@@ -141,7 +151,11 @@ def generate(job: GenerateJob) -> list[dict]:
     """Run ``job`` on ``job.tp`` ranks (in this process when tp=1); results by rank."""
     if job.tp == 1 and "WORLD_SIZE" not in os.environ:
         return [run_generation(job)]
+    from .affinity import plan, read_nodes
     from .launch import spawn
+    note = plan(job.tp, read_nodes()).note
+    if note and job.stream:
+        print(f"shardwise: {note}", file=sys.stderr)
     return spawn(run_generation, job.tp, job)
 
 
@@ -156,7 +170,9 @@ def summarize(results: list[dict]) -> dict:
 
 def format_signals(summary: dict) -> str:
     s = summary["signals"]
-    lines = [f"prefill {s['prefill_tokens_per_s']} tok/s, decode {s['decode_tokens_per_s']} tok/s"]
+    compile_s = s["ranks"][0].get("compile_s", 0.0)
+    lines = [f"prefill {s['prefill_tokens_per_s']} tok/s, decode {s['decode_tokens_per_s']} tok/s"
+             + (f" (decode graph ready in {compile_s:.1f} s)" if compile_s else "")]
     for r in s["ranks"]:
         lines.append(f"rank {r['rank']}: params {r['param_mib']} MiB, peak RSS {r['peak_rss_mib']}"
                      f" MiB, comm {r['comm_s']} s vs compute {r['compute_s']} s "

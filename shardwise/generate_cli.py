@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the decode step eager instead of as a compiled graph")
     p.add_argument("--json", action="store_true",
                    help="stdout holds exactly one JSON object; everything else goes to stderr")
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         check(args)
     job = GenerateJob(args.model, args.tp, args.ids, args.params,
                       stream="stderr" if args.json else "stdout", dtype=args.dtype,
-                      eos_ids=args.source.config.eos_ids)
+                      eos_ids=args.source.config.eos_ids, compile=not args.no_compile)
     summary = summarize(generate(job))
     if args.json:
         print(json.dumps(summary))

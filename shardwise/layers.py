@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import comm
+from . import comm, kernels
 from .mesh import ProcessGroup, group_rank, group_size
 from .partition import Partition
 from .shards import Piece
@@ -116,7 +116,7 @@ class ColumnParallelLinear(nn.Module):
         elif group_size(self.group) > 1 and torch.is_grad_enabled() and x.requires_grad:
             y = _ColumnMatmul.apply(x, weight, self.bias, self.group)
         else:
-            y = F.linear(x, weight, self.bias)
+            y = kernels.linear(x, weight, self.bias)
         if self.gather_output:
             y = comm.gather_from_tp(y, self.group, self.gather_sizes)
         return y
@@ -152,7 +152,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = comm.scatter_to_tp(x, self.group, self.split_sizes)
-        y = F.linear(x, self.weight)
+        y = kernels.linear(x, self.weight)
         y = comm.reduce_scatter_seq(y, self.group) if self.sequence_parallel \
             else comm.reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
@@ -239,7 +239,7 @@ class ParallelLMHead(nn.Module):
         elif group_size(self.group) > 1 and torch.is_grad_enabled() and x.requires_grad:
             logits = _ColumnMatmul.apply(x, self.local_weight(), None, self.group)
         else:
-            logits = F.linear(x, self.local_weight())
+            logits = kernels.linear(x, self.local_weight())
         if self.valid < logits.shape[-1]:
             logits = logits.clone()
             logits[..., self.valid:] = float("-inf")

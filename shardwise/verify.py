@@ -46,6 +46,7 @@ class VerifyJob:
     seed: int = 0
     sequence_parallel: bool = False
     corrupt: tuple[str, int] | None = None  # test hook: (parameter name, tp rank) to perturb
+    compile: bool = False  # also decode compiled vs eager on the tp=N model
 
 
 @dataclass
@@ -70,10 +71,19 @@ class Report:
     first_exceeding: str | None
     ranks: list[dict[str, Any]] = field(default_factory=list)
     comm_backend: str = "none"
+    compiled: dict[str, Any] | None = None  # compiled vs eager decode (rank 0), when checked
+
+    @property
+    def compiled_ok(self) -> bool:
+        c = self.compiled
+        return c is None or (c["max_abs_diff"] <= self.atol and c["tokens_equal"]
+                             and c["eager_collectives"] == c["compiled_collectives"]
+                             and c["graph_breaks"] == 0)
 
     @property
     def ok(self) -> bool:
-        return self.first_exceeding is None and all(s.collectives_ok for s in self.stages)
+        return self.first_exceeding is None and all(s.collectives_ok for s in self.stages) \
+            and self.compiled_ok
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -169,14 +179,21 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
             full[name] = all_gather_dim(out, group, 1)
         else:
             full[name] = out
+    compiled = None
+    if job.compile and not job.sequence_parallel:
+        from .serve.compare import compare_compiled
+        prompts = [ids[i].tolist() for i in range(ids.shape[0])]
+        compiled = vars(compare_compiled(model, group, prompts, steps=8))
     return {"rank": rank, "outputs": full if rank == 0 else None, "counts": counts,
+            "compiled": compiled,
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "peak_rss_mib": round(_peak_rss_mib(), 1), "comm_backend": _comm_backend(group)}
 
 
 def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
            sequence_parallel: bool = False, atol: float = 1e-4, rtol: float = 1e-4,
-           corrupt: tuple[str, int] | None = None, pool: Any = None) -> Report:
+           corrupt: tuple[str, int] | None = None, pool: Any = None,
+           compile: bool = False) -> Report:
     """Compare ``model`` at ``tp`` ranks (spawned locally, or on ``pool``, a
     :class:`~shardwise.launch.WorkerPool` of at least ``tp`` ranks) with tp=1 in this process.
 
@@ -187,7 +204,7 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
         raise ValueError(f"tp={tp}: must be >= 1")
     if sequence_parallel and seq % tp:
         raise ValueError(f"sequence parallelism needs seq % tp == 0 (seq={seq}, tp={tp})")
-    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt)
+    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt, compile)
     ref = run_rank(VerifyJob(model, 1, batch, seq, seed))
     if tp == 1:
         results = [run_rank(job)]
@@ -218,7 +235,7 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
             first = name
     ranks = [{k: r[k] for k in ("rank", "param_bytes", "peak_rss_mib")} for r in results]
     return Report(model, tp, sequence_parallel, atol, rtol, stages, first, ranks,
-                  results[0]["comm_backend"])
+                  results[0]["comm_backend"], results[0].get("compiled"))
 
 
 def format_report(rep: Report) -> str:
@@ -236,12 +253,22 @@ def format_report(rep: Report) -> str:
     for r in rep.ranks:
         lines.append(f"rank {r['rank']}: parameters {r['param_bytes'] / 2**20:.1f} MiB, "
                      f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+    c = rep.compiled
+    if c is not None:
+        fmt = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"  # noqa: E731
+        lines.append(f"compiled decode vs eager: max |diff| {c['max_abs_diff']:.3e}, greedy "
+                     f"tokens {'identical' if c['tokens_equal'] else 'DIFFER'}, collectives per "
+                     f"step {fmt(c['compiled_collectives'])} vs {fmt(c['eager_collectives'])}, "
+                     f"{c['graphs']} graph(s), {c['graph_breaks']} graph break(s)")
     if rep.first_exceeding:
         lines.append(f"FAIL: {rep.first_exceeding} is the first stage over tolerance")
+    elif not rep.compiled_ok:
+        lines.append("FAIL: the compiled decode step departs from the eager one")
     elif not rep.ok:
         lines.append("FAIL: collective counts differ from theory")
     else:
-        lines.append("OK: every stage within tolerance, collectives as in theory")
+        lines.append("OK: every stage within tolerance, collectives as in theory"
+                     + ("; the compiled decode step equals the eager one" if c else ""))
     return "\n".join(lines)
 
 
@@ -257,6 +284,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=1e-4)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the compiled-vs-eager decode check")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -275,7 +304,8 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rep = verify(args.model, args.tp, batch=args.batch, seq=args.seq, seed=args.seed,
-                 sequence_parallel=bool(args.sequence_parallel), atol=args.atol, rtol=args.rtol)
+                 sequence_parallel=bool(args.sequence_parallel), atol=args.atol, rtol=args.rtol,
+                 compile=not args.no_compile)
     print(json.dumps(rep.to_json(), indent=1) if args.json else format_report(rep))
     return 0 if rep.ok else EXIT_EXCEEDED
 

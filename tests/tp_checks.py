@@ -51,8 +51,7 @@ class LayerWithRope(torch.nn.Module):
 
     def forward(self, x):
         s = x.shape[1] * self.scale
-        ang = torch.arange(s).float()[None, :, None] * self.inv_freq
-        ang = torch.cat((ang, ang), -1).unsqueeze(1)
+        ang = (torch.arange(s).float()[None, :, None] * self.inv_freq).unsqueeze(2)  # (1, s, 1, d/2)
         return self.layer(x, ang.cos(), ang.sin())
 
 

@@ -64,16 +64,29 @@ def norm_for_matmul(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 class RMSNorm(nn.Module):
+    """``w * x / sqrt(mean(x^2) + eps)``, normalised in fp32 and cast back before the weight
+    multiplies (Hugging Face's order, so bf16 rounds as transformers does).
+
+    ``norm(x, residual)`` first adds the residual stream and returns ``(norm(x + residual),
+    x + residual)``: the add and the norm are one pass in a compiled step.
+    """
+
     def __init__(self, dim: int, eps: float, *, sequence_parallel: bool = False,
                  dtype: torch.dtype | None = None, device=None) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.shape = eps, (dim,)
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
         if sequence_parallel:  # each rank sees only its sequence shard: the grad is partial
             self.weight.sequence_parallel_partial = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual                                   # the new residual stream
+        if x.dtype == torch.float32:
+            y = F.rms_norm(x, self.shape, self.weight, self.eps)
+        else:
+            y = self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
+        return y if residual is None else (y, x)
 
 
 def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
@@ -95,9 +108,22 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs ``(x_i, x_{i+d/2})`` (HF's rotate-half layout). x: (b, heads, s, d)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate pairs ``(x_i, x_{i+d/2})`` in place (HF's rotate-half layout)::
+
+        x1' = x1 cos - x2 sin,   x2' = x2 cos + x1 sin
+
+    x: (b, s, heads, d), a view into the fused QKV output; cos, sin: (b, s, 1, d/2). Returns x,
+    or a new tensor when autograd records (training). Bit-identical to
+    ``x * cat(cos, cos) + cat(-x2, x1) * cat(sin, sin)``.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    t = x1 * sin
+    x1.mul_(cos).sub_(x2 * sin)
+    x2.mul_(cos).add_(t)
+    return x
 
 
 class Attend(Protocol):
@@ -110,8 +136,17 @@ def expand_kv(k: torch.Tensor, kv_index: torch.Tensor | None) -> torch.Tensor:
     return k if kv_index is None else k.index_select(1, kv_index)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` out of place on heads-first ``x`` (b, heads, s, d); cos, sin as
+    :meth:`LlamaForCausalLM.rope` gives them, (b, s, 1, d/2)."""
+    cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)      # (b, 1, s, d/2)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 def rope_qk(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-    return compute_dtype(apply_rope(q, cos, sin)), compute_dtype(apply_rope(k, cos, sin))
+    return compute_dtype(rotate(q, cos, sin)), compute_dtype(rotate(k, cos, sin))
 
 
 def rope_qk_expand(q, k, v, cos, sin, kv_index) -> tuple[torch.Tensor, ...]:
@@ -168,11 +203,19 @@ class Attention(nn.Module):
                 attend: Attend, rc: Recompute | NoRecompute = NoRecompute()) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         b, s, _ = qkv.shape
+        index = None if self.kv_group == 1 else self.kv_index
+        if not torch.is_grad_enabled():  # inference: rope in place on the fused QKV output
+            heads = qkv.view(b, s, self.nq + 2 * self.nkv, self.d)  # (b, s, nq + 2 nkv, d)
+            qk = apply_rope(heads[:, :, : self.nq + self.nkv], cos, sin)  # q and k heads
+            q = qk[:, :, : self.nq].transpose(1, 2)                   # (b, nq, s, d)
+            k = qk[:, :, self.nq:].transpose(1, 2)                    # (b, nkv, s, d)
+            v = heads[:, :, self.nq + self.nkv:].transpose(1, 2)      # (b, nkv, s, d)
+            out = attend(self.layer, q, k, v, index)                  # (b, nq, s, d)
+            return self.o_proj(merge_heads(out))                      # (b, s, nq x d)
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         q = q.view(b, s, self.nq, self.d).transpose(1, 2)   # (b, nq, s, d)
         k = k.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
         v = v.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
-        index = None if self.kv_group == 1 else self.kv_index
         if isinstance(rc, Recompute) and index is not None:  # training: expand here, recomputed
             q, k, v = rc(rope_qk_expand, q, k, v, cos, sin, index)  # (b, nq, s, d) each
             index = None
@@ -239,6 +282,10 @@ class DecoderLayer(nn.Module):
         return self._forward(x, cos, sin, attend)
 
     def _forward(self, x, cos, sin, attend: Attend) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: the residual add folded into the norm
+            a = self.self_attn(self.input_layernorm(x), cos, sin, attend)
+            y, h = self.post_attention_layernorm(a, residual=x)   # h = x + a, y = norm(h)
+            return h + self.mlp(y)
         selective = self.recompute == "selective" and torch.is_grad_enabled()
         with Recompute() if selective else NoRecompute() as rc:
             n1, n2 = self.input_layernorm, self.post_attention_layernorm
@@ -314,9 +361,9 @@ class LlamaForCausalLM(nn.Module):
         return holder.start
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (b, 1, s, d) for positions (b, s)."""
+        """cos, sin of shape (b, s, 1, d/2) for positions (b, s) (:func:`apply_rope`)."""
         ang = positions.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq  # (b, s, d/2)
-        ang = torch.cat((ang, ang), dim=-1).unsqueeze(1)                       # (b, 1, s, d)
+        ang = ang.unsqueeze(2)                                                 # (b, s, 1, d/2)
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,

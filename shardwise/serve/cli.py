@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds SIGTERM waits for in-flight requests")
     parser.add_argument("--profile", action="store_true",
                         help="time collectives in every step (engine step metrics)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="run decode steps eager instead of as compiled graphs")
 
 
 def engine_config(args: argparse.Namespace):
@@ -53,7 +55,7 @@ def engine_config(args: argparse.Namespace):
                         block_size=args.block_size, max_seqs=args.max_seqs,
                         max_batched_tokens=args.max_batched_tokens, dtype=args.dtype,
                         threads=args.threads, profile=args.profile,
-                        prefix_caching=args.prefix_cache)
+                        prefix_caching=args.prefix_cache, compile=not args.no_compile)
 
 
 def _check_listen(host: str, port_: int) -> None:
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"shardwise serve: {source.name} on {args.tp} rank(s), KV cache "
           f"{info['num_blocks']} blocks x {info['block_size']} tokens "
-          f"({info['kv_mib']:.0f} MiB/rank), loaded in {info['load_s']:.1f} s; "
+          f"({info['kv_mib']:.0f} MiB/rank), loaded in {info['load_s']:.1f} s, "
+          f"{info['graphs']} decode graphs ready in {info['compile_s']:.1f} s; "
           f"http://{args.host}:{args.port}/v1"
           + ("" if args.limits.api_key else " (no API key)"), file=sys.stderr, flush=True)
     if not args.limits.api_key and not _loopback(args.host):
@@ -158,13 +161,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-min", type=int_range(1), default=16)
     p.add_argument("--out-max", type=int_range(1), default=128)
     p.add_argument("--repeats", type=int_range(1), default=1)
-    p.add_argument("--baselines", default="static,generate_batch",
-                   help="comma-separated: static, generate_batch (empty for none)")
+    p.add_argument("--baselines", default="llama-server,static,generate_batch",
+                   help="comma-separated: llama-server, static, generate_batch (empty for none)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights of shardwise and llama-server (transformers: fp32)")
     p.add_argument("--max-batched-tokens", type=int_range(1), default=256)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--timeout", type=float_range(0.0, strict=True), default=1800.0,
                    help="seconds per contender run")
     p.add_argument("--out", default=None, help="write a markdown report here")
+    p.add_argument("--no-compile", action="store_true", help="serve with eager decode steps")
 
 
 def check_bench(args: argparse.Namespace) -> None:
@@ -181,10 +187,11 @@ def check_bench(args: argparse.Namespace) -> None:
         raise ValueError(f"--tp {args.tp!r}: give comma-separated integers, e.g. 1,2") from None
     if not tps or min(tps) < 1:
         raise ValueError(f"--tp {args.tp!r}: give one or more degrees >= 1, e.g. 1,2")
-    unknown = {b for b in args.baselines.split(",") if b} - {"static", "generate_batch"}
+    unknown = {b for b in args.baselines.split(",") if b} - {"llama-server", "static",
+                                                             "generate_batch"}
     if unknown:
-        raise ValueError(f"--baselines: unknown {', '.join(sorted(unknown))}; use static, "
-                         "generate_batch or nothing")
+        raise ValueError(f"--baselines: unknown {', '.join(sorted(unknown))}; use "
+                         "llama-server, static, generate_batch or nothing")
     from ..checkpoint.source import resolve
     from ..partition import HeadLayout
     cfg = resolve(args.model).config

@@ -36,6 +36,7 @@ from .admit import admission_error, make_sampler
 from .grammar import Grammars
 from .kv import PagedKVCache, blocks_for
 from .scheduler import Request, SamplerSpec, Scheduler, Sequence, StepPlan
+from .step import StaticStep, StepOptions
 
 
 @dataclass
@@ -47,9 +48,10 @@ class EngineConfig:
     max_seqs: int = 32
     max_batched_tokens: int = 256
     dtype: str = "float32"
-    threads: int | None = None        # torch threads per rank (default max(1, cores // tp))
+    threads: int | None = None        # torch threads per rank (default: its pinned cores)
     prefix_caching: bool = True       # reuse the KV of full blocks of earlier prompts
     profile: bool = False             # time collectives in each step (the Ledger)
+    compile: bool = True              # decode steps through torch.compile (--no-compile: eager)
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the option, before any worker starts."""
@@ -77,10 +79,12 @@ class StepResult:
 
 
 class Runner:
-    """One rank's model, cache and per-sequence samplers."""
+    """One rank's model, cache, step function and per-sequence samplers."""
 
-    def __init__(self, model, group, cache: PagedKVCache) -> None:
+    def __init__(self, model, group, cache: PagedKVCache, *,
+                 options: StepOptions = StepOptions()) -> None:
         self.model, self.group, self.cache = model, group, cache
+        self.step = StaticStep(model, cache, options)
         self.head = model.lm_head
         self.vocab = self.head.num_embeddings
         self.samplers: dict[int, tuple[SamplerSpec, SamplingParams, torch.Generator]] = {}
@@ -92,16 +96,17 @@ class Runner:
             self.samplers.pop(sid, None)
         for sid, sp in plan.new.items():
             self.samplers[sid] = (sp, *make_sampler(sp))
-        ids, pos, last = self.cache.prepare(plan.chunks)
-        picked: list[tuple[int, int]] = []          # (seq id, row of its logits)
-        spans: list[tuple[int, int, list[int]]] = []  # prompt logprobs: (seq id, row, targets)
+        picked: list[tuple[int, int]] = []          # (seq id, chunk whose last row it samples)
+        spans: list[tuple[int, int, list[int]]] = []  # prompt logprobs: (seq id, chunk, targets)
         for i, c in enumerate(plan.chunks):
             if c.targets:
-                spans.append((c.seq_id, last[i] + 1 - len(c.tokens), c.targets))
+                spans.append((c.seq_id, i, c.targets))
             if c.sample:
-                picked += [(sid, last[i]) for sid in (c.seq_id, *c.forks)]
-        rows = [r for _, r in picked] + [r + j for _, r, t in spans for j in range(len(t))]
-        local = self.model(ids, pos, self.cache.attend, rows=rows)[0]    # (len(rows), V_local)
+                picked += [(sid, i) for sid in (c.seq_id, *c.forks)]
+        last = [len(c.tokens) - 1 for c in plan.chunks]
+        rows = [(i, last[i]) for _, i in picked] + [(i, j) for _, i, t in spans
+                                                    for j in range(len(t))]
+        local = self.step(plan.chunks, rows)                          # (len(rows), V_local)
         self.cache.copy_blocks(plan.copies)
         out, n = StepResult(), len(picked)
         if spans:
@@ -300,9 +305,11 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                       LOCAL_WORLD_SIZE=str(cfg.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from .. import failure
     from ..checkpoint.source import build_model, load_tokenizer, resolve
-    from ..launch import threads_per_rank
+    from ..affinity import pin
     from ..mesh import Mesh
-    torch.set_num_threads(cfg.threads or threads_per_rank(cfg.tp))
+    pin(rank, cfg.tp)  # before loading: the weights land in this rank's NUMA node
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     failure.install(rank, evt_q.put)  # every rank reports its phase and its error to the server
     try:
         with torch.inference_mode(), failure.phase("start"):
@@ -314,7 +321,12 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
             context = source.config.max_position_embeddings
             with failure.phase("allocate KV cache"):
                 cache = PagedKVCache(model, cfg.num_blocks(context), cfg.block_size)
-            runner = Runner(model, mesh.tp_group, cache)
+            runner = Runner(model, mesh.tp_group, cache,
+                            options=StepOptions(compile=cfg.compile, max_seqs=cfg.max_seqs))
+            t1 = time.perf_counter()
+            with failure.phase("compile decode steps"):
+                runner.step.warmup()
+            compile_s = time.perf_counter() - t1
             if rank != 0:
                 with failure.phase("serve"):
                     _follow(runner, mesh.tp_group)
@@ -328,7 +340,9 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                 grammars.warm()
             evt_q.put(("ready", {"num_blocks": cache.num_blocks, "block_size": cfg.block_size,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
-                                 "load_s": time.perf_counter() - t0, "pid": os.getpid()}))
+                                 "load_s": t1 - t0, "compile_s": compile_s,
+                                 "graphs": len(runner.step.buckets) if cfg.compile else 0,
+                                 "pid": os.getpid()}))
             with failure.phase("serve"):
                 _lead(runner, sched, grammars, mesh.tp_group, cmd_q, evt_q, cfg.profile, context)
     except BaseException as exc:  # noqa: BLE001 - reported to the server (once); die non-zero

@@ -1,14 +1,16 @@
 """The paged KV cache: fixed-size blocks of token slots, and the ``attend`` hook that uses them.
 
-Every rank holds, per layer, two tensors of ``num_blocks * block_size`` slots, each slot the keys
-(or values) of *this rank's* KV heads for one token: ``(slots, nkv_local * head_dim)``. A sequence
-owns a list of blocks (its *block table*); its token at position ``p`` lives in slot
-``table[p // block_size] * block_size + p % block_size``.
-
+Every rank holds, per layer, two tensors of ``num_blocks * block_size`` slots plus one *null slot*
+(the last row), each slot the keys (or values) of *this rank's* KV heads for one token:
+``(slots + 1, nkv_local * head_dim)``. A sequence owns a list of blocks (its *block table*); its
+token at position ``p`` lives in slot ``table[p // block_size] * block_size + p % block_size``.
 Rank 0 decides which block ids a sequence uses (:mod:`.blocks`); the other ranks receive the
-tables in each step's plan. One engine step runs every scheduled sequence's new tokens as one flat
-row ``(1, T)``: decodes first (one token each), then prefill chunks. :meth:`PagedKVCache.attend`
-writes the step's k/v into their slots, then attends
+tables in each step's plan. The null slot is where the padding rows of a static step (``shardwise.serve.step``) write
+and where padded key positions point: always finite, always masked.
+
+A step with prefill chunks runs every scheduled sequence's new tokens as one flat row ``(1, T)``
+(eager): decodes first (one token each), then prefill chunks. :meth:`PagedKVCache.attend` writes
+the step's k/v into their slots, then attends
 
 * all decodes at once: keys gathered into ``(n_dec, nkv, L_max, d)`` with a padding mask; with a
   regular GQA layout the ``g`` query heads sharing a KV head are the "query sequence" of one SDPA
@@ -55,7 +57,8 @@ class PagedKVCache:
         # g query heads per KV head, laid out contiguously (0 = irregular: use kv_index)
         self.group = attn.kv_group
         slots = num_blocks * block_size
-        self.k = {int(i): torch.zeros(slots, self.nkv * self.d, dtype=dtype, device=dev)
+        self.null_slot = slots
+        self.k = {int(i): torch.zeros(slots + 1, self.nkv * self.d, dtype=dtype, device=dev)
                   for i in model.model.layers}
         self.v = {i: torch.zeros_like(t) for i, t in self.k.items()}
         self.device = dev
