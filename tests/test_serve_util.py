@@ -17,12 +17,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Server:
-    def __init__(self, *args: str, timeout_s: float = 180.0) -> None:
+    """``compile=False`` (the default here) serves with eager steps (``--no-compile``): compiling
+    every batch bucket at start-up costs minutes of CPU per module; the modules that test the
+    compiled server pass ``compile=True`` with a small ``--max-seqs`` (few buckets)."""
+
+    def __init__(self, *args: str, timeout_s: float = 180.0, compile: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "shardwise.serve", *args,
+                                      *([] if compile else ["--no-compile"]),
                                       "--port", str(self.port)], cwd=ROOT, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -35,8 +40,9 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
+        out = self.output()
         self.close()
-        raise RuntimeError(f"server not healthy after {timeout_s} s:\n{self.output()}")
+        raise RuntimeError(f"server not healthy after {timeout_s} s:\n{out}")
 
     def output(self) -> str:
         self.log.flush()

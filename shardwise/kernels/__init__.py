@@ -9,6 +9,7 @@ lacks the instructions, :func:`linear` is plain ``F.linear``.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
@@ -49,10 +50,16 @@ def load() -> bool:
         venv_bin = os.path.dirname(sys.executable)  # ninja from the package `ninja`
         if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-        cpp_load(name="shardwise_kernels", sources=[str(SOURCE)], build_directory=str(d),
-                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                 # libgomp.so.1 by soname: the process's copy (torch's own) is the one used
-                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        # torch's own build lock is a file that a process killed mid-build leaves behind, and
+        # every later load then waits on it forever. An flock dies with its holder: under it,
+        # no other process is building here, so a leftover torch lock is stale.
+        with open(d / "build.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (d / "lock").unlink(missing_ok=True)
+            cpp_load(name="shardwise_kernels", sources=[str(SOURCE)], build_directory=str(d),
+                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                     # libgomp.so.1 by soname: the process's copy (torch's own) is the one used
+                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         torch.library.register_fake("shardwise::linear")(_fake)
         _STATE["ok"] = True
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: fall back
