@@ -19,7 +19,7 @@ PARIS = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--model", MODEL, "--tp", "2", "--max-seqs", "4", compile=True, timeout_s=420)
+    s = Server("--model", MODEL, "--tp", "2")
     yield s
     s.close()
 

@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class Server:
     """``compile=False`` (the default here) serves with eager steps (``--no-compile``): compiling
-    every batch bucket at start-up costs minutes of CPU per module; the modules that test the
-    compiled server pass ``compile=True`` with a small ``--max-seqs`` (few buckets)."""
+    every batch bucket of SmolLM2 at start-up costs minutes of CPU per module; the compiled server
+    is tested on the tiny model (``compile=True``, a small ``--max-seqs``: few buckets), the
+    compiled SmolLM2 step by tests/test_real_model.py and tests/test_compiled_step.py."""
 
     def __init__(self, *args: str, timeout_s: float = 180.0, compile: bool = False) -> None:
         self.port = free_port()

@@ -324,6 +324,10 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
             runner = Runner(model, mesh.tp_group, cache,
                             options=StepOptions(compile=cfg.compile, max_seqs=cfg.max_seqs))
             t1 = time.perf_counter()
+            if rank == 0 and cfg.compile:
+                print(f"shardwise serve: compiling the decode step for batch buckets "
+                      f"{runner.step.buckets} (cached on disk for the next start; --no-compile "
+                      "skips)", file=sys.stderr, flush=True)
             with failure.phase("compile decode steps"):
                 runner.step.warmup()
             compile_s = time.perf_counter() - t1
