@@ -46,7 +46,7 @@ def _mark(p: nn.Parameter, pieces: list[Piece] | None = None, *, sp_partial: boo
     if pieces is not None:
         p.pieces = pieces
     if sp_partial:
-        p.sequence_parallel_partial = True  # grad is a partial sum over sequence shards
+        p.tp_partial_grad = True  # grad is a partial sum over sequence shards
 
 
 class _ColumnMatmul(torch.autograd.Function):
@@ -196,13 +196,16 @@ class ParallelLMHead(nn.Module):
     """Vocabulary-parallel output projection: local logits ``(b, s, V_pad / t)``.
 
     Shares the partition (and, when tied, the weight) of a :class:`VocabParallelEmbedding`.
-    Logits of padded rows are set to ``-inf`` so they never win an argmax or a softmax.
+    ``softcap`` caps every logit to ``c tanh(logit / c)`` (Gemma 2; element-wise, so each rank
+    caps its own slice and nothing is exchanged). Logits of padded rows are then set to ``-inf``
+    so they never win an argmax or a softmax.
     """
 
     def __init__(self, embedding: VocabParallelEmbedding, *, tied: bool,
-                 sequence_parallel: bool = False) -> None:
+                 sequence_parallel: bool = False, softcap: float | None = None) -> None:
         super().__init__()
         self.group, self.sequence_parallel = embedding.group, sequence_parallel
+        self.softcap = softcap
         self.partition, self.start, self.stop = embedding.partition, embedding.start, embedding.stop
         self.num_embeddings = embedding.num_embeddings
         self.valid = max(0, min(self.stop, self.num_embeddings) - self.start)
@@ -224,6 +227,8 @@ class ParallelLMHead(nn.Module):
             logits = _ColumnMatmul.apply(x, self.local_weight(), None, self.group)
         else:
             logits = F.linear(x, self.local_weight())
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         if self.valid < logits.shape[-1]:
             logits = logits.clone()
             logits[..., self.valid:] = float("-inf")
@@ -240,8 +245,9 @@ def gather_logits(local: torch.Tensor, head: ParallelLMHead) -> torch.Tensor:
 def finalize_grads(module: nn.Module, group: ProcessGroup | None) -> int:
     """Complete the gradients that backward leaves partial across the TP group, in one all-reduce:
 
-    * parameters replicated across TP whose gradient is a partial sum over sequence shards
-      (norm weights and row-parallel biases under sequence parallelism);
+    * parameters replicated across TP whose gradient is a partial sum over the ranks
+      (``tp_partial_grad``: norm weights and row-parallel biases under sequence parallelism,
+      per-head q/k norm weights, which each rank applies to its own heads only);
     * rows of KV heads held by several ranks (uneven or replicated head layouts), summed over the
       ranks that hold them (the others contribute zeros).
 
@@ -255,7 +261,7 @@ def finalize_grads(module: nn.Module, group: ProcessGroup | None) -> int:
         if hasattr(m, "grad_sync_items"):
             items.extend(m.grad_sync_items())
     for p in module.parameters():
-        if getattr(p, "sequence_parallel_partial", False):
+        if getattr(p, "tp_partial_grad", False):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             items.append((p.numel(), p.grad))

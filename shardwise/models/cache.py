@@ -2,13 +2,14 @@
 
 Each rank stores only its KV heads: ``(batch, kv_local, max_len, head_dim)`` per layer. The
 serving engine has its own paged cache (``shardwise.serve``); both plug into the model through
-the ``attend(layer, q, k, v, kv_index)`` hook.
+the ``attend(layer, q, k, v, kv_index, params)`` hook. A sliding-window layer reads only the
+keys inside its window (for a decode step: the last ``W`` positions, sliced, no mask).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .attention import AttnParams, attention, first_visible, visible
 from .llama import LlamaForCausalLM, expand_kv
 
 
@@ -34,16 +35,19 @@ class KVCache:
                              f"{self.max_len} positions")
         return torch.arange(self.length, self.length + s, device=self.device).expand(batch, s)
 
-    def attend(self, layer: int, q, k, v, kv_index) -> torch.Tensor:
+    def attend(self, layer: int, q, k, v, kv_index, params: AttnParams) -> torch.Tensor:
         s, end = q.shape[2], self.length + q.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
-        keys = expand_kv(self.k[layer][:, :, :end], kv_index)   # (b, nq, end, d)
-        vals = expand_kv(self.v[layer][:, :, :end], kv_index)
+        lo = first_visible(self.length, params.window)  # the first query's first key
+        keys = expand_kv(self.k[layer][:, :, lo:end], kv_index)   # (b, nq, end - lo, d)
+        vals = expand_kv(self.v[layer][:, :, lo:end], kv_index)
         mask = None
-        if s > 1:  # query i (position length + i) sees keys 0 .. length + i
-            mask = torch.ones(s, end, dtype=torch.bool, device=q.device).tril(self.length)
-        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+        if s > 1:  # query i (position length + i) sees keys up to length + i, within the window
+            dev = q.device
+            mask = visible(torch.arange(self.length, end, device=dev),
+                           torch.arange(lo, end, device=dev), params.window)    # (s, end - lo)
+        return attention(q, keys, vals, params, mask=mask)
 
     def advance(self, s: int) -> None:
         self.length += s

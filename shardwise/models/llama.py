@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2), tensor-parallel.
+"""The one decoder of every family (``shardwise.models.families``), tensor-parallel.
 
 Per layer, with t ranks, rank r owning query heads ``[q0, q1)`` and KV heads ``[k0, k1)``
 (:class:`~shardwise.partition.HeadLayout`)::
@@ -6,19 +6,22 @@ Per layer, with t ranks, rank r owning query heads ``[q0, q1)`` and KV heads ``[
     h   = x + o_proj( attention( rope(q), rope(k), v ) )      qkv_proj: column, o_proj: row
     out = h + down_proj( silu(gate(h')) * up(h') )            gate_up_proj: column, down_proj: row
 
-with RMSNorm before each. Forward costs exactly two all-reduces per layer (after o_proj and
-down_proj), backward two more (the *f* before qkv_proj and gate_up_proj). With sequence
+with RMSNorm before each (Gemma: and after each, ``sandwich_norms``). Forward costs exactly two
+all-reduces per layer (after o_proj and down_proj), backward two more (the *f* before qkv_proj
+and gate_up_proj). What a family changes -- q/k norms, the norm's ``1 + w``, the activation,
+soft-caps, windows, rope variants -- is read from its :class:`~.families.ArchSpec` and the
+config when a layer is built; none of it adds a collective. With sequence
 parallelism each becomes an all-gather plus a reduce-scatter along the sequence. A layout where
 several ranks hold the same KV head costs one more reduction of those heads' weight gradients
 per step (:func:`finalize_grads`).
 
 Module and parameter names follow Hugging Face's ``LlamaForCausalLM``; fused weights carry
-pieces naming their HF tensors (``shardwise.shards``), so checkpoints map one to one.
+pieces naming their HF tensors (``shardwise.shards``), so checkpoints map one to one (Phi-3's
+checkpoint is fused itself: the pieces name row ranges of its ``qkv_proj`` / ``gate_up_proj``).
 """
 from __future__ import annotations
 
-import math
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,54 +32,52 @@ from ..layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
 from ..mesh import ProcessGroup, group_rank, group_size
 from ..partition import HeadLayout, Partition
 from ..shards import Piece
+from .attention import AttnParams, self_attention
 from .config import LlamaConfig
+from .rope import apply_rope, attention_factor, cos_sin, rope_frequencies, rope_tables
+
+__all__ = ["Attend", "Attention", "DecoderLayer", "LlamaForCausalLM", "MLP", "MLPS", "RMSNorm",
+           "apply_rope", "causal_attend", "expand_kv", "rope_frequencies"]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, *, sequence_parallel: bool = False,
+    """``x / sqrt(mean(x^2) + eps)`` times ``w`` (Llama: in x's dtype) or ``1 + w`` (Gemma,
+    ``offset=1``: in float32, then cast; the weight starts at 0). ``partial_grad``: each rank
+    sees only part of what the weight scales (its sequence shard, or its heads for a q/k norm),
+    so its gradient is a partial sum that :func:`~shardwise.layers.finalize_grads` completes."""
+
+    def __init__(self, dim: int, eps: float, *, offset: float = 0.0, partial_grad: bool = False,
                  dtype: torch.dtype | None = None, device=None) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        if sequence_parallel:  # each rank sees only its sequence shard: the grad is partial
-            self.weight.sequence_parallel_partial = True
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset, dtype=dtype, device=device))
+        self.weight.init_fill = 1.0 - offset
+        if partial_grad:
+            self.weight.tp_partial_grad = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
-def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies ``theta^(-2i/d)``, with Llama 3's scaling (or linear) when configured."""
-    d = cfg.dim_per_head
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind == "default":
-        return inv.float()
-    if kind == "linear":
-        return (inv / rs["factor"]).float()
-    if kind == "llama3":
-        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long waves: divide
-        smooth = (old / wavelen - lo) / (hi - lo)
-        mid = (wavelen <= old / lo) & (wavelen >= old / hi)  # in between: interpolate
-        return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled).float()
-    raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs ``(x_i, x_{i+d/2})`` (HF's rotate-half layout). x: (b, heads, s, d)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 
 
 class Attend(Protocol):
+    """How a layer attends: ``q`` (b, nq, s, d), ``k``, ``v`` (b, nkv, s, d) of the new tokens,
+    ``kv_index`` (each local query head's KV head, ``None`` for a regular grouping) and the
+    layer's :class:`~.attention.AttnParams` (scale, soft-cap, window) -> (b, nq, s, d). Training
+    attends over the given keys (:func:`causal_attend`); the caches add the cached ones."""
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 kv_index: torch.Tensor | None) -> torch.Tensor: ...
+                 kv_index: torch.Tensor | None, params: AttnParams) -> torch.Tensor: ...
 
 
 def expand_kv(k: torch.Tensor, kv_index: torch.Tensor | None) -> torch.Tensor:
@@ -84,13 +85,34 @@ def expand_kv(k: torch.Tensor, kv_index: torch.Tensor | None) -> torch.Tensor:
     return k if kv_index is None else k.index_select(1, kv_index)
 
 
-def causal_attend(layer: int, q, k, v, kv_index) -> torch.Tensor:
-    """Plain causal attention over the given keys (training and one-shot prefill)."""
-    return F.scaled_dot_product_attention(q, expand_kv(k, kv_index), expand_kv(v, kv_index),
-                                          is_causal=q.shape[2] > 1)
+def causal_attend(layer: int, q, k, v, kv_index, params: AttnParams) -> torch.Tensor:
+    """Causal attention over the given keys (training and one-shot prefill)."""
+    return self_attention(q, expand_kv(k, kv_index), expand_kv(v, kv_index), params)
+
+
+def qkv_pieces(cfg: LlamaConfig, q: tuple[int, int], kv: tuple[int, int]) -> list[Piece]:
+    """This rank's rows of q, k and v: heads ``q`` and KV heads ``kv`` (``[start, stop)``), in
+    separate ``q_proj`` / ``k_proj`` / ``v_proj`` tensors, or in one fused ``qkv_proj``."""
+    d = cfg.dim_per_head
+    H, KV = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    (q0, q1), (k0, k1) = q, kv
+    if cfg.arch.fused_checkpoint:  # rows [q | k | v] of one (H + 2 KV, hidden) tensor
+        n = H + 2 * KV
+        return [Piece("", 0, q0 * d, q1 * d, n), Piece("", 0, H + k0 * d, H + k1 * d, n),
+                Piece("", 0, H + KV + k0 * d, H + KV + k1 * d, n)]
+    return [Piece("q_proj", 0, q0 * d, q1 * d, H), Piece("k_proj", 0, k0 * d, k1 * d, KV),
+            Piece("v_proj", 0, k0 * d, k1 * d, KV)]
 
 
 class Attention(nn.Module):
+    """Grouped-query attention over this rank's heads::
+
+        q, k, v = split(x W_qkv^T)               (b, s, nq|nkv|nkv, d)
+        q, k    = q_norm(q), k_norm(k)           per head, when the family has them
+        q, k    = rope(q), rope(k)               on the first rotary_dim dims of each head
+        out     = o_proj(attend(q, k, v))        scale, soft-cap and window from AttnParams
+    """
+
     def __init__(self, cfg: LlamaConfig, layer: int, group: ProcessGroup | None, *,
                  sequence_parallel: bool, dtype=None, device=None) -> None:
         super().__init__()
@@ -99,17 +121,23 @@ class Attention(nn.Module):
         r, d = group_rank(group), cfg.dim_per_head
         (q0, q1), (k0, k1) = self.layout.q_range(r), self.layout.kv_range(r)
         self.nq, self.nkv, self.d, self.k0 = q1 - q0, k1 - k0, d, k0
-        H, KV = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-        pieces = [Piece("q_proj", 0, q0 * d, q1 * d, H), Piece("k_proj", 0, k0 * d, k1 * d, KV),
-                  Piece("v_proj", 0, k0 * d, k1 * d, KV)]
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, pieces, group=group,
-                                             bias=cfg.attention_bias,
+        H = cfg.num_attention_heads * d
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, qkv_pieces(cfg, (q0, q1), (k0, k1)),
+                                             group=group, bias=cfg.attention_bias,
                                              sequence_parallel=sequence_parallel,
                                              dtype=dtype, device=device)
         self.o_proj = RowParallelLinear(H, cfg.hidden_size, group=group,
                                         in_pieces=[Piece("", 1, q0 * d, q1 * d, H)],
                                         sequence_parallel=sequence_parallel,
                                         dtype=dtype, device=device)
+        arch = cfg.arch
+        self.qk_norm = arch.qk_norm
+        if self.qk_norm:  # one weight for all heads: each rank's gradient covers its heads only
+            kw = dict(offset=arch.norm_offset, partial_grad=True, dtype=dtype, device=device)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
+        self.params = AttnParams(scale=cfg.attn_scale, window=cfg.window_of(layer),
+                                 softcap=cfg.attn_logit_softcapping if arch.attn_softcap else None)
         idx = self.layout.kv_index(r)
         regular = idx == [i // (self.nq // self.nkv) for i in range(self.nq)] \
             and self.nq % self.nkv == 0
@@ -121,12 +149,15 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         b, s, _ = qkv.shape
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
-        q = q.view(b, s, self.nq, self.d).transpose(1, 2)   # (b, nq, s, d)
-        k = k.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
+        q = q.view(b, s, self.nq, self.d)    # (b, s, nq, d)
+        k = k.view(b, s, self.nkv, self.d)   # (b, s, nkv, d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)           # (b, heads, s, d)
         v = v.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         index = None if self.kv_group == 1 else self.kv_index
-        out = attend(self.layer, q, k, v, index)            # (b, nq, s, d)
+        out = attend(self.layer, q, k, v, index, self.params)  # (b, nq, s, d)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.nq * self.d))
 
     def grad_sync_items(self) -> list[tuple[int, torch.Tensor | None]]:
@@ -152,15 +183,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, group: ProcessGroup | None, *, sequence_parallel: bool,
-                 dtype=None, device=None) -> None:
+    """Gated MLP ``down(act(gate(x)) * up(x))``: SwiGLU (silu) or GeGLU (tanh GELU, Gemma).
+    gate and up are one column-parallel weight (from two checkpoint tensors, or Phi-3's fused
+    ``gate_up_proj`` whose first half is gate), down is row-parallel."""
+
+    def __init__(self, cfg: LlamaConfig, group: ProcessGroup | None, *, layer: int = 0,
+                 sequence_parallel: bool, dtype=None, device=None) -> None:
         super().__init__()
         n = cfg.intermediate_size
         i0, i1 = Partition(n, group_size(group), unit="MLP columns").range(group_rank(group))
         self.local = i1 - i0
-        self.gate_up_proj = ColumnParallelLinear(
-            cfg.hidden_size, [Piece("gate_proj", 0, i0, i1, n), Piece("up_proj", 0, i0, i1, n)],
-            group=group, sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        pieces = [Piece("", 0, i0, i1, 2 * n), Piece("", 0, n + i0, n + i1, 2 * n)] \
+            if cfg.arch.fused_checkpoint else \
+            [Piece("gate_proj", 0, i0, i1, n), Piece("up_proj", 0, i0, i1, n)]
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, pieces, group=group,
+                                                 sequence_parallel=sequence_parallel,
+                                                 dtype=dtype, device=device)
         self.down_proj = RowParallelLinear(n, cfg.hidden_size, group=group,
                                            in_pieces=[Piece("", 1, i0, i1, n)],
                                            sequence_parallel=sequence_parallel,
@@ -168,21 +207,45 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.local, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
+
+
+MLPS: dict[str, type[nn.Module]] = {"gated": MLP}
+"""The MLP slot of a decoder layer, by :attr:`ArchSpec.mlp <.families.ArchSpec.mlp>`. An entry
+is built as ``cls(cfg, group, layer=i, sequence_parallel=..., dtype=..., device=...)`` and maps
+hidden states (b, s, h) to (b, s, h) (a row-parallel output: its last collective included)."""
 
 
 class DecoderLayer(nn.Module):
+    """``h = x + attn(norm(x))``, ``out = h + mlp(norm(h))``; with ``sandwich_norms`` (Gemma)
+    the attention and MLP outputs are normed too, before the residual add."""
+
     def __init__(self, cfg: LlamaConfig, layer: int, group: ProcessGroup | None, *,
                  sequence_parallel: bool = False, dtype=None, device=None) -> None:
         super().__init__()
+        arch = cfg.arch
         kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+
+        def norm() -> RMSNorm:
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=arch.norm_offset,
+                           partial_grad=sequence_parallel, dtype=dtype, device=device)
+        self.sandwich = arch.sandwich_norms
+        self.rope_table = "local" if cfg.rope_local_theta is not None \
+            and cfg.window_of(layer) is not None else "global"
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer, group, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = MLP(cfg, group, **kw)
+        self.post_attention_layernorm = norm()  # Llama: before the MLP; Gemma: after attention
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = MLPS[arch.mlp](cfg, group, layer=layer, **kw)
 
     def forward(self, x, cos, sin, attend: Attend = causal_attend) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        if self.sandwich:
+            h = x + self.post_attention_layernorm(a)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = x + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -199,12 +262,13 @@ class LlamaBackbone(nn.Module):
                                                           sequence_parallel=sequence_parallel,
                                                           dtype=dtype, device=device)
                                      for i in layers})
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sequence_parallel,
-                            dtype=dtype, device=device) if has_norm else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.arch.norm_offset,
+                            partial_grad=sequence_parallel, dtype=dtype,
+                            device=device) if has_norm else None
 
 
 class LlamaForCausalLM(nn.Module):
-    """A tensor-parallel Llama-family causal LM (or one pipeline stage of it).
+    """A tensor-parallel causal LM of any registered family (or one pipeline stage of it).
 
     ``forward(ids)`` returns *vocabulary-parallel* logits ``(b, s, V_pad / t)``; use
     :func:`shardwise.layers.gather_logits` for the full ones and
@@ -226,19 +290,32 @@ class LlamaForCausalLM(nn.Module):
             self.last and cfg.tie_word_embeddings), has_norm=self.last,
             sequence_parallel=sequence_parallel, pad_multiple=pad_multiple, dtype=dtype,
             device=device)
+        softcap = cfg.final_logit_softcapping if cfg.arch.final_softcap else None
         self.lm_head = ParallelLMHead(self.model.embed_tokens, tied=cfg.tie_word_embeddings,
-                                      sequence_parallel=sequence_parallel) if self.last else None
-        self.register_buffer("inv_freq", rope_frequencies(cfg).to(device), persistent=False)
+                                      sequence_parallel=sequence_parallel,
+                                      softcap=softcap) if self.last else None
+        self.embed_scale = cfg.hidden_size ** 0.5 if cfg.arch.embed_scale else 1.0
+        for name, inv in rope_tables(cfg).items():
+            self.register_buffer(name, inv.to(device), persistent=False)
+        rs = cfg.rope_scaling
+        self.long_after = rs["original_max_position_embeddings"] \
+            if rs is not None and rs["rope_type"] == "longrope" else None
+        self.rope_scale = attention_factor(cfg)
 
     @property
     def vocab_start(self) -> int:
         return self.model.embed_tokens.start
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (b, 1, s, d) for positions (b, s)."""
-        ang = positions.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq  # (b, s, d/2)
-        ang = torch.cat((ang, ang), dim=-1).unsqueeze(1)                       # (b, 1, s, d)
-        return ang.cos().to(dtype), ang.sin().to(dtype)
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple]:
+        """``{"global" | "local": (cos, sin)}``, each (b, 1, s, rotary_dim), for positions (b, s).
+        Longrope takes its long frequencies when any position reaches the original context."""
+        inv = self.inv_freq
+        if self.long_after is not None:
+            inv = torch.where(positions.max() >= self.long_after, self.inv_freq_long, inv)
+        tables = {"global": cos_sin(positions, inv, dtype, self.rope_scale)}
+        if hasattr(self, "inv_freq_local"):
+            tables["local"] = cos_sin(positions, self.inv_freq_local, dtype)
+        return tables
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 attend: Attend = causal_attend,
@@ -248,12 +325,14 @@ class LlamaForCausalLM(nn.Module):
         the sequence whose logits are wanted (the last token of each sequence when sampling);
         the norm and the vocabulary projection then run on those rows only."""
         h = self.model.embed_tokens(x) if self.first else x
+        if self.first and self.embed_scale != 1.0:  # Gemma: the scale rounded to h's dtype
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         s = x.shape[1] * (group_size(self.group) if self.sequence_parallel and not self.first else 1)
         if positions is None:
             positions = torch.arange(s, device=h.device).expand(x.shape[0], s)
-        cos, sin = self.rope(positions, h.dtype)
+        tables = self.rope(positions, h.dtype)
         for layer in self.model.layers.values():
-            h = layer(h, cos, sin, attend)
+            h = layer(h, *tables[layer.rope_table], attend)
         if not self.last:
             return h
         if rows is not None:

@@ -184,7 +184,7 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                 _follow(runner, mesh.tp_group)
                 return
             sched = Scheduler(cache.num_blocks, cfg.block_size, max_seqs=cfg.max_seqs,
-                              max_batched_tokens=cfg.max_batched_tokens)
+                              max_batched_tokens=cfg.max_batched_tokens, window=cache.window)
             evt_q.put(("ready", {"num_blocks": cache.num_blocks, "block_size": cfg.block_size,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
                                  "load_s": time.perf_counter() - t0, "pid": os.getpid()}))

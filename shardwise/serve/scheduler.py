@@ -11,13 +11,18 @@ the head of the queue, to be recomputed from its prompt and the tokens it alread
 A sequence's tokens are ``prompt + output``; ``cached`` of them have KV in the cache, and each step
 feeds ``tokens[cached:cached + n]``. When a chunk reaches the last known token the step samples
 the next one.
+
+With a sliding ``window`` on every layer (``PagedKVCache.window``), each step first frees the
+blocks that lie wholly before ``cached - window + 1`` (no later query reads them; their table
+entries become ``FREED``), and a prompt takes blocks chunk by chunk instead of all at admission,
+so a sequence holds about ``(window + chunk) / block_size`` blocks at any length.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
-from .kv import BlockAllocator, Chunk, blocks_for
+from .kv import FREED, BlockAllocator, Chunk, blocks_for
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Sequence:
     eos_ids: frozenset[int] = frozenset()
     output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
+    freed: int = 0            # leading blocks freed as outside the window
     cached: int = 0
     registered: bool = False  # the workers hold its sampler
 
@@ -62,9 +68,10 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, *, max_seqs: int = 32,
-                 max_batched_tokens: int = 256) -> None:
+                 max_batched_tokens: int = 256, window: int | None = None) -> None:
         self.alloc = BlockAllocator(num_blocks)
         self.block_size, self.max_seqs, self.budget = block_size, max_seqs, max_batched_tokens
+        self.window = window
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._drop: list[int] = []
@@ -87,9 +94,20 @@ class Scheduler:
                 return True
         return False
 
+    def _free_blocks(self, seq: Sequence) -> None:
+        self.alloc.free([b for b in seq.blocks if b != FREED])
+        seq.blocks, seq.freed = [], 0
+
+    def _free_outside_window(self, seq: Sequence) -> None:
+        """Free the blocks wholly before the first position the next query can read."""
+        dead = min(len(seq.blocks), max(0, seq.cached - self.window + 1) // self.block_size)
+        if dead > seq.freed:
+            self.alloc.free(seq.blocks[seq.freed:dead])
+            seq.blocks[seq.freed:dead] = [FREED] * (dead - seq.freed)
+            seq.freed = dead
+
     def _release(self, seq: Sequence) -> None:
-        self.alloc.free(seq.blocks)
-        seq.blocks = []
+        self._free_blocks(seq)
         if seq.registered:
             self._drop.append(seq.id)
             seq.registered = False
@@ -108,10 +126,19 @@ class Scheduler:
         seq.blocks += got
         return True
 
+    def _grow_or_preempt(self, seq: Sequence, n_tokens: int) -> None:
+        """Blocks for ``n_tokens`` positions, preempting the latest sequences until they fit
+        (``seq`` itself last: then it leaves ``running``)."""
+        while not self._grow(seq, n_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                break
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.alloc.free(seq.blocks)
-        seq.blocks, seq.cached = [], 0
+        self._free_blocks(seq)
+        seq.cached = 0
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
@@ -119,16 +146,15 @@ class Scheduler:
         plan = StepPlan()
         budget = self.budget
         picked: list[tuple[Sequence, int]] = []
+        if self.window is not None:
+            for seq in self.running:
+                self._free_outside_window(seq)
         decodes = [s for s in self.running if s.pending == 1]
         prefills = [s for s in self.running if s.pending > 1]
         for seq in decodes:
             if seq not in self.running:
                 continue  # preempted below for an earlier one
-            while not self._grow(seq, seq.cached + 1):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
+            self._grow_or_preempt(seq, seq.cached + 1)
             if seq in self.running and budget > 0:
                 picked.append((seq, 1))
                 budget -= 1
@@ -138,11 +164,16 @@ class Scheduler:
             if seq not in self.running:
                 continue
             n = min(seq.pending, budget)
+            if self.window is not None:  # windowed prompts take blocks chunk by chunk
+                self._grow_or_preempt(seq, seq.cached + n)
+                if seq not in self.running:
+                    continue
             picked.append((seq, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            if not self._grow(seq, len(seq.tokens) + 1):
+            first = min(seq.pending, budget)
+            if not self._grow(seq, len(seq.tokens) + 1 if self.window is None else first):
                 break
             self.waiting.popleft()
             self.running.append(seq)
