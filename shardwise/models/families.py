@@ -132,4 +132,5 @@ register(ArchSpec("gemma3_text", "Gemma3ForCausalLM", activations=_GELU, norm_of
                   gguf=GGUFNames("gemma3", norm_plus_one=True, blocks=_GEMMA_GGUF),
                   defaults={**_GEMMA, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}))
 register(ArchSpec("phi3", "Phi3ForCausalLM", fused_checkpoint=True, attention_bias=False,
-                  window="all", gguf=GGUFNames("phi3"), defaults={"sliding_window": None}))
+                  window="all", gguf=GGUFNames("phi3", blocks={"ffn_up": "mlp.gate_up_proj"}),
+                  defaults={"sliding_window": None}))
