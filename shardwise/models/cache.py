@@ -28,6 +28,18 @@ class KVCache:
             self.k[int(name)] = torch.zeros(shape, dtype=dtype, device=dev)
             self.v[int(name)] = torch.zeros(shape, dtype=dtype, device=dev)
         self.length, self.max_len, self.device = 0, max_len, dev
+        self.long_after, self.long_rope = model.long_after, False
+
+    def restart_for_long_rope(self, total: int) -> bool:
+        """Longrope: once the sequences grow to ``total > original context`` tokens, every key
+        must be rotated with the long frequencies, but those cached so far used the short ones.
+        Returns True when the cache was emptied: feed all ``total`` tokens again (transformers
+        drops its cache at the same point). Call before each step."""
+        if self.long_after is None or self.long_rope or total <= self.long_after:
+            return False
+        self.long_rope = True
+        restart, self.length = self.length > 0, 0
+        return restart
 
     def positions(self, batch: int, s: int) -> torch.Tensor:
         if self.length + s > self.max_len:

@@ -48,6 +48,7 @@ class LlamaConfig:
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
     model_type: str = "llama"
     hidden_act: str = "silu"
     partial_rotary_factor: float = 1.0

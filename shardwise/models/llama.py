@@ -306,12 +306,18 @@ class LlamaForCausalLM(nn.Module):
     def vocab_start(self) -> int:
         return self.model.embed_tokens.start
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple]:
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype,
+             long_rope: torch.Tensor | None = None) -> dict[str, tuple]:
         """``{"global" | "local": (cos, sin)}``, each (b, 1, s, rotary_dim), for positions (b, s).
-        Longrope takes its long frequencies when any position reaches the original context."""
+
+        Longrope: a token takes the long frequencies when ``long_rope`` (bool, (b, s)) says so;
+        by default every token of a row whose last position reaches the original context (the
+        sequence is longer than it: transformers' rule)."""
         inv = self.inv_freq
         if self.long_after is not None:
-            inv = torch.where(positions.max() >= self.long_after, self.inv_freq_long, inv)
+            if long_rope is None:
+                long_rope = positions.amax(-1, keepdim=True) >= self.long_after   # (b, 1)
+            inv = torch.where(long_rope.unsqueeze(-1), self.inv_freq_long, inv)  # (b, s|1, r/2)
         tables = {"global": cos_sin(positions, inv, dtype, self.rope_scale)}
         if hasattr(self, "inv_freq_local"):
             tables["local"] = cos_sin(positions, self.inv_freq_local, dtype)
@@ -319,18 +325,20 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 attend: Attend = causal_attend,
-                rows: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+                rows: torch.Tensor | list[int] | None = None, *,
+                long_rope: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: token ids (b, s) on the first stage, else hidden states (b, s[/t], h).
         ``positions``: (b, s) absolute positions, default ``0..s-1``. ``rows``: positions along
         the sequence whose logits are wanted (the last token of each sequence when sampling);
-        the norm and the vocabulary projection then run on those rows only."""
+        the norm and the vocabulary projection then run on those rows only. ``long_rope``:
+        longrope's choice per token when a row holds several sequences (:meth:`rope`)."""
         h = self.model.embed_tokens(x) if self.first else x
         if self.first and self.embed_scale != 1.0:  # Gemma: the scale rounded to h's dtype
             h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         s = x.shape[1] * (group_size(self.group) if self.sequence_parallel and not self.first else 1)
         if positions is None:
             positions = torch.arange(s, device=h.device).expand(x.shape[0], s)
-        tables = self.rope(positions, h.dtype)
+        tables = self.rope(positions, h.dtype, long_rope)
         for layer in self.model.layers.values():
             h = layer(h, *tables[layer.rope_table], attend)
         if not self.last:

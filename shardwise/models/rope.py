@@ -10,8 +10,10 @@ Frequencies of a rotary dimension ``r`` (``head_dim x partial_rotary_factor``) a
   ``original_max_position_embeddings`` long, ``inv_i / long_factor_i`` beyond, and cos and sin
   scaled by ``sqrt(1 + ln(s) / ln(original))`` with ``s = max_position_embeddings /
   original`` (the paper's attention factor, unless the config gives ``attention_factor``).
-  As in transformers and vLLM, one forward uses one set for all its tokens: the long one as
-  soon as any position in it reaches the original context.
+  As in transformers, a sequence uses one set for all its tokens: the long one once it is
+  longer than the original context. When a sequence grows past it, the keys cached with the
+  short set are recomputed with the long one (transformers drops its cache there; the
+  contiguous cache and the serving scheduler re-feed the sequence).
 
 Rotation pairs dimension ``j`` with ``j + r/2`` (Hugging Face's rotate-half layout) within the
 first ``r`` dimensions of a head; the rest pass through unchanged.
@@ -79,7 +81,8 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
 
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
             scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (b, 1, s, r) for positions (b, s)."""
+    """cos, sin of shape (b, 1, s, r) for positions (b, s); ``inv_freq`` (r/2,) or per token
+    (b, s|1, r/2)."""
     ang = positions.to(inv_freq.dtype).unsqueeze(-1) * inv_freq    # (b, s, r/2)
     ang = torch.cat((ang, ang), dim=-1).unsqueeze(1)               # (b, 1, s, r)
     cos, sin = ang.cos(), ang.sin()

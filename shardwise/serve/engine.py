@@ -62,7 +62,8 @@ class Runner:
             self.samplers[sid] = (sp, params, torch.Generator().manual_seed(sp.seed))
         ids, pos, last = self.cache.prepare(plan.chunks)
         picked = [(c.seq_id, last[i]) for i, c in enumerate(plan.chunks) if c.sample]
-        local = self.model(ids, pos, self.cache.attend, rows=[r for _, r in picked])[0]
+        local = self.model(ids, pos, self.cache.attend, rows=[r for _, r in picked],
+                           long_rope=self.cache.long_rope)[0]
         if not picked:
             return {}, {}
         samp = [self.samplers[sid] for sid, _ in picked]
@@ -184,7 +185,8 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                 _follow(runner, mesh.tp_group)
                 return
             sched = Scheduler(cache.num_blocks, cfg.block_size, max_seqs=cfg.max_seqs,
-                              max_batched_tokens=cfg.max_batched_tokens, window=cache.window)
+                              max_batched_tokens=cfg.max_batched_tokens, window=cache.window,
+                              long_after=cache.long_after)
             evt_q.put(("ready", {"num_blocks": cache.num_blocks, "block_size": cfg.block_size,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
                                  "load_s": time.perf_counter() - t0, "pid": os.getpid()}))

@@ -72,6 +72,7 @@ class Chunk:
     start: int
     blocks: list[int]
     sample: bool  # the chunk ends the known tokens: sample the next one
+    long_rope: bool = False  # longrope: the sequence is past the original context
 
 
 def blocks_for(n_tokens: int, block_size: int) -> int:
@@ -107,7 +108,8 @@ class PagedKVCache:
         self.k = {int(i): torch.zeros(slots, self.nkv * self.d, dtype=dtype, device=dev)
                   for i in model.model.layers}
         self.v = {i: torch.zeros_like(t) for i, t in self.k.items()}
-        self.device = dev
+        self.device, self.long_after = dev, model.long_after
+        self.long_rope: torch.Tensor | None = None  # (1, T): the model's ``long_rope``
 
     @property
     def bytes(self) -> int:
@@ -123,11 +125,12 @@ class PagedKVCache:
     def prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Set up one step. Returns ids (1, T), positions (1, T) and the flat index of each
         chunk's last token (whose logits are needed when ``chunk.sample``)."""
-        ids, pos, slot, last = [], [], [], []
+        ids, pos, slot, last, long = [], [], [], [], []
         self.n_dec, decodes, prefills = 0, [], []
         for c in chunks:
             n, off = len(c.tokens), len(ids)
             ids += c.tokens
+            long += [c.long_rope] * n
             pos += range(c.start, c.start + n)
             slot += self._slots(c.blocks, c.start, c.start + n)
             last.append(off + n - 1)
@@ -139,6 +142,7 @@ class PagedKVCache:
         self.slot_mapping = torch.tensor(slot, device=self.device)
         self.views = {w: self._view(w, decodes, prefills) for w in self.windows}
         dev = self.device
+        self.long_rope = None if self.long_after is None else torch.tensor([long], device=dev)
         return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), last)
 
     def _view(self, window: int | None, decodes: list[Chunk],

@@ -16,6 +16,11 @@ With a sliding ``window`` on every layer (``PagedKVCache.window``), each step fi
 blocks that lie wholly before ``cached - window + 1`` (no later query reads them; their table
 entries become ``FREED``), and a prompt takes blocks chunk by chunk instead of all at admission,
 so a sequence holds about ``(window + chunk) / block_size`` blocks at any length.
+
+Longrope (``long_after``: the original context): a sequence longer than it is rotated with the
+long frequencies, all of its tokens (``Chunk.long_rope``). The step where it grows past it, it
+is preempted (its cache was rotated with the short ones) and recomputed from its first token, as
+transformers drops its cache there.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     freed: int = 0            # leading blocks freed as outside the window
     cached: int = 0
+    long_rope: bool = False   # its cache is (to be) rotated with longrope's long frequencies
     registered: bool = False  # the workers hold its sampler
 
     @property
@@ -68,10 +74,11 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, *, max_seqs: int = 32,
-                 max_batched_tokens: int = 256, window: int | None = None) -> None:
+                 max_batched_tokens: int = 256, window: int | None = None,
+                 long_after: int | None = None) -> None:
         self.alloc = BlockAllocator(num_blocks)
         self.block_size, self.max_seqs, self.budget = block_size, max_seqs, max_batched_tokens
-        self.window = window
+        self.window, self.long_after = window, long_after
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._drop: list[int] = []
@@ -105,6 +112,14 @@ class Scheduler:
             self.alloc.free(seq.blocks[seq.freed:dead])
             seq.blocks[seq.freed:dead] = [FREED] * (dead - seq.freed)
             seq.freed = dead
+
+    def _needs_long_rope(self, seq: Sequence) -> bool:
+        """Has the sequence just grown past longrope's original context? (Then it is marked:
+        all its tokens take the long frequencies from now on.)"""
+        if self.long_after is None or seq.long_rope or len(seq.tokens) <= self.long_after:
+            return False
+        seq.long_rope = True
+        return True
 
     def _release(self, seq: Sequence) -> None:
         self._free_blocks(seq)
@@ -146,8 +161,10 @@ class Scheduler:
         plan = StepPlan()
         budget = self.budget
         picked: list[tuple[Sequence, int]] = []
-        if self.window is not None:
-            for seq in self.running:
+        for seq in list(self.running):
+            if self._needs_long_rope(seq) and seq.cached:
+                self._preempt(seq)  # rotated with the short frequencies: recompute it all
+            elif self.window is not None:
                 self._free_outside_window(seq)
         decodes = [s for s in self.running if s.pending == 1]
         prefills = [s for s in self.running if s.pending > 1]
@@ -177,6 +194,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            self._needs_long_rope(seq)
             n = min(seq.pending, budget)
             picked.append((seq, n))
             budget -= n
@@ -188,7 +206,8 @@ class Scheduler:
                 seq.registered = True
             toks = seq.tokens[seq.cached:seq.cached + n]
             plan.chunks.append(Chunk(seq.id, toks, seq.cached, list(seq.blocks),
-                                     sample=seq.cached + n == len(seq.prompt) + len(seq.output)))
+                                     sample=seq.cached + n == len(seq.prompt) + len(seq.output),
+                                     long_rope=seq.long_rope))
         plan.chunks.sort(key=lambda c: len(c.tokens) > 1)  # decodes first, stable
         plan.drop, self._drop = self._drop, []
         return plan

@@ -1,0 +1,286 @@
+"""Every family of ``shardwise.models.families`` against transformers, at tp 1-4.
+
+Each family is a small random model built once per module with transformers and saved as a Hugging
+Face directory: 4 layers, 6 query heads and 2 KV heads of 16 dimensions, so that at tp=4 the heads
+split 2 + 2 + 1 + 1 (not divisible) and each KV head is held by two ranks (KV heads fewer than tp).
+Every family feature is switched on with non-default values that bite on 12-token inputs: windows
+of 5-7 tokens (Qwen2/3 only from ``max_window_layers`` on), soft-caps of 2-3 on scores of that size,
+a query scale from ``query_pre_attn_scalar``, Gemma 3's own rope bases (linear scaling on its global
+layers), Phi-3's partial rotary (0.5) and longrope whose original context (8) the inputs exceed.
+
+Tolerance: fp32, absolute 1e-4 on logits, loss and each rank's gradient slice of a whole model.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from shardwise.shards import assemble_local
+
+ATOL = 1e-4
+VOCAB, SEQ, NEW = 131, 12, 32
+BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=70, num_hidden_layers=4,
+            num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+FAMILIES = {  # name: (transformers config class, its settings)
+    "qwen3": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "gemma2": ("Gemma2Config", dict(query_pre_attn_scalar=24, sliding_window=5,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                    tie_word_embeddings=True)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        query_pre_attn_scalar=20, sliding_window=6, final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1e5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})),
+    "phi3": ("Phi3Config", dict(  # Phi-3 derives head_dim from hidden / heads
+        hidden_size=96, sliding_window=7, original_max_position_embeddings=8,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                         "factor": 8.0, "original_max_position_embeddings": 8,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6],
+                         "long_factor": [2.0, 2.5, 3.0, 4.0]})),
+    "mistral": ("MistralConfig", dict(sliding_window=5)),
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=2)),
+}
+ALL_SLIDING = {"phi3": 7, "mistral": 5}  # every layer slides: the paged cache frees blocks
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{family: (HF directory, transformers model)}, built once."""
+    out = {}
+    for i, (name, (cls, kw)) in enumerate(FAMILIES.items()):
+        torch.manual_seed(i)
+        cfg = getattr(transformers, cls)(**{**BASE, **kw})
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():  # norms away from their init so that a misplaced norm shows
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn_like(p) * 0.1)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out[name] = (path, model)
+    return out
+
+
+def _build(path, group, *, sequence_parallel=False):
+    from shardwise.checkpoint.hf import load_weights
+    from shardwise.models.config import LlamaConfig
+    from shardwise.models.llama import LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig.from_hf(path), group=group,
+                             sequence_parallel=sequence_parallel)
+    load_weights(model, path)
+    return model
+
+
+def _group(tp):
+    from shardwise.mesh import subgroup
+    group = subgroup(list(range(tp)))
+    return group if torch.distributed.get_rank() < tp else False
+
+
+def grads_worker(path, tp, sp, ids, tgt):
+    from shardwise.layers import finalize_grads, gather_logits
+    from shardwise.loss import vocab_parallel_cross_entropy
+    if (group := _group(tp)) is False:
+        return None
+    model = _build(path, group, sequence_parallel=sp)
+    local = model(ids)
+    head = model.lm_head
+    loss = vocab_parallel_cross_entropy(local, tgt, group=group, vocab_start=head.start,
+                                        vocab_size=head.num_embeddings)
+    loss.backward()
+    finalize_grads(model, group)
+    return (gather_logits(local.detach(), head), loss.detach(),
+            {n: (p.grad, getattr(p, "pieces", None)) for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_logits_and_gradient_slices_match_transformers(pool, saved, name):
+    path, hf = saved[name]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    tgt = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    hf.zero_grad()
+    logits = hf(ids).logits
+    loss = F.cross_entropy(logits.view(-1, VOCAB), tgt.view(-1))
+    loss.backward()
+    grads = {n: p.grad for n, p in hf.named_parameters()}
+
+    def read(n, shape, dim, start, stop):
+        return grads[n].narrow(dim, start, stop - start)
+
+    for tp, sp in [(1, False), (2, False), (3, False), (4, False), (2, True), (4, True)]:
+        for res in [r for r in pool.run(grads_worker, str(path), tp, sp, ids, tgt) if r]:
+            got_logits, got_loss, got_grads = res
+            where = f"{name} tp={tp} sp={sp}"
+            torch.testing.assert_close(got_logits, logits.detach(), atol=ATOL, rtol=0,
+                                       msg=lambda m: f"{where} logits: {m}")
+            torch.testing.assert_close(got_loss, loss.detach(), atol=ATOL, rtol=0)
+            for n, (grad, pieces) in got_grads.items():
+                local = grad.clone()
+                if pieces:
+                    local.pieces = pieces
+                torch.testing.assert_close(grad, assemble_local(n, local, read), atol=ATOL,
+                                           rtol=0, msg=lambda m: f"{where} grad {n}: {m}")
+
+
+def generate_worker(path, tp, prompts, n, block, chunk):
+    """Greedy tokens through the contiguous cache (all prompts as one batch) and through the
+    serving engine's paged cache and scheduler (every rank schedules alike), the most blocks a
+    sequence held, and the free blocks at the end."""
+    from shardwise.layers import gather_logits
+    from shardwise.models.cache import KVCache
+    from shardwise.serve.engine import Runner
+    from shardwise.serve.kv import FREED, PagedKVCache
+    from shardwise.serve.scheduler import SamplerSpec, Scheduler, Sequence
+    if (group := _group(tp)) is False:
+        return None
+    model = _build(path, group).eval()
+    with torch.inference_mode():
+        cache, seq = KVCache(model, len(prompts), len(prompts[0]) + n), torch.tensor(prompts)
+        ids = seq
+        for _ in range(n):
+            if cache.restart_for_long_rope(cache.length + ids.shape[1]):  # as generate does
+                ids = seq
+            logits = model(ids, cache.positions(len(prompts), ids.shape[1]), attend=cache.attend,
+                           rows=[-1])
+            cache.advance(ids.shape[1])
+            ids = gather_logits(logits[:, -1], model.lm_head).argmax(-1, keepdim=True)  # (b, 1)
+            seq = torch.cat([seq, ids], 1)
+        contiguous = seq[:, len(prompts[0]):].tolist()
+        blocks = 24
+        paged = PagedKVCache(model, blocks, block)
+        runner = Runner(model, group, paged)
+        sched = Scheduler(blocks, block, max_batched_tokens=chunk, window=paged.window,
+                          long_after=paged.long_after)
+        seqs = [Sequence(i, list(p), SamplerSpec(), n) for i, p in enumerate(prompts)]
+        for s in seqs:
+            sched.add(s)
+        held = 0
+        while sched.has_work():
+            plan = sched.schedule()
+            held = max([held] + [sum(b != FREED for b in s.blocks) for s in sched.running])
+            sched.update(plan, runner.execute(plan)[0])
+    return contiguous, [s.output for s in seqs], held, sched.alloc.num_free
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_greedy_generation_matches_transformers(pool, saved, name):
+    """32 greedy tokens, contiguous and paged cache, at tp 1-4; the paged cache of a model
+    whose every layer slides holds a window's worth of blocks, not the whole sequence."""
+    from shardwise.serve.kv import blocks_for
+    path, hf = saved[name]
+    prompts = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                          max_new_tokens=NEW, min_new_tokens=NEW)[:, 6:].tolist()
+    block, chunk = 4, 4  # the 6-token prompts prefill in two chunks
+    for tp in (1, 2, 3, 4):
+        for res in [r for r in pool.run(generate_worker, str(path), tp, prompts.tolist(), NEW,
+                                        block, chunk) if r]:
+            contiguous, paged, held, free = res
+            assert contiguous == ref, f"{name} tp={tp} contiguous cache"
+            assert paged == ref, f"{name} tp={tp} paged cache"
+            assert free == 24, f"{name} tp={tp}: blocks leaked"
+            whole = blocks_for(6 + NEW, block)
+            if name in ALL_SLIDING:
+                assert held <= blocks_for(ALL_SLIDING[name] + chunk, block) + 1 < whole, held
+            else:
+                assert held == whole, held
+
+
+def save_worker(path, out, tp):
+    from shardwise.checkpoint.convert import save_sharded
+    if (group := _group(tp)) is False:
+        return None
+    save_sharded(_build(path, group), out, group=group)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_export_loads_in_transformers_with_the_same_logits(pool, saved, tmp_path, name):
+    """Saved sharded at tp=3 (Phi-3's fused tensors assembled from every rank's rows), merged
+    into an HF directory: transformers loads it and gives the original logits; its config reads
+    back as the same model."""
+    from shardwise.checkpoint.convert import merge_to_hf
+    from shardwise.models.config import LlamaConfig
+    path, hf = saved[name]
+    pool.run(save_worker, str(path), str(tmp_path / "tp3"), 3)
+    merge_to_hf(tmp_path / "tp3", tmp_path / "hf")
+    assert LlamaConfig.from_hf(tmp_path / "hf") == LlamaConfig.from_hf(path)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(merged) is type(hf)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def _v4_style(cfg: dict) -> dict:
+    """The same model in transformers 4.x's keys: ``rope_theta`` + ``rope_scaling``, Phi-3's
+    top-level ``partial_rotary_factor``, Gemma 3's ``rope_local_base_freq`` and
+    ``sliding_window_pattern``, Qwen's ``max_window_layers`` instead of ``layer_types``."""
+    cfg = dict(cfg)
+    rope = cfg.pop("rope_parameters")
+    types = cfg.pop("layer_types", None)
+    if "full_attention" in rope:  # Gemma 3
+        cfg["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        cfg["sliding_window_pattern"] = types.index("full_attention") + 1
+        rope = rope["full_attention"]
+    rope = dict(rope)
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    if "partial_rotary_factor" in rope:
+        cfg["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    kind = rope.pop("rope_type")
+    key = "type" if cfg["model_type"] == "phi3" else "rope_type"  # as the Hub's files spell it
+    cfg["rope_scaling"] = None if kind == "default" else {key: kind, **rope}
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "phi3"])
+def test_config_in_transformers_4_keys_reads_as_the_same_model(saved, tmp_path, name):
+    from shardwise.models.config import LlamaConfig
+    path, hf = saved[name]
+    v5 = json.loads((path / "config.json").read_text())
+    v4 = _v4_style(v5)
+    assert "rope_parameters" not in v4 and "layer_types" not in v4
+    assert LlamaConfig.from_hf(v4) == LlamaConfig.from_hf(v5)
+    (tmp_path / "config.json").write_text(json.dumps(v4))  # transformers agrees on the meaning
+    for f in path.glob("*.safetensors"):
+        (tmp_path / f.name).symlink_to(f)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_config_errors_name_the_numbers():
+    from shardwise.models.config import LlamaConfig
+    ok = dict(vocab_size=16, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2)
+    cases = [
+        (dict(model_type="phi3", partial_rotary_factor=0.5,
+              rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4,
+                            "long_factor": [1.0] * 2, "original_max_position_embeddings": 8}),
+         "longrope short_factor has 4 values; the rotary dimension 4 needs 2"),
+        (dict(model_type="gemma2", hidden_act="gelu_pytorch_tanh", sliding_window=4,
+              layer_types=("sliding_attention",)), "layer_types must name 2 layers"),
+        (dict(model_type="gemma2", hidden_act="silu"), "hidden_act 'silu' is not supported for "
+                                                      "gemma2"),
+        (dict(partial_rotary_factor=0.1), "rotary dimension of 0 of head_dim 8"),
+        (dict(model_type="gpt2"), "architecture 'gpt2' is not supported"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            LlamaConfig(**{**ok, **kw})
+    raw = {**ok, "model_type": "gemma3_text", "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}}
+    with pytest.raises(ValueError, match="rope type 'linear' on sliding-window layers"):
+        LlamaConfig.from_hf(raw)
