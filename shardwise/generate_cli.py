@@ -6,18 +6,20 @@ import json
 import sys
 
 from .sampling import SamplingParams
+from .usage import float_range, int_range, require, seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset (smollm2-135m, debug, ...), HF directory "
                    "or .gguf file")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (local processes)")
+    p.add_argument("--tp", type=int_range(1), default=1,
+                   help="tensor-parallel ranks (local processes)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int_range(1), default=64)
+    p.add_argument("--temperature", type=float_range(0.0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int_range(0), default=0, help="0 = off")
+    p.add_argument("--top-p", type=float_range(0.0, high=1.0, strict=True), default=1.0)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -25,21 +27,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stdout holds exactly one JSON object; everything else goes to stderr")
 
 
-def run(args: argparse.Namespace) -> int:
-    from .checkpoint.source import load_tokenizer, resolve
-    from .generate import (GenerateJob, check_request, encode_prompt, format_signals, generate,
-                           summarize)
+def check(args: argparse.Namespace) -> None:
+    """Everything before a worker starts: the model, its tokenizer, the layout, the lengths."""
+    from .checkpoint.source import resolve
+    from .generate import check_request, encode_prompt
 
-    if args.tp < 1:
-        raise ValueError(f"--tp {args.tp}: the number of ranks must be >= 1")
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, max_tokens=args.max_new_tokens, stop=args.stop)
-    source = resolve(args.model)
-    tokenizer = load_tokenizer(source)
-    ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template)
-    check_request(source, args.tp, len(ids), args.max_new_tokens)
-    job = GenerateJob(args.model, args.tp, ids, params, stream="stderr" if args.json else "stdout",
-                      dtype=args.dtype, eos_ids=source.config.eos_ids)
+    args.params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed,
+                                 max_tokens=args.max_new_tokens, stop=args.stop)
+    args.source = resolve(args.model)
+    require("transformers", what="generate (the tokenizer)")
+    from .checkpoint.source import load_tokenizer
+    tokenizer = load_tokenizer(args.source)
+    args.ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template)
+    check_request(args.source, args.tp, len(args.ids), args.max_new_tokens)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .generate import GenerateJob, format_signals, generate, summarize
+
+    if not hasattr(args, "ids"):
+        check(args)
+    job = GenerateJob(args.model, args.tp, args.ids, args.params,
+                      stream="stderr" if args.json else "stdout", dtype=args.dtype,
+                      eos_ids=args.source.config.eos_ids)
     summary = summarize(generate(job))
     if args.json:
         print(json.dumps(summary))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
@@ -245,15 +244,31 @@ def format_report(rep: Report) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .usage import int_range, seed
     parser.add_argument("--model", required=True, help="preset, HF directory or .gguf file")
-    parser.add_argument("--tp", type=int, required=True, help="tensor-parallel ranks to compare")
+    parser.add_argument("--tp", type=int_range(1), required=True,
+                        help="tensor-parallel ranks to compare")
     parser.add_argument("--sequence-parallel", type=int, choices=(0, 1), default=0)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int_range(1), default=2)
+    parser.add_argument("--seq", type=int_range(1), default=16)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--atol", type=float, default=1e-4)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def check(args: argparse.Namespace) -> None:
+    """The model, the layout and the lengths, before any worker starts."""
+    from .checkpoint.source import resolve
+    from .partition import HeadLayout
+    cfg = resolve(args.model).config
+    HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
+    if args.sequence_parallel and args.seq % args.tp:
+        raise ValueError(f"sequence parallelism splits --seq={args.seq} over tp={args.tp} ranks: "
+                         f"use a --seq that is a multiple of {args.tp}")
+    if args.seq > cfg.max_position_embeddings:
+        raise ValueError(f"--seq={args.seq} exceeds the model's {cfg.max_position_embeddings} "
+                         "positions")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -264,7 +279,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = argparse.ArgumentParser(prog="shardwise verify")
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))
+    from .cli import main
+    sys.exit(main(["verify", *sys.argv[1:]]))

@@ -58,7 +58,7 @@ def test_bad_input_exits_2_with_closest_names():
 def test_errors(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and msg in err
+    assert err.startswith("shardwise plan: error: ") and msg in err
 
 
 def test_text_report_and_plot(tmp_path, capsys):

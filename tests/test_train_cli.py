@@ -68,7 +68,7 @@ def test_cli_errors_exit_2_quickly(data, tmp_path, no_spawn, capsys):
     assert main(["--model", "tiny", "--data", str(tmp_path / "nope.txt")]) == 2
     assert main(["--model", "nonexistent-model", "--data", str(data)]) == 2
     assert main(["--model", "tiny", "--data", str(data), "--resume", str(tmp_path)]) == 2
-    err = capsys.readouterr().out
+    err = capsys.readouterr().err
     assert "pp=3 but the model has 2 layers" in err and "nope.txt does not exist" in err
     assert "no complete checkpoint" in err
     assert time.perf_counter() - t < 30

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+
+from ..usage import float_range, int_range
 
 DEFAULT_STEP_OUT = "benchmarks/tp_step"
 
@@ -31,32 +32,48 @@ def _sizes(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
     c = sub.add_parser("comm", help="latency and bus bandwidth of the collectives vs size")
-    c.add_argument("--nprocs", type=int, default=2, help="local ranks (default 2)")
+    c.add_argument("--nprocs", type=int_range(1), default=2, help="local ranks (default 2)")
     c.add_argument("--sizes", type=_sizes, default="4:64M",
                    help="message sizes: LO:HI in x4 steps, or a list (default 4:64M)")
     c.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter")
     c.add_argument("--backend", choices=("auto", "dist"), default="auto",
                    help="auto: shardwise.comm's path (shared memory on one host); "
                         "dist: torch.distributed directly (gloo)")
-    c.add_argument("--iters", type=int, default=50, help="timed calls per size, at most")
-    c.add_argument("--budget", type=float, default=0.5, help="seconds per size, about")
+    c.add_argument("--iters", type=int_range(1), default=50, help="timed calls per size, at most")
+    c.add_argument("--budget", type=float_range(0.0, strict=True), default=0.5,
+                   help="seconds per size, about")
     c.add_argument("--json", metavar="FILE", help="write the calibration file for plan")
 
     s = sub.add_parser("step", help="TP training/decode step vs PyTorch TP and one process")
     s.add_argument("--preset", choices=("issue7", "tiny"), default="issue7")
-    s.add_argument("--rounds", type=int, default=3, help="interleaved rounds A B C D ...")
-    s.add_argument("--train-steps", type=int, default=4, help="timed training steps per round")
-    s.add_argument("--decode-steps", type=int, default=10, help="timed decode steps per round")
+    s.add_argument("--rounds", type=int_range(1), default=3, help="interleaved rounds A B C D ...")
+    s.add_argument("--train-steps", type=int_range(1), default=4,
+                   help="timed training steps per round")
+    s.add_argument("--decode-steps", type=int_range(1), default=10,
+                   help="timed decode steps per round")
     s.add_argument("--out", default=DEFAULT_STEP_OUT,
                    help="write OUT.json and OUT.png (default benchmarks/tp_step)")
     s.add_argument("--no-plot", action="store_true")
 
     v = sub.add_parser("serve", help="serving throughput (shardwise.serve)")
-    try:  # written by the serving work; absent or partial until it lands
-        from ..serve.cli import add_bench_arguments
-        add_bench_arguments(v)
-    except ImportError as e:
-        v.set_defaults(_serve_missing=str(e))
+    from ..serve.cli import add_bench_arguments
+    add_bench_arguments(v)
+
+
+def check(args: argparse.Namespace) -> None:
+    """The options of each measurement, and its extras, before anything is spawned."""
+    from ..usage import require
+    if args.bench == "comm":
+        from .comm import OPS
+        ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+        if not ops or set(ops) - set(OPS):
+            raise ValueError(f"--ops {args.ops!r}: use a comma list of {', '.join(OPS)}")
+    elif args.bench == "step":
+        if args.out and not args.no_plot:
+            require("matplotlib", what="bench step's plot (or pass --no-plot)")
+    else:
+        from ..serve.cli import check_bench
+        check_bench(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,9 +81,6 @@ def run(args: argparse.Namespace) -> int:
         return _run_comm(args)
     if args.bench == "step":
         return _run_step(args)
-    if getattr(args, "_serve_missing", None):
-        print(f"error: bench serve is unavailable: {args._serve_missing}", file=sys.stderr)
-        return 2
     from ..serve.cli import run_bench
     return int(run_bench(args) or 0)
 
@@ -105,6 +119,8 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shardwise.bench", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m shardwise.bench ...``: the same as ``shardwise bench ...``."""
+    import sys
+
+    from ..cli import main as shardwise
+    return shardwise(["bench", *(sys.argv[1:] if argv is None else argv)])

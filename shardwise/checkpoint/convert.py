@@ -193,9 +193,12 @@ def load_sharded(model, directory: str | Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="save: a model (preset, HF dir, .gguf) to shard at --tp")
     p.add_argument("--from", dest="src", help="a sharded checkpoint to merge or reshard")
-    p.add_argument("--tp", type=int, help="tensor-parallel size of the output shards")
-    p.add_argument("--pp", type=int, default=None, help="training checkpoints: pipeline stages")
-    p.add_argument("--dp", type=int, default=None, help="training checkpoints: data-parallel size")
+    from ..usage import int_range
+    p.add_argument("--tp", type=int_range(1), help="tensor-parallel size of the output shards")
+    p.add_argument("--pp", type=int_range(1), default=None,
+                   help="training checkpoints: pipeline stages")
+    p.add_argument("--dp", type=int_range(1), default=None,
+                   help="training checkpoints: data-parallel size")
     p.add_argument("--to-hf", help="merge --from into this HF directory")
     p.add_argument("--out", help="output sharded checkpoint directory")
 
@@ -226,6 +229,41 @@ def _convert_training(src: Path, args: argparse.Namespace) -> int:
     elif not args.to_hf:
         raise ValueError("with --from, give --to-hf DIR and/or --tp/--pp/--dp with --out DIR")
     return 0
+
+
+def check(args: argparse.Namespace) -> None:
+    """Which conversion, and whether its inputs exist and fit, before any worker starts."""
+    if args.model and args.src:
+        raise ValueError("give either --model (save a model) or --from (merge or reshard a "
+                         "checkpoint), not both")
+    if args.model:
+        if not (args.tp and args.out):
+            raise ValueError("saving a model needs --tp N and --out DIR")
+        from ..partition import HeadLayout
+        from .source import resolve
+        cfg = resolve(args.model).config
+        HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
+        return
+    if not args.src:
+        raise ValueError("give --model (save) or --from (merge with --to-hf, reshard with --tp)")
+    src = Path(args.src)
+    if not src.exists():
+        raise FileNotFoundError(f"checkpoint {src} does not exist")
+    if not (args.to_hf or args.tp or args.pp or args.dp):
+        raise ValueError("with --from, give --to-hf DIR and/or --tp/--pp/--dp with --out DIR")
+    if (args.tp or args.pp or args.dp) and not args.out:
+        raise ValueError("resharding needs --out DIR")
+    if (src / META).exists():
+        if args.pp not in (None, 1) or args.dp not in (None, 1):
+            raise ValueError("a model checkpoint has only a tensor-parallel layout: use --tp")
+        if args.tp:
+            from ..models.config import LlamaConfig
+            from ..partition import HeadLayout
+            cfg = LlamaConfig.from_hf(src / "config.json")
+            HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
+    else:
+        from ..train.ckpt import find_checkpoint
+        find_checkpoint(src)  # raises with what it expected when src is neither format
 
 
 def run(args: argparse.Namespace) -> int:

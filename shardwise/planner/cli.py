@@ -116,12 +116,22 @@ def make_plan(args: argparse.Namespace):
     return plan(model, cluster, build_request(args, model.seq_len), tp=args.tp, pp=args.pp, dp=args.dp)
 
 
+def check(args: argparse.Namespace) -> None:
+    """Validate the options (ValueError with the numbers and the closest names) and the extras."""
+    if args.list:
+        return
+    if args.plot:
+        from ..usage import require
+        require("matplotlib", what="--plot")
+    args.plan = make_plan(args)
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the plan (text or JSON), write the plot if asked; 0 if a layout fits, else 1."""
     if args.list:
         print(_catalogs())
         return 0
-    p = make_plan(args)
+    p = args.plan if getattr(args, "plan", None) is not None else make_plan(args)
     from .report import to_json, to_text
 
     if args.json:
@@ -130,9 +140,5 @@ def run(args: argparse.Namespace) -> int:
         print(to_text(p))
     if args.plot:
         from .plot import plot_candidates
-
-        try:
-            print(f"wrote {plot_candidates(p, args.plot)}", file=sys.stderr)
-        except ImportError as e:
-            raise ValueError(f"--plot needs matplotlib ({e}): pip install 'shardwise[bench]'") from e
+        print(f"wrote {plot_candidates(p, args.plot)}", file=sys.stderr)
     return 0 if p.best else 1

@@ -43,24 +43,6 @@ class Run:
         return self.tokens / self.seconds
 
 
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--tp", default="1,2,3", help="comma-separated tp degrees to serve with")
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--prompt-min", type=int, default=20)
-    p.add_argument("--prompt-max", type=int, default=200)
-    p.add_argument("--out-min", type=int, default=16)
-    p.add_argument("--out-max", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--baselines", default="static,generate_batch",
-                   help="comma-separated: static, generate_batch (empty for none)")
-    p.add_argument("--max-batched-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per contender run")
-    p.add_argument("--out", default=None, help="write a markdown report here")
-
-
 def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
     rng = random.Random(args.seed)
     return [([rng.randrange(100, 40000) for _ in range(rng.randint(args.prompt_min,

@@ -2,29 +2,43 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import signal
+import socket
 import sys
+
+from ..usage import float_range, int_range, port, require, seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``shardwise serve``."""
     parser.add_argument("--model", required=True,
                         help="preset (smollm2-135m, debug, ...), HF checkpoint dir or .gguf file")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--kv-tokens", type=int, default=None,
+    parser.add_argument("--tp", type=int_range(1), default=1,
+                        help="tensor-parallel ranks (processes)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=port, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health "
+                             "(default: $SHARDWISE_API_KEY; none when unset)")
+    parser.add_argument("--kv-tokens", type=int_range(1), default=None,
                         help="KV cache size in tokens per rank (default: the context)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument("--max-seqs", type=int, default=32, help="most requests in a step")
-    parser.add_argument("--max-batched-tokens", type=int, default=256,
+    parser.add_argument("--block-size", type=int_range(1), default=16,
+                        help="tokens per KV block")
+    parser.add_argument("--max-seqs", type=int_range(1), default=32,
+                        help="most requests in a step")
+    parser.add_argument("--max-batched-tokens", type=int_range(1), default=256,
                         help="token budget of one step (prefill chunks fill what decodes leave)")
-    parser.add_argument("--max-queue", type=int, default=128,
+    parser.add_argument("--max-queue", type=int_range(0), default=128,
                         help="requests that may wait beyond --max-seqs; more get 429")
+    parser.add_argument("--max-prompt-tokens", type=int_range(1), default=None,
+                        help="longest prompt accepted, in tokens (default: the context - 1)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int_range(1), default=None,
                         help="torch threads per rank (default max(1, cores // tp))")
-    parser.add_argument("--drain-timeout", type=float, default=120.0,
+    parser.add_argument("--drain-timeout", type=float_range(0.0), default=120.0,
                         help="seconds SIGTERM waits for in-flight requests")
     parser.add_argument("--profile", action="store_true",
                         help="time collectives in every step (engine step metrics)")
@@ -38,36 +52,72 @@ def engine_config(args: argparse.Namespace):
                         threads=args.threads, profile=args.profile)
 
 
+def _check_listen(host: str, port_: int) -> None:
+    """Bind the address once, so that a port in use fails now and not after the model loaded."""
+    try:
+        infos = socket.getaddrinfo(host, port_, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} does not resolve: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port_}: {e.strerror}; choose another "
+                             "--port or --host") from None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(i[4][0]).is_loopback
+                   for i in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError):
+        return False
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every check before a worker starts: options, the model and its layout, the tokenizer,
+    the extras, the address."""
+    require("fastapi", what="shardwise serve")
+    require("uvicorn", what="shardwise serve")
+    require("transformers", what="shardwise serve (the tokenizer)")
+    from ..checkpoint.source import load_tokenizer, resolve
+    from ..partition import HeadLayout
+    from .guard import ServeLimits
+
+    if args.api_key is None:
+        args.api_key = os.environ.get("SHARDWISE_API_KEY")
+    args.limits = ServeLimits(api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
+                              max_running=args.max_seqs, max_queue=args.max_queue)
+    args.engine_config = engine_config(args)
+    args.source = resolve(args.model)
+    cfg = args.source.config
+    HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
+    args.tokenizer = load_tokenizer(args.source)
+    _check_listen(args.host, args.port)
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the TP workers and the HTTP server; returns the exit code (1 if a worker died)."""
     import uvicorn
 
-    from ..checkpoint.source import load_tokenizer, resolve
     from .client import EngineClient, EngineDead
     from .server import ServerState, create_app
 
-    if args.tp < 1:
-        print(f"shardwise serve: --tp={args.tp} must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        source = resolve(args.model)
-        tokenizer = load_tokenizer(source)
-        from ..partition import HeadLayout
-        cfg = source.config
-        HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"shardwise serve: {e}", file=sys.stderr)
-        return 2
-    engine = EngineClient(engine_config(args))
+    if not hasattr(args, "limits"):
+        check(args)
+    source, tokenizer = args.source, args.tokenizer
+    engine = EngineClient(args.engine_config)
     try:
         info = engine.start()
     except EngineDead as e:
         print(f"shardwise serve: {e}", file=sys.stderr)
         return 1
-    eos = sorted(set(cfg.eos_ids) | ({tokenizer.eos_token_id} - {None}))
+    eos = sorted(set(source.config.eos_ids) | ({tokenizer.eos_token_id} - {None}))
     st = ServerState(name=source.name, engine=engine, tokenizer=tokenizer, eos_ids=eos,
                      context=info["context"], capacity=info["num_blocks"] * info["block_size"],
-                     max_in_flight=args.max_seqs + args.max_queue)
+                     vocab=source.config.vocab_size, limits=args.limits)
     app = create_app(st)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="warning",
@@ -78,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"shardwise serve: {source.name} on {args.tp} rank(s), KV cache "
           f"{info['num_blocks']} blocks x {info['block_size']} tokens "
           f"({info['kv_mib']:.0f} MiB/rank), loaded in {info['load_s']:.1f} s; "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+          f"http://{args.host}:{args.port}/v1"
+          + ("" if args.limits.api_key else " (no API key)"), file=sys.stderr, flush=True)
+    if not args.limits.api_key and not _loopback(args.host):
+        print(f"shardwise serve: listening on {args.host} without an API key: anyone who can "
+              "reach this address can use the model (--api-key)", file=sys.stderr, flush=True)
     try:
         server.run()
     finally:
@@ -88,19 +142,60 @@ def run(args: argparse.Namespace) -> int:
     return st.exit_code
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``shardwise bench serve``."""
-    from .bench import add_bench_arguments as add
-    add(parser)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tp", default="1,2,3", help="comma-separated tp degrees to serve with")
+    p.add_argument("--requests", type=int_range(1), default=64)
+    p.add_argument("--concurrency", type=int_range(1), default=16)
+    p.add_argument("--prompt-min", type=int_range(1), default=20)
+    p.add_argument("--prompt-max", type=int_range(1), default=200)
+    p.add_argument("--out-min", type=int_range(1), default=16)
+    p.add_argument("--out-max", type=int_range(1), default=128)
+    p.add_argument("--repeats", type=int_range(1), default=1)
+    p.add_argument("--baselines", default="static,generate_batch",
+                   help="comma-separated: static, generate_batch (empty for none)")
+    p.add_argument("--max-batched-tokens", type=int_range(1), default=256)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--timeout", type=float_range(0.0, strict=True), default=1800.0,
+                   help="seconds per contender run")
+    p.add_argument("--out", default=None, help="write a markdown report here")
+
+
+def check_bench(args: argparse.Namespace) -> None:
+    """The options of ``bench serve``, before any server starts."""
+    require("httpx", what="bench serve")
+    require("transformers", what="bench serve (the baselines)")
+    for lo, hi in (("prompt_min", "prompt_max"), ("out_min", "out_max")):
+        if getattr(args, lo) > getattr(args, hi):
+            raise ValueError(f"--{lo.replace('_', '-')}={getattr(args, lo)} exceeds "
+                             f"--{hi.replace('_', '-')}={getattr(args, hi)}")
+    try:
+        tps = [int(t) for t in args.tp.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--tp {args.tp!r}: give comma-separated integers, e.g. 1,2") from None
+    if not tps or min(tps) < 1:
+        raise ValueError(f"--tp {args.tp!r}: give one or more degrees >= 1, e.g. 1,2")
+    unknown = {b for b in args.baselines.split(",") if b} - {"static", "generate_batch"}
+    if unknown:
+        raise ValueError(f"--baselines: unknown {', '.join(sorted(unknown))}; use static, "
+                         "generate_batch or nothing")
+    from ..checkpoint.source import resolve
+    from ..partition import HeadLayout
+    cfg = resolve(args.model).config
+    for t in tps:
+        HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, t)
+    args.bench_checked = True
 
 
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench as run_
+    if not hasattr(args, "bench_checked"):
+        check_bench(args)
     return run_(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shardwise.serve",
-                                     description="OpenAI-compatible tensor-parallel server")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m shardwise.serve ...``: the same as ``shardwise serve ...``."""
+    from ..cli import main as shardwise
+    return shardwise(["serve", *(sys.argv[1:] if argv is None else argv)])

@@ -5,6 +5,10 @@ rank 0 reads commands from one queue and writes events to another. A thread here
 events and hands each request's tokens to its ``asyncio.Queue`` on the server's event loop. The
 same thread checks that every worker is alive: one that exits while the server has not asked it
 to is fatal (every waiting request gets an error and :attr:`EngineClient.dead` says why).
+A request the engine refuses or fails on its own (a ``fail`` event) gets its error alone.
+
+A request's queue receives ``("token", tok, finish_reason, logprobs, time)`` items, then ends, or
+one ``("error", message, status, code)``.
 """
 from __future__ import annotations
 
@@ -89,7 +93,7 @@ class EngineClient:
                 msg = None
             except (EOFError, OSError):
                 msg = ("error", "the event queue from TP rank 0 broke")
-            if msg is not None and msg[0] in ("step", "stats"):
+            if msg is not None and msg[0] in ("step", "stats", "fail"):
                 self._loop.call_soon_threadsafe(self._deliver, msg)
                 continue
             if msg is not None and msg[0] == "error":
@@ -106,6 +110,13 @@ class EngineClient:
 
     def _deliver(self, msg: tuple) -> None:
         now = time.perf_counter()
+        if msg[0] == "fail":
+            _, sid, status, why = msg
+            q = self._streams.pop(sid, None)
+            if q is not None:
+                q.put_nowait(("error", why, status,
+                              "invalid_value" if status < 500 else "engine_error"))
+            return
         if msg[0] == "step":
             for sid, tok, reason, lp in msg[1]:
                 q = self._streams.get(sid)
@@ -121,7 +132,7 @@ class EngineClient:
             return
         self.dead = reason
         for q in self._streams.values():
-            q.put_nowait(("error", reason))
+            q.put_nowait(("error", reason, 503, "worker_died"))
         self._streams.clear()
         self.kill()
         if self.on_dead:

@@ -6,13 +6,21 @@ group; then every rank runs the flat batch through its shard of the model, with 
 :class:`PagedKVCache`, and samples the next tokens with the vocabulary-parallel sampler, which
 gives every rank the same tokens. Rank 0 talks to the server process through two queues:
 commands in (``add``, ``cancel``, ``stop``), events out (``ready``, ``step``, ``stats``,
-``error``).
+``fail``, ``error``).
+
+One request never takes the engine down: rank 0 refuses a request it cannot run before it is
+scheduled (:func:`.admit.admission_error`, a ``fail`` event with status 400), and a step that
+raises on every rank (the same plan runs the same code everywhere) fails only the sequence that
+caused it (:meth:`.Scheduler.fail_step`, status 500) while the others go on. A failed collective
+(a peer gone, the group broken) is the engine's failure, not a request's: it stays fatal, as does
+``error`` (rank 0 itself broke).
 """
 from __future__ import annotations
 
 import os
 import queue
 import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -23,6 +31,8 @@ import torch.distributed as dist
 
 from ..comm import Ledger, all_gather_last
 from ..sampling import SamplingParams, sample
+from ..shm import PeerError
+from .admit import admission_error, make_sampler
 from .kv import PagedKVCache, blocks_for
 from .scheduler import SamplerSpec, Scheduler, Sequence, StepPlan
 
@@ -38,6 +48,19 @@ class EngineConfig:
     dtype: str = "float32"
     threads: int | None = None        # torch threads per rank (default max(1, cores // tp))
     profile: bool = False             # time collectives in each step (the Ledger)
+
+    def __post_init__(self) -> None:
+        """Raise ValueError naming the option, before any worker starts."""
+        for name in ("tp", "block_size", "max_seqs", "max_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        for name in ("kv_tokens", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1 "
+                                 "(or left out for the default)")
+        if self.kv_tokens is not None and self.kv_tokens < self.block_size:
+            raise ValueError(f"--kv-tokens={self.kv_tokens} is less than one block of "
+                             f"--block-size={self.block_size} tokens")
 
     def num_blocks(self, context: int) -> int:
         return blocks_for(self.kv_tokens or context, self.block_size)
@@ -57,9 +80,7 @@ class Runner:
         for sid in plan.drop:
             self.samplers.pop(sid, None)
         for sid, sp in plan.new.items():
-            params = SamplingParams(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
-                                    seed=sp.seed)
-            self.samplers[sid] = (sp, params, torch.Generator().manual_seed(sp.seed))
+            self.samplers[sid] = (sp, *make_sampler(sp))
         ids, pos, last = self.cache.prepare(plan.chunks)
         picked = [(c.seq_id, last[i]) for i, c in enumerate(plan.chunks) if c.sample]
         local = self.model(ids, pos, self.cache.attend, rows=[r for _, r in picked],
@@ -100,7 +121,39 @@ def _drain(cmd_q, block: bool) -> list[tuple]:
     return out
 
 
-def _lead(runner: Runner, sched: Scheduler, group, cmd_q, evt_q, profile: bool) -> None:
+# a collective that failed: a peer is gone or the group is broken, whatever the request
+COMM_FAILURES = (PeerError, dist.DistError)
+
+
+def _comm_failure(e: BaseException) -> bool:
+    return isinstance(e, COMM_FAILURES) or (isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("Connection closed", "Connection reset", "[gloo", "Gloo")))
+
+
+def run_step(runner: Runner, sched: Scheduler,
+             plan: StepPlan) -> tuple[list[tuple], list[tuple[int, str]]]:
+    """Run ``plan`` and advance the scheduler. Returns the token events ``(seq id, token, finish
+    reason, logprobs)`` and the requests that failed ``(seq id, message)``. A step that raises
+    (on every rank alike) fails its only sequence, or isolates its sequences
+    (:meth:`Scheduler.fail_step`); the traceback goes to stderr, its last line to the request."""
+    try:
+        sampled, logprobs = runner.execute(plan)
+    except Exception as e:  # noqa: BLE001 - one request's failure, not the engine's...
+        if _comm_failure(e):
+            raise  # ...unless a peer died or the group broke: then it is fatal
+        trace = traceback.format_exc()
+        failed = sched.fail_step(plan)
+        print(f"shardwise engine: a step of {len(plan.chunks)} sequence(s) raised; "
+              f"{'failing request ' + str(failed[0].id) if failed else 'retrying them one by one'}"
+              f":\n{trace}", file=sys.stderr, flush=True)
+        last = trace.strip().splitlines()[-1]
+        return [], [(s.id, f"the engine failed on this request: {last}") for s in failed]
+    return [(seq.id, tok, reason, logprobs.get(seq.id))
+            for seq, tok, reason in sched.update(plan, sampled)], []
+
+
+def _lead(runner: Runner, sched: Scheduler, group, cmd_q, evt_q, profile: bool,
+          context: int) -> None:
     """Rank 0: take commands, schedule, broadcast, run, report."""
     parent, stopping = os.getppid(), False
     while True:
@@ -108,7 +161,14 @@ def _lead(runner: Runner, sched: Scheduler, group, cmd_q, evt_q, profile: bool) 
         for cmd in cmds:
             if cmd[0] == "add":
                 _, sid, prompt, spec, max_tokens, eos = cmd
-                sched.add(Sequence(sid, list(prompt), spec, max_tokens, frozenset(eos)))
+                seq = Sequence(sid, list(prompt), spec, max_tokens, frozenset(eos))
+                why = admission_error(seq, vocab=runner.head.num_embeddings, context=context,
+                                      num_blocks=sched.alloc.num_blocks,
+                                      block_size=sched.block_size)
+                if why is None:
+                    sched.add(seq)
+                else:
+                    evt_q.put(("fail", sid, 400, why))
             elif cmd[0] == "cancel":
                 sched.cancel(cmd[1])
             elif cmd[0] == "stop":
@@ -129,10 +189,10 @@ def _lead(runner: Runner, sched: Scheduler, group, cmd_q, evt_q, profile: bool) 
         with Ledger() if profile else _NoLedger() as ledger:
             if group is not None:
                 _broadcast(plan, group)
-            sampled, logprobs = runner.execute(plan)
+            events, failed = run_step(runner, sched, plan)
         step_s = time.perf_counter() - t0
-        events = [(seq.id, tok, reason, logprobs.get(seq.id))
-                  for seq, tok, reason in sched.update(plan, sampled)]
+        for sid, why in failed:
+            evt_q.put(("fail", sid, 500, why))
         stats = _stats(sched)
         stats.update(step_s=step_s, step_tokens=sum(len(c.tokens) for c in plan.chunks),
                      step_seqs=len(plan.chunks), comm_s=getattr(ledger, "seconds", 0.0))
@@ -159,7 +219,11 @@ def _follow(runner: Runner, group) -> None:
         plan = _broadcast(None, group)
         if plan.stop:
             return
-        runner.execute(plan)
+        try:
+            runner.execute(plan)
+        except Exception as e:  # noqa: BLE001 - rank 0 raised alike and decides what fails
+            if _comm_failure(e):
+                raise
 
 
 def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
@@ -190,7 +254,7 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
             evt_q.put(("ready", {"num_blocks": cache.num_blocks, "block_size": cfg.block_size,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
                                  "load_s": time.perf_counter() - t0, "pid": os.getpid()}))
-            _lead(runner, sched, mesh.tp_group, cmd_q, evt_q, cfg.profile)
+            _lead(runner, sched, mesh.tp_group, cmd_q, evt_q, cfg.profile, context)
     except BaseException:  # noqa: BLE001 - tell the server, then die non-zero
         if rank == 0:
             evt_q.put(("error", traceback.format_exc()))

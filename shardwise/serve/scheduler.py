@@ -21,6 +21,10 @@ Longrope (``long_after``: the original context): a sequence longer than it is ro
 long frequencies, all of its tokens (``Chunk.long_rope``). The step where it grows past it, it
 is preempted (its cache was rotated with the short ones) and recomputed from its first token, as
 transformers drops its cache there.
+
+A step that raises (on every rank alike: the same plan, the same code) fails no request blindly:
+when it ran one sequence, that sequence fails; otherwise its sequences become *suspects* and run
+one per step until each has either succeeded alone (and rejoins the batch) or failed alone.
 """
 from __future__ import annotations
 
@@ -83,6 +87,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._drop: list[int] = []
         self.preemptions = 0
+        self.suspects: set[int] = set()  # sequences of a failed step, retried one per step
 
     # ------------------------------------------------------------------ requests in and out
     def add(self, seq: Sequence) -> None:
@@ -122,6 +127,7 @@ class Scheduler:
         return True
 
     def _release(self, seq: Sequence) -> None:
+        self.suspects.discard(seq.id)
         self._free_blocks(seq)
         if seq.registered:
             self._drop.append(seq.id)
@@ -158,7 +164,13 @@ class Scheduler:
         self.preemptions += 1
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan()
+        self.suspects &= {s.id for s in self.running}  # preempted suspects rejoin as others do
+        if self.suspects:
+            seq = next(s for s in self.running if s.id in self.suspects)
+            n = min(seq.pending, self.budget)
+            if self._grow(seq, seq.cached + n):  # the failed step held these blocks already
+                return self._plan([(seq, n)])
+            self.suspects.discard(seq.id)
         budget = self.budget
         picked: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
@@ -198,6 +210,10 @@ class Scheduler:
             n = min(seq.pending, budget)
             picked.append((seq, n))
             budget -= n
+        return self._plan(picked)
+
+    def _plan(self, picked: list[tuple[Sequence, int]]) -> StepPlan:
+        plan = StepPlan()
         for seq, n in picked:
             if seq not in self.running:
                 continue
@@ -216,6 +232,8 @@ class Scheduler:
         """Advance after a step; ``sampled`` maps seq id -> new token. Returns
         ``(seq, token, finish_reason)`` for every sampled token (finished ones released)."""
         by_id = {s.id: s for s in self.running}
+        if len(plan.chunks) == 1:  # a suspect that ran alone and succeeded rejoins the batch
+            self.suspects.discard(plan.chunks[0].seq_id)
         out = []
         for c in plan.chunks:
             seq = by_id.get(c.seq_id)
@@ -237,3 +255,14 @@ class Scheduler:
                 self._release(seq)
             out.append((seq, tok, reason))
         return out
+
+    def fail_step(self, plan: StepPlan) -> list[Sequence]:
+        """A step raised: returns the sequences that fail now (released) -- the step's only
+        sequence -- or none, making the step's sequences suspects to retry one by one."""
+        seqs = [s for s in self.running if any(c.seq_id == s.id for c in plan.chunks)]
+        if len(seqs) != 1:
+            self.suspects |= {s.id for s in seqs}
+            return []
+        self.running.remove(seqs[0])
+        self._release(seqs[0])
+        return seqs

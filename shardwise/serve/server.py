@@ -1,32 +1,37 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of the TP workers.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (JSON or server-sent events,
-usage counts included), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
-The server tokenizes, checks each request against the context and the KV cache, hands it to the
-engine, detokenizes the tokens that come back and applies stop strings. A client that goes away
-mid-stream cancels its request (its KV blocks are freed at once). At most
-``max_seqs + max_queue`` requests are in flight; beyond that, 429.
+usage counts included), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text);
+``/openapi.json`` describes the request bodies (:mod:`.protocol`).
+
+Before a route runs, :class:`.guard.Guard` checks the API key and the body's size and nesting;
+then the body is validated against its model (a 400 naming the field otherwise), unsupported
+features are refused, the prompt is tokenized (in a thread: a long prompt does not stall the
+streams) and checked against the prompt limit, the context and the KV cache, and the request is
+handed to the engine (:mod:`.respond`). At most ``max_running + max_queue`` requests are in
+flight; beyond that, 429. Every error is an OpenAI error object, a 500 included.
 """
 from __future__ import annotations
 
 import asyncio
-import json
-import random
 import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .client import EngineClient
+from .guard import Guard, ServeLimits
 from .metrics import Metrics
-from .protocol import APIError, ChatRequest, CompletionRequest, check_lengths, parse, stop_list
-from .scheduler import SamplerSpec
-from .text import TextStream
+from .protocol import (APIError, ChatRequest, CompletionRequest, ErrorBody, check_lengths,
+                       message_text, reject_unsupported, validation_error)
+from .respond import EventStream, Slot, collect, generate, sse
 
 
 @dataclass
@@ -37,211 +42,89 @@ class ServerState:
     eos_ids: list[int]
     context: int
     capacity: int                     # KV cache tokens
-    max_in_flight: int
+    vocab: int
+    limits: ServeLimits = field(default_factory=ServeLimits)
     metrics: Metrics = field(default_factory=Metrics)
     in_flight: int = 0
     exit_code: int = 0
     server: Any = None                # the uvicorn.Server, to stop it when a worker dies
 
 
-@dataclass
-class Piece:
-    text: str
-    logprobs: list[tuple[int, float, list[tuple[int, float]]]]
-    finish: str | None
-    tokens: int                        # generated so far
-
-
-async def _generate(st: ServerState, prompt: list[int], req: Any, max_tokens: int,
-                    logprobs: int | None) -> AsyncIterator[Piece]:
-    """Submit one request and yield its text as it is produced."""
-    seed = req.seed if req.seed is not None else random.getrandbits(63)
-    temp = 1.0 if req.temperature is None else req.temperature
-    spec = SamplerSpec(temperature=temp, top_k=max(0, req.top_k or 0),
-                       top_p=1.0 if req.top_p is None else req.top_p, seed=seed,
-                       logprobs=logprobs)
-    arrived = time.perf_counter()
-    sid, q = st.engine.submit(prompt, spec, max_tokens, [] if req.ignore_eos else st.eos_ids)
-    st.metrics.inc("prompt_tokens_total", len(prompt))
-    text, n, last = TextStream(st.tokenizer, stop_list(req.stop)), 0, None
-    try:
-        while True:
-            item = await q.get()
-            if item[0] == "error":
-                raise APIError(503, f"the model workers failed: {item[1].splitlines()[0]}",
-                               type="service_unavailable", code="worker_died")
-            _, tok, reason, lp, at = item
-            if last is None:
-                st.metrics.ttft.observe(at - arrived)
-            else:
-                st.metrics.itl.observe(at - last)
-            last = at
-            if reason == "stop":  # end of sequence token
-                yield Piece(text.flush(), [], "stop", n)
-                break
-            n += 1
-            st.metrics.inc("generation_tokens_total")
-            delta, stopped = text.add(tok)
-            lps = [(tok, lp[0], lp[1])] if lp is not None else []
-            if stopped or reason == "length":
-                yield Piece(delta + text.flush(), lps, "stop" if stopped else "length", n)
-                break
-            if delta or lps:
-                yield Piece(delta, lps, None, n)
-    finally:
-        st.engine.cancel(sid)  # no-op when the engine already finished it
-
-
-def _tok(st: ServerState, t: int) -> str:
-    return st.tokenizer.decode([t])
-
-
-def _chat_logprobs(st: ServerState, items: list) -> dict:
-    def one(t: int, lp: float) -> dict:
-        s = _tok(st, t)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]}
-                        for t, lp, top in items]}
-
-
-def _completion_logprobs(st: ServerState, items: list, offset: int) -> dict:
-    toks = [_tok(st, t) for t, _, _ in items]
-    offsets, pos = [], offset
-    for s in toks:
-        offsets.append(pos)
-        pos += len(s)
-    return {"tokens": toks, "token_logprobs": [lp for _, lp, _ in items],
-            "top_logprobs": [{_tok(st, a): b for a, b in top} for _, _, top in items],
-            "text_offset": offsets}
-
-
-def _prompt_ids(st: ServerState, req: Any) -> list[int]:
+def _prompt_ids(st: ServerState, req: ChatRequest | CompletionRequest) -> list[int]:
     tok = st.tokenizer
     if isinstance(req, ChatRequest):
-        if not req.messages:
-            raise APIError(400, "messages must contain at least one message", param="messages")
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template: use /v1/completions")
-        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        msgs = [{"role": m.role, "content": message_text(m)} for m in req.messages]
         text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         return list(tok(text, add_special_tokens=False)["input_ids"])
     p = req.prompt
-    if isinstance(p, list) and p and isinstance(p[0], int):
-        vocab = len(tok)
-        if any(t < 0 or t >= vocab for t in p):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    if isinstance(p, list) and isinstance(p[0], list):
+        p = p[0]  # one prompt of token ids (several are refused before)
+    if isinstance(p, list) and isinstance(p[0], int):
+        bad = next((t for t in p if t >= st.vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token id {bad} is outside the vocabulary: use ids in "
+                           f"[0, {st.vocab})", param="prompt", code="invalid_value")
         return list(p)
     if isinstance(p, list):
-        if len(p) != 1:
-            raise APIError(400, f"one prompt per request is supported, got {len(p)}",
-                           param="prompt")
         p = p[0]
     return list(tok(p)["input_ids"])
 
 
-async def _handle(st: ServerState, request: Request, chat: bool) -> Response:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    req = parse(ChatRequest if chat else CompletionRequest, body)
-    if req.model != st.name:
-        raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
-                       f"{st.name!r}", param="model", code="model_not_found")
-    if st.engine.dead:
-        raise APIError(503, "the model workers have died; the server is shutting down",
-                       type="service_unavailable", code="worker_died")
-    prompt = _prompt_ids(st, req)
-    max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None \
-        else req.max_tokens
-    max_tokens = check_lengths(len(prompt), max_tokens, context=st.context, capacity=st.capacity)
-    logprobs = (req.top_logprobs or 0 if req.logprobs else None) if chat else req.logprobs
-    if st.in_flight >= st.max_in_flight:
-        raise APIError(429, f"the server is at capacity ({st.in_flight} requests in flight); "
-                       "retry later", type="rate_limit_error", code="queue_full")
-    st.in_flight += 1
-    st.metrics.set("requests_in_flight", st.in_flight)
-    gen = _generate(st, prompt, req, max_tokens, logprobs)
-    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    head = {"id": ident, "created": int(time.time()), "model": st.name}
-    try:
-        if req.stream:
-            first = await gen.__anext__()  # errors before the first token get a status code
-            stream = _sse(st, gen, first, head, chat, req, len(prompt), logprobs)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        return JSONResponse(await _collect(st, gen, head, chat, len(prompt), logprobs))
-    except BaseException:
-        await gen.aclose()
-        _done(st, None)
-        raise
-
-
-def _done(st: ServerState, finish: str | None) -> None:
+def _release(st: ServerState, finish: str | None) -> None:
     st.in_flight -= 1
     st.metrics.set("requests_in_flight", st.in_flight)
     st.metrics.inc("requests_total", label=finish or "cancelled")
 
 
-def _usage(n_prompt: int, n: int) -> dict:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
-
-
-async def _collect(st: ServerState, gen: AsyncIterator[Piece], head: dict, chat: bool,
-                   n_prompt: int, logprobs: int | None) -> dict:
-    text, items, piece = [], [], None
-    async for piece in gen:
-        text.append(piece.text)
-        items += piece.logprobs
-    assert piece is not None
-    _done(st, piece.finish)
-    out = "".join(text)
-    lp = None
-    if logprobs is not None:
-        lp = _chat_logprobs(st, items) if chat else _completion_logprobs(st, items, 0)
-    choice: dict[str, Any] = {"index": 0, "logprobs": lp, "finish_reason": piece.finish}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": out}
-    else:
-        choice["text"] = out
-    return {**head, "object": "chat.completion" if chat else "text_completion",
-            "choices": [choice], "usage": _usage(n_prompt, piece.tokens)}
-
-
-async def _sse(st: ServerState, gen: AsyncIterator[Piece], first: Piece, head: dict, chat: bool,
-               req: Any, n_prompt: int, logprobs: int | None) -> AsyncIterator[str]:
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    finish, n, offset = None, 0, 0
-
-    def chunk(piece: Piece, delta: dict) -> str:
-        nonlocal offset
-        lp = None
-        if logprobs is not None and piece.logprobs:
-            lp = _chat_logprobs(st, piece.logprobs) if chat else \
-                _completion_logprobs(st, piece.logprobs, offset)
-        offset += len(piece.text)
-        c: dict[str, Any] = {"index": 0, "logprobs": lp, "finish_reason": piece.finish}
-        c.update({"delta": delta} if chat else {"text": piece.text})
-        out = {**head, "object": obj, "choices": [c]}
-        if piece.finish:
-            out["usage"] = _usage(n_prompt, piece.tokens)
-        return f"data: {json.dumps(out)}\n\n"
-
+async def _handle(st: ServerState, req: ChatRequest | CompletionRequest, chat: bool) -> Response:
+    if req.model != st.name:
+        raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                       f"{st.name!r}", param="model", code="model_not_found")
+    reject_unsupported(req)
+    if st.engine.dead:
+        raise APIError(503, "the model workers have died; the server is shutting down",
+                       type="service_unavailable", code="worker_died")
+    lim = st.limits
+    if st.in_flight >= lim.max_in_flight:
+        raise APIError(429, f"the server is at capacity: {st.in_flight} requests in flight, the "
+                       f"limit is {lim.max_running} running + {lim.max_queue} queued "
+                       "(--max-seqs, --max-queue); retry later", type="rate_limit_error",
+                       code="queue_full")
+    st.in_flight += 1
+    st.metrics.set("requests_in_flight", st.in_flight)
+    slot, gen, handed_off = Slot(lambda finish: _release(st, finish)), None, False
     try:
-        if chat:
-            yield chunk(Piece("", [], None, 0), {"role": "assistant", "content": ""})
-        piece: Piece | None = first
-        while piece is not None:
-            yield chunk(piece, {"content": piece.text} if piece.text else {})
-            finish, n = piece.finish, piece.tokens
-            piece = None if finish else await gen.__anext__()
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': _usage(n_prompt, n)})}\n\n"
-        yield "data: [DONE]\n\n"
-    except APIError as e:
-        yield f"data: {json.dumps(e.body())}\n\n"
+        prompt = await asyncio.to_thread(_prompt_ids, st, req)
+        max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens \
+            is not None else req.max_tokens
+        max_tokens = check_lengths(len(prompt), max_tokens, context=st.context,
+                                   capacity=st.capacity,
+                                   max_prompt=lim.max_prompt_tokens or st.context - 1,
+                                   prompt_param="messages" if chat else "prompt")
+        logprobs = (req.top_logprobs or 0 if req.logprobs else None) if chat else req.logprobs
+        gen = generate(st, prompt, req, max_tokens, logprobs)
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+                "created": int(time.time()), "model": st.name}
+        if req.stream:
+            first = await gen.__anext__()  # errors before the first token get a status code
+            events = sse(st, gen, first, head, chat, req, len(prompt), logprobs, slot)
+            handed_off = True
+            return EventStream(events, gen, slot)
+        return JSONResponse(await collect(st, gen, head, chat, len(prompt), logprobs, slot))
     finally:
-        await gen.aclose()  # a disconnect lands here: cancel the request, free its blocks
-        _done(st, finish)
+        if not handed_off:
+            if gen is not None:
+                await gen.aclose()
+            slot.release()
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": what} for code, what in (
+        (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
+        (413, "body too large"), (429, "too many requests in flight"),
+        (500, "the engine failed on this request"), (503, "the model workers died"))}
 
 
 def create_app(st: ServerState) -> FastAPI:
@@ -251,24 +134,46 @@ def create_app(st: ServerState) -> FastAPI:
         yield
         await asyncio.to_thread(st.engine.stop)
 
-    app = FastAPI(title="shardwise", lifespan=lifespan)
+    app = FastAPI(title="shardwise", lifespan=lifespan,
+                  description="OpenAI-compatible tensor-parallel server")
+    app.add_middleware(Guard, limits=st.limits,
+                       on_reject=lambda s: st.metrics.inc("requests_rejected_total", label=str(s)))
     st.engine.on_stats = st.metrics.engine_stats
     st.engine.on_dead = lambda reason: _on_dead(st, reason)
     st.metrics.set("kv_blocks_total", st.engine.info.get("num_blocks", 0))
     st.metrics.set("kv_blocks_free", st.engine.info.get("num_blocks", 0))
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
+    def answer(e: APIError) -> JSONResponse:
         st.metrics.inc("requests_rejected_total", label=str(e.status))
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await _handle(st, request, chat=True)
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return answer(e)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await _handle(st, request, chat=False)
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return answer(validation_error(e.errors(), ChatRequest if
+                                       request.url.path.endswith("chat/completions")
+                                       else CompletionRequest))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return answer(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                               code="not_found" if e.status_code == 404 else None))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        return answer(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                               type="server_error", code="internal_error"))
+
+    @app.post("/v1/chat/completions", responses=ERRORS)
+    async def chat(body: ChatRequest) -> Response:
+        return await _handle(st, body, chat=True)
+
+    @app.post("/v1/completions", responses=ERRORS)
+    async def completions(body: CompletionRequest) -> Response:
+        return await _handle(st, body, chat=False)
 
     @app.get("/v1/models")
     async def models() -> dict:

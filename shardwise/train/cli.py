@@ -9,7 +9,9 @@ set) each process trains in place, so the same command line runs across nodes::
 from __future__ import annotations
 
 import argparse
+import sys
 
+from ..usage import float_range, int_range, seed
 from .config import SCHEDULES, TrainConfig
 
 
@@ -19,34 +21,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="preset (debug, tiny, ...), smollm2-135m, an HF directory or a .gguf file")
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="text files")
     for name in ("tp", "pp", "dp"):
-        p.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} degree")
+        p.add_argument(f"--{name}", type=int_range(1), default=1, help=f"{name.upper()} degree")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="split norms/residuals along the sequence across TP ranks")
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="pipeline schedule")
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per micro-batch")
-    p.add_argument("--global-batch", type=int, default=d.global_batch,
+    p.add_argument("--micro-batch", type=int_range(1), default=d.micro_batch,
+                   help="sequences per micro-batch")
+    p.add_argument("--global-batch", type=int_range(1), default=d.global_batch,
                    help="sequences per step (a multiple of micro-batch x dp)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    p.add_argument("--min-lr", type=float, default=d.min_lr, help="end of the cosine decay")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+    p.add_argument("--seq-len", type=int_range(1), default=d.seq_len)
+    p.add_argument("--steps", type=int_range(1), default=d.steps)
+    p.add_argument("--lr", type=float_range(0.0, strict=True), default=d.lr,
+                   help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr", type=float_range(0.0), default=d.min_lr,
+                   help="end of the cosine decay")
+    p.add_argument("--warmup", type=int_range(0), default=d.warmup, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float_range(0.0), default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=float_range(0.0), default=d.max_grad_norm,
                    help="clip by the global norm (0: no clipping)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=seed, default=d.seed)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights and optimizer)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each decoder layer in backward")
     p.add_argument("--out", default=d.out_dir, help="log, plot and checkpoints go here")
-    p.add_argument("--save-every", type=int, default=d.save_every,
+    p.add_argument("--save-every", type=int_range(0), default=d.save_every,
                    help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--no-save", action="store_true", help="write no checkpoint")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue from a checkpoint (any tp/pp/dp): OUT/checkpoints or a step dir")
-    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
+    p.add_argument("--peak-tflops", type=float_range(0.0), default=d.peak_tflops,
                    help="per-device peak TFLOP/s for MFU (e.g. 989 for H100 bf16; 0: off)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=int_range(1), default=None,
                    help="expected number of processes (checked against tp x pp x dp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -63,13 +68,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         peak_tflops=args.peak_tflops, progress=not args.no_progress, workers=args.workers)
 
 
+def check(args: argparse.Namespace) -> None:
+    """Every check that needs no worker (:func:`shardwise.train.run.prepare`: the model, the
+    layout, the batch arithmetic, the data files, the checkpoint to resume)."""
+    from .run import prepare
+    args.config = config_from_args(args)
+    args.prepared = prepare(args.config)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Validate (ValueError / FileNotFoundError before any worker starts), train, summarise."""
+    """Train (after :func:`check`) and print the summary."""
     import os
 
     from .run import train
-    cfg = config_from_args(args)
-    res = train(cfg)
+    if not hasattr(args, "prepared"):
+        check(args)
+    cfg = args.config
+    res = train(cfg, prepared=args.prepared)
     if int(os.environ.get("RANK", "0")) == 0 and res.get("losses"):
         last = res["records"][-1] if res.get("records") else {}
         print(f"steps {res['steps'][0]}-{res['steps'][-1]}: loss {res['losses'][0]:.4f} -> "
@@ -81,12 +96,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shardwise train",
-                                     description="3D-parallel (TP x PP x DP) training")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}")
-        return 2
+    """``python -m shardwise.train ...``: the same as ``shardwise train ...``."""
+    from ..cli import main as shardwise
+    return shardwise(["train", *(sys.argv[1:] if argv is None else argv)])

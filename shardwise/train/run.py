@@ -24,10 +24,12 @@ def prepare(cfg: TrainConfig) -> tuple[ModelSource, PackedData]:
     return source, data
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training; returns rank 0's result (``losses``, ``steps``, ``records``, ``plot``)."""
+def train(cfg: TrainConfig, *,
+          prepared: tuple[ModelSource, PackedData] | None = None) -> dict[str, Any]:
+    """Run training; returns rank 0's result (``losses``, ``steps``, ``records``, ``plot``).
+    ``prepared``: what :func:`prepare` returned for ``cfg`` (the CLI prepares while checking)."""
     from .loop import train_worker
-    source, data = prepare(cfg)
+    source, data = prepared or prepare(cfg)
     if under_torchrun() or cfg.world == 1:
         return train_worker(cfg, source, data.rows)
     from ..launch import spawn
