@@ -324,3 +324,30 @@ def test_verify_names_no_stage(pool, saved):
     for name, (path, _) in saved.items():
         rep = verify(str(path), 3, seq=SEQ, pool=pool)
         assert rep.ok, (name, [(s.name, s.max_abs_diff, s.collectives) for s in rep.stages])
+
+
+def test_attention_paths_agree_with_the_definition():
+    """The soft-capped path (query blocks past 512, causal blocks reading only their keys) and
+    the SDPA path against the formula written out, with windows, GQA and gradients."""
+    from shardwise.models.attention import AttnParams, attention, self_attention, visible
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 600, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 2, 600, 8, generator=g, requires_grad=True) for _ in range(2))
+    pos = torch.arange(600)
+    for params in (AttnParams(0.3), AttnParams(0.3, softcap=2.0), AttnParams(0.3, window=37),
+                   AttnParams(0.3, softcap=2.0, window=37)):
+        scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * params.scale
+        if params.softcap:
+            scores = params.softcap * torch.tanh(scores / params.softcap)
+        scores = scores.masked_fill(~visible(pos, pos, params.window), float("-inf"))
+        want = scores.softmax(-1) @ v.repeat_interleave(2, 1)
+        got = self_attention(q, k, v, params)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=str(params))
+        dq, dk = torch.autograd.grad((got * want.detach()).sum(), (q, k))
+        eq, ek = torch.autograd.grad((want * want.detach()).sum(), (q, k))
+        torch.testing.assert_close((dq, dk), (eq, ek), atol=1e-4, rtol=0, msg=str(params))
+    with torch.no_grad():  # a cache's queries: the last 50 positions against all keys
+        p = AttnParams(0.3, softcap=2.0, window=37)
+        got = attention(q[:, :, 550:], k, v, p, mask=visible(pos[550:], pos, 37))
+        torch.testing.assert_close(got, self_attention(q, k, v, p)[:, :, 550:], atol=1e-5,
+                                   rtol=0)

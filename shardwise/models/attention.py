@@ -58,15 +58,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttnPar
                                               scale=params.scale, enable_gqa=g > 1)
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (b, hq, L, d)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * params.scale            # (b, hq, s, L)
-    scores = torch.tanh(scores / params.softcap) * params.softcap
-    if causal and mask is None:
-        s, L = scores.shape[-2:]
-        mask = torch.ones(s, L, dtype=torch.bool, device=q.device).tril(L - s)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)                                           # (b, hq, s, d)
+    s, L = q.shape[2], k.shape[2]
+    if s <= QUERY_BLOCK:
+        if causal and mask is None:
+            mask = torch.ones(s, L, dtype=torch.bool, device=q.device).tril(L - s)
+        return _softcapped(q, k, v, params, mask)
+    outs = []  # query blocks: bounded scores; causal blocks skip the keys after their last query
+    for i0 in range(0, s, QUERY_BLOCK):
+        i1 = min(s, i0 + QUERY_BLOCK)
+        end = L - s + i1 if causal and mask is None else L
+        if causal and mask is None:
+            m = torch.ones(i1 - i0, end, dtype=torch.bool, device=q.device).tril(end - (i1 - i0))
+        else:
+            m = None if mask is None else mask if mask.shape[-2] == 1 else mask[..., i0:i1, :]
+        outs.append(_softcapped(q[:, :, i0:i1], k[:, :, :end], v[:, :, :end], params, m))
+    return torch.cat(outs, dim=2)                                           # (b, hq, s, d)
+
+
+QUERY_BLOCK = 512
+"""Soft-capped attention handles at most this many queries at once: the scores in memory are
+``(b, heads, 512, L)``, and a causal block reads only the keys up to its last query."""
+
+
+def _softcapped(q, k, v, params: AttnParams, mask: torch.Tensor | None) -> torch.Tensor:
+    """``softmax(c tanh(scale q k^T / c) masked) v`` for q (b, h, s, d), k, v (b, h, L, d)."""
+    c = params.softcap
+    x = torch.matmul(q * (params.scale / c), k.transpose(-1, -2))           # (b, h, s, L)
+    if torch.is_grad_enabled() and x.requires_grad:
+        x = torch.tanh(x) * c
+        if mask is not None:
+            x = x.masked_fill(~mask, float("-inf"))
+    else:  # inference: one score matrix in memory, updated in place
+        x.tanh_().mul_(c)
+        if mask is not None:
+            x.masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(x, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)                                           # (b, h, s, d)
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
