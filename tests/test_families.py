@@ -351,3 +351,17 @@ def test_attention_paths_agree_with_the_definition():
         got = attention(q[:, :, 550:], k, v, p, mask=visible(pos[550:], pos, 37))
         torch.testing.assert_close(got, self_attention(q, k, v, p)[:, :, 550:], atol=1e-5,
                                    rtol=0)
+
+
+def test_a_window_bounds_the_blocks_a_request_needs():
+    """Admission and the server's capacity count what a sequence holds at its longest: with a
+    window on every layer, a window, a chunk and a block, not its whole length."""
+    from shardwise.serve.admit import admission_error
+    from shardwise.serve.scheduler import SamplerSpec, Scheduler, Sequence
+    windowed, full = Scheduler(6, 4, max_batched_tokens=8, window=5), Scheduler(6, 4)
+    assert (windowed.blocks_needed(1000), full.blocks_needed(1000)) == (5, 250)
+    seq = Sequence(0, [1] * 100, SamplerSpec(), 900)
+    kw = dict(vocab=8, context=4096, num_blocks=6, block_size=4)
+    assert admission_error(seq, need=windowed.blocks_needed(1000), **kw) is None
+    assert "need 250 KV blocks but the cache has 6" in admission_error(
+        seq, need=full.blocks_needed(1000), **kw)

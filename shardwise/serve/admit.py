@@ -23,7 +23,7 @@ def make_sampler(spec: SamplerSpec) -> tuple[SamplingParams, torch.Generator]:
 
 
 def admission_error(seq: Sequence, *, vocab: int, context: int, num_blocks: int,
-                    block_size: int) -> str | None:
+                    block_size: int, need: int | None = None) -> str | None:
     """Why ``seq`` cannot run on this engine, or ``None``."""
     n = len(seq.prompt)
     if n == 0:
@@ -36,7 +36,8 @@ def admission_error(seq: Sequence, *, vocab: int, context: int, num_blocks: int,
     if n + seq.max_tokens > context:
         return (f"{n} prompt + {seq.max_tokens} new tokens exceed the model's context of "
                 f"{context} tokens")
-    need = blocks_for(n + seq.max_tokens, block_size)
+    if need is None:  # the blocks it holds at its longest (``Scheduler.blocks_needed``)
+        need = blocks_for(n + seq.max_tokens, block_size)
     if need > num_blocks:
         return (f"{n} prompt + {seq.max_tokens} new tokens need {need} KV blocks but the cache "
                 f"has {num_blocks}")

@@ -164,7 +164,8 @@ def _lead(runner: Runner, sched: Scheduler, group, cmd_q, evt_q, profile: bool,
                 seq = Sequence(sid, list(prompt), spec, max_tokens, frozenset(eos))
                 why = admission_error(seq, vocab=runner.head.num_embeddings, context=context,
                                       num_blocks=sched.alloc.num_blocks,
-                                      block_size=sched.block_size)
+                                      block_size=sched.block_size,
+                                      need=sched.blocks_needed(len(seq.prompt) + max_tokens))
                 if why is None:
                     sched.add(seq)
                 else:
@@ -251,7 +252,10 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
             sched = Scheduler(cache.num_blocks, cfg.block_size, max_seqs=cfg.max_seqs,
                               max_batched_tokens=cfg.max_batched_tokens, window=cache.window,
                               long_after=cache.long_after)
+            capacity = context if sched.blocks_needed(context) <= cache.num_blocks \
+                else cache.num_blocks * cfg.block_size  # tokens one sequence can reach
             evt_q.put(("ready", {"num_blocks": cache.num_blocks, "block_size": cfg.block_size,
+                                 "capacity": capacity,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
                                  "load_s": time.perf_counter() - t0, "pid": os.getpid()}))
             _lead(runner, sched, mesh.tp_group, cmd_q, evt_q, cfg.profile, context)

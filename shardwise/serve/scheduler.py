@@ -133,6 +133,14 @@ class Scheduler:
             self._drop.append(seq.id)
             seq.registered = False
 
+    def blocks_needed(self, n_tokens: int) -> int:
+        """The most blocks one sequence of ``n_tokens`` ever holds (with a window on every
+        layer: its window, a chunk and a block of slack, however long it grows)."""
+        need = blocks_for(n_tokens, self.block_size)
+        if self.window is None:
+            return need
+        return min(need, blocks_for(self.window + self.budget, self.block_size) + 1)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
