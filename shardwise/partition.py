@@ -30,6 +30,14 @@ def split_sizes(total: int, parts: int, *, unit: str = "units") -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(parts)]
 
 
+def stage_layers(num_layers: int, pp: int, stage: int) -> range:
+    """Layers of pipeline stage ``stage``: contiguous, as even as possible (earlier stages get
+    the extra layer: the last stage also runs the LM head)."""
+    sizes = split_sizes(num_layers, pp, unit="layers")
+    start = sum(sizes[:stage])
+    return range(start, start + sizes[stage])
+
+
 @dataclass(frozen=True)
 class Partition:
     """A dimension of ``total`` units split over ``parts`` ranks.

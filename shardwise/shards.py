@@ -95,6 +95,37 @@ def split_local(path: str, local: torch.Tensor) -> Iterator[tuple[str, Piece | N
         yield full_name(path, pc.key), pc, rows
 
 
+def split_flat(path: str, local: torch.Tensor, lo: int, hi: int
+               ) -> Iterator[tuple[str, Piece | None, int, int, int, int]]:
+    """Elements ``[lo, hi)`` of the flattened local tensor (a ZeRO shard of it), mapped to the full
+    tensors they belong to: ``(full name, piece, a, b, i, j)`` says that local flat elements
+    ``[i, j)`` are elements ``[a, b)`` of the piece's block (the rows ``[start, stop)`` of the full
+    tensor along ``dim``, flattened row-major). Padding rows map to nothing.
+
+    Pieces along dim 0 are contiguous row blocks of the local tensor; a single piece along another
+    dim is the whole local tensor (row-parallel weights).
+    """
+    pieces = pieces_of(local)
+    if not pieces:
+        yield path, None, lo, hi, lo, hi
+        return
+    if len(pieces) > 1 and any(pc.dim != 0 for pc in pieces):
+        raise NotImplementedError(f"{path}: flat ranges of several pieces along dim > 0")
+    if pieces[0].dim != 0:
+        if pieces[0].pad:
+            raise NotImplementedError(f"{path}: padding along dim {pieces[0].dim}")
+        yield full_name(path, pieces[0].key), pieces[0], lo, hi, lo, hi
+        return
+    row = local[0].numel() if local.dim() > 1 else 1  # elements per row
+    offset = 0
+    for pc in pieces:
+        first, last = offset * row, (offset + pc.stop - pc.start) * row  # real rows, no padding
+        i, j = max(lo, first), min(hi, last)
+        if i < j:
+            yield full_name(path, pc.key), pc, i - first, j - first, i, j
+        offset += pc.length
+
+
 def seeded_normal(name: str, shape: tuple[int, ...], *, seed: int, std: float) -> torch.Tensor:
     """A full tensor drawn from N(0, std^2) by a generator seeded from ``seed`` and the tensor's
     name: the same on every rank and at every tp, so initialisation does not depend on tp."""

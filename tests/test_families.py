@@ -199,10 +199,10 @@ def test_greedy_generation_matches_transformers(pool, saved, name):
 
 
 def save_worker(path, out, tp):
-    from shardwise.checkpoint.convert import save_sharded
+    from shardwise.checkpoint.convert import save_model
     if (group := _group(tp)) is False:
         return None
-    save_sharded(_build(path, group), out, group=group)
+    save_model(_build(path, group), out, group=group)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -210,11 +210,11 @@ def test_export_loads_in_transformers_with_the_same_logits(pool, saved, tmp_path
     """Saved sharded at tp=3 (Phi-3's fused tensors assembled from every rank's rows), merged
     into an HF directory: transformers loads it and gives the original logits; its config reads
     back as the same model."""
-    from shardwise.checkpoint.convert import merge_to_hf
+    from shardwise.checkpoint.convert import export_hf
     from shardwise.models.config import LlamaConfig
     path, hf = saved[name]
     pool.run(save_worker, str(path), str(tmp_path / "tp3"), 3)
-    merge_to_hf(tmp_path / "tp3", tmp_path / "hf")
+    export_hf(tmp_path / "tp3", tmp_path / "hf")
     assert LlamaConfig.from_hf(tmp_path / "hf") == LlamaConfig.from_hf(path)
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(merged) is type(hf)

@@ -77,6 +77,22 @@ def test_training_text_and_no_fit_exit_code(capsys):
     assert "No layout fits" in out and "To make it fit, try --sequence-parallel" in out
 
 
+def test_zero_flag_and_its_alias(capsys):
+    """--zero 1 shards the AdamW states over dp (--zero1 is the same), --zero 2 the gradients."""
+    base = ["--model", "llama-3-8b", "--gpus", "8", "--gpu", "h100", "--tp", "2", "--pp", "1",
+            "--dp", "4", "--global-batch", "64", "--micro-batch", "1", "--json"]
+    got = {}
+    for extra in ([], ["--zero", "1"], ["--zero1"], ["--zero", "2"]):
+        main([*base, *extra])
+        j = json.loads(capsys.readouterr().out)
+        got[" ".join(extra)] = ((j["candidates"] or j["rejected"])[0]["memory_bytes"],
+                                j["request"]["zero"])
+    (plain, z0), (one, z1), (alias, za), (two, z2) = got.values()
+    assert (z0, z1, za, z2) == (0, 1, 1, 2) and one == alias
+    assert one["optimizer"] == pytest.approx(plain["optimizer"] / 4) and one["grads"] == plain["grads"]
+    assert two["grads"] == pytest.approx(plain["grads"] / 4)
+
+
 def test_pinned_layout_is_evaluated_even_across_nodes(capsys):
     argv = ["--model", "llama-3.1-405b", "--gpus", "16", "--gpu", "h100", "--workload", "serve",
             "--tp", "16", "--pp", "1", "--dp", "1", "--json"]

@@ -45,14 +45,23 @@ def test_kv_cache_per_token():
     assert kv_bytes_per_token(m, 8, pp=2) == 20 * 1024
 
 
-def test_mixed_precision_adam_is_16_bytes_per_param():
+def test_trainer_precision_and_zero_bytes_per_param():
+    """As `shardwise train` keeps them: fp32 weights, gradients and AdamW m, v (16 B/param); under
+    bf16 autocast also a 16-bit copy of every matmul weight; ZeRO-1 divides AdamW by dp, ZeRO-2
+    the gradients too."""
     m = get_model("llama-2-7b")
-    mem = training_memory(m, tp=1, pp=1, dp=1, micro_batch=1, micro_batches=1, seq=4096, sp=False,
-                          recompute="full", zero1=False, capacity=80 * 2**30)
-    assert (mem.weights + mem.grads + mem.optimizer) == 16 * m.total_params()
-    z = training_memory(m, tp=1, pp=1, dp=8, micro_batch=1, micro_batches=1, seq=4096, sp=False,
-                        recompute="full", zero1=True, capacity=80 * 2**30)
-    assert z.optimizer == pytest.approx(12 * m.total_params() / 8)
+    n = m.total_params()
+    kw = dict(tp=1, pp=1, micro_batch=1, micro_batches=1, seq=4096, sp=False, recompute="full",
+              capacity=80 * 2**30)
+    fp32 = training_memory(m, dp=1, zero=0, precision="fp32", **kw)
+    assert fp32.weights + fp32.grads + fp32.optimizer == 16 * n
+    bf16 = training_memory(m, dp=1, zero=0, precision="bf16", **kw)
+    matmul = m.layers * m.matmul_params_per_layer() + m.vocab * m.hidden  # + the output head
+    assert bf16.weights - fp32.weights == 2 * matmul
+    z1 = training_memory(m, dp=8, zero=1, precision="bf16", **kw)
+    z2 = training_memory(m, dp=8, zero=2, precision="bf16", **kw)
+    assert z1.optimizer == pytest.approx(8 * n / 8) and z1.grads == 4 * n
+    assert z2.grads == pytest.approx(4 * n / 8) and z2.optimizer == z1.optimizer
 
 
 def test_quantised_weights_shrink():

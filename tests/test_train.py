@@ -56,7 +56,7 @@ TWO = [("tp2", 2, 1, 1, {}), ("pp2-gpipe", 1, 2, 1, {"schedule": "gpipe"}),
        ("dp2", 1, 1, 2, {}), ("tp2-sp", 2, 1, 1, {"sequence_parallel": True})]
 # run in the same spawn, checked separately: recomputation must not change the numbers; bf16
 # autocast changes them within its precision
-EXTRA = [("tp2-recompute", 2, 1, 1, {"activation_checkpointing": True}),
+EXTRA = [("tp2-recompute", 2, 1, 1, {"recompute": "full"}),
          ("tp2-bf16", 2, 1, 1, {"bf16": True})]
 FOUR = [("tp2-pp2", 2, 2, 1, {}), ("tp2-dp2", 2, 1, 2, {"schedule": "gpipe"}),
         ("tp2-pp2-sp", 2, 2, 1, {"sequence_parallel": True, "schedule": "gpipe"}),
@@ -166,7 +166,7 @@ def test_export_hf_matches_transformers(runs):
     """The final reference checkpoint exported to HF gives transformers the same loss."""
     from transformers import LlamaForCausalLM as HFLlama
 
-    from shardwise.train.convert import export_hf
+    from shardwise.checkpoint.convert import export_hf
     hf_dir = export_hf(runs["tmp"] / "ref" / "checkpoints", runs["tmp"] / "hf")
     hf = HFLlama.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     ids = torch.arange(0, 64).view(2, 32) % 256
@@ -179,13 +179,14 @@ def test_export_hf_matches_transformers(runs):
 
 def test_reshard_then_resume(runs, tmp_path):
     """reshard() writes a (1, 2, 1) checkpoint with the same full tensors and AdamW moments."""
-    from shardwise.train.ckpt import CheckpointReader
-    from shardwise.train.convert import reshard
+    from shardwise.checkpoint.convert import reshard
+    from shardwise.checkpoint.sharded import Checkpoint
     src = runs["crash_dir"]
     out = reshard(src, tmp_path / "r", tp=1, pp=2, dp=1)
-    a, b = CheckpointReader(src), CheckpointReader(out)
-    assert b.meta["layout"] == {"tp": 1, "pp": 2, "dp": 1}
-    assert sorted(b.meta["files"]) == ["shard-pp0-tp0.pt", "shard-pp1-tp0.pt"]
+    a, b = Checkpoint(src), Checkpoint(out)
+    assert b.layout == {"tp": 1, "pp": 2, "dp": 1, "zero": 0}
+    assert sorted(b.meta["files"]) == ["shard-pp0-dp0-tp0.safetensors",
+                                       "shard-pp1-dp0-tp0.safetensors"]
     for kind in ("param", "exp_avg", "exp_avg_sq"):
         assert a.names(kind) == b.names(kind)
         for n in a.names(kind):

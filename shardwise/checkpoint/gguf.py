@@ -36,8 +36,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ import numpy as np
 import torch
 
 from ..models.families import ARCHS, ArchSpec
+from .atomic import atomic_dir
 from .gguf_config import LONGROPE_TENSORS, ROPE_FREQS, field as _field, hf_config as _hf_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -259,24 +258,19 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     arch = _arch(reader, gguf_path)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists; remove it first (or use cached_hf_dir)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    if out_dir.is_dir():
+        out_dir.rmdir()  # empty: the rename below puts the conversion there
+
+    def fill(tmp: Path) -> None:
         cfg = _hf_config(reader, _field(reader, "general.architecture"), arch, dtype)
         _write_weights(reader, arch, cfg, tmp, dtype)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         _write_tokenizer(reader, gguf_path, tmp, cfg["max_position_embeddings"])
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700, safetensors writes 0o600
         for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        try:
-            os.rename(tmp, out_dir)  # atomic; fails if another process put a non-empty dir there
-        except OSError as e:
-            raise FileExistsError(f"{out_dir} appeared while converting") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            os.chmod(f, 0o644)  # safetensors writes 0o600
+    atomic_dir(out_dir, fill, replace=False)  # another process may have converted it meanwhile
     return out_dir
 
 

@@ -4,7 +4,9 @@
   converted once to a cached HF directory (``shardwise.checkpoint.gguf``);
 * ``debug``: a small random Llama with SmolLM2's tokenizer (vocabulary 49152) for training tests;
   other config presets (``shardwise.models.config.PRESETS``) are random-initialised too;
-* a directory with ``config.json`` and safetensors; a ``.gguf`` file.
+* a directory with ``config.json`` and safetensors; a ``.gguf`` file;
+* a shardwise sharded checkpoint (``shardwise convert --model`` or a training run's
+  ``OUT/checkpoints`` or one of its steps): loaded at any tp/pp (:mod:`.sharded`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..models.config import PRESETS, LlamaConfig
+from .sharded import has_tokenizer, is_checkpoint
 
 REAL_MODELS = ("smollm2-135m",)
 
@@ -46,17 +49,26 @@ def resolve(spec: str) -> ModelSource:
         from .gguf import cached_hf_dir
         d = cached_hf_dir(path)
         return ModelSource(path.stem, LlamaConfig.from_hf(d), d, d)
+    if path.is_dir() and is_checkpoint(path):
+        return _sharded_source(path)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint")
-        tok = path if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model",
-                                                           "tokenizer_config.json")) else None
+        tok = path if has_tokenizer(path) else None
         return ModelSource(path.resolve().name, LlamaConfig.from_hf(path), path, tok)
     if path.exists():
         raise ValueError(f"{path} is neither a checkpoint directory nor a .gguf file")
     known = ", ".join(list(REAL_MODELS) + list(PRESETS))
     raise FileNotFoundError(f"model {spec!r} is not a preset ({known}) and no such file or "
                             "directory exists")
+
+
+def _sharded_source(path: Path) -> ModelSource:
+    from .sharded import Checkpoint
+    ck = Checkpoint(path)
+    tok = ck.dir if has_tokenizer(ck.dir) else ck.meta.get("tokenizer")
+    name = ck.meta.get("model") or path.resolve().name
+    return ModelSource(name, LlamaConfig.from_hf(ck.config), ck.dir, Path(tok) if tok else None)
 
 
 def load_tokenizer(source: ModelSource):
@@ -75,11 +87,14 @@ def build_model(source: ModelSource, *, group=None, sequence_parallel: bool = Fa
     from ..models.llama import LlamaForCausalLM
     from ..shards import init_weights
     from .hf import load_weights
+    from .sharded import load_model
 
     model = LlamaForCausalLM(source.config, group=group, sequence_parallel=sequence_parallel,
                              layers=layers, dtype=dtype, device=device)
     if source.weights is None:
         init_weights(model, seed=seed, std=source.config.initializer_range)
+    elif is_checkpoint(source.weights):
+        load_model(model, source.weights)
     else:
         load_weights(model, source.weights)
     return model

@@ -15,17 +15,24 @@ parallelism each becomes an all-gather plus a reduce-scatter along the sequence.
 several ranks hold the same KV head costs one more reduction of those heads' weight gradients
 per step (:func:`finalize_grads`).
 
+Activation recomputation (:meth:`LlamaForCausalLM.set_recompute`): ``"full"`` reruns each layer in
+backward (torch's non-reentrant checkpoint; its collectives run again); ``"selective"`` rebuilds
+only the element-wise pieces (:mod:`.pieces`, :mod:`.recompute`): the RMSNorms before attention,
+the MLP and the head, q/k norms and rope with the KV-head expansion, and the gated activation. A
+layer then stores its input and the residual after attention, the QKV output, the attention output
+(with its log-sum-exp) and the gate/up output; no matmul or collective runs twice.
+
 Module and parameter names follow Hugging Face's ``LlamaForCausalLM``; fused weights carry
 pieces naming their HF tensors (``shardwise.shards``), so checkpoints map one to one (Phi-3's
 checkpoint is fused itself: the pieces name row ranges of its ``qkv_proj`` / ``gate_up_proj``).
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                       VocabParallelEmbedding)
@@ -34,10 +41,13 @@ from ..partition import HeadLayout, Partition
 from ..shards import Piece
 from .attention import AttnParams, self_attention
 from .config import LlamaConfig
+from .pieces import ACTIVATIONS, glu, merge_heads, norm_for_matmul, rms_norm, rope_qk, rope_qk_expand
+from .recompute import NoRecompute, Recompute
 from .rope import apply_rope, attention_factor, cos_sin, rope_frequencies, rope_tables
 
-__all__ = ["Attend", "Attention", "DecoderLayer", "LlamaForCausalLM", "MLP", "MLPS", "RMSNorm",
-           "apply_rope", "causal_attend", "expand_kv", "rope_frequencies"]
+__all__ = ["Attend", "Attention", "DecoderLayer", "LlamaForCausalLM", "MLP", "MLPS", "RECOMPUTE",
+           "RMSNorm", "apply_rope", "causal_attend", "expand_kv", "rope_frequencies"]
+RECOMPUTE = ("none", "selective", "full")
 
 
 class RMSNorm(nn.Module):
@@ -56,18 +66,11 @@ class RMSNorm(nn.Module):
             self.weight.tp_partial_grad = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (xf * (self.offset + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.offset)
 
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+    def for_matmul(self, x: torch.Tensor, rc: Recompute | NoRecompute) -> torch.Tensor:
+        """The norm feeding a matmul: recomputed in backward under selective recomputation."""
+        return rc(norm_for_matmul, x, self.weight, self.eps, self.offset)
 
 
 class Attend(Protocol):
@@ -145,20 +148,23 @@ class Attention(nn.Module):
         self.register_buffer("kv_index", torch.tensor(idx, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attend: Attend) -> torch.Tensor:
+                attend: Attend, rc: Recompute | NoRecompute = NoRecompute()) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         b, s, _ = qkv.shape
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
-        q = q.view(b, s, self.nq, self.d)    # (b, s, nq, d)
-        k = k.view(b, s, self.nkv, self.d)   # (b, s, nkv, d)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)           # (b, heads, s, d)
+        q = q.view(b, s, self.nq, self.d).transpose(1, 2)   # (b, nq, s, d)
+        k = k.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
         v = v.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                 self.q_norm.offset) if self.qk_norm else ()
         index = None if self.kv_group == 1 else self.kv_index
+        if isinstance(rc, Recompute) and index is not None:  # training: expand here, recomputed
+            q, k, v = rc(rope_qk_expand, q, k, v, cos, sin, index, *norms)  # (b, nq, s, d) each
+            index = None
+        else:  # KV heads stay unexpanded for attend (KV caches store them so)
+            q, k = rc(rope_qk, q, k, cos, sin, *norms)
         out = attend(self.layer, q, k, v, index, self.params)  # (b, nq, s, d)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.nq * self.d))
+        return self.o_proj(merge_heads(out))                   # (b, s, nq x d) into o_proj
 
     def grad_sync_items(self) -> list[tuple[int, torch.Tensor | None]]:
         """For every KV head held by several ranks (same list on every rank): the numel of its
@@ -205,15 +211,15 @@ class MLP(nn.Module):
                                            sequence_parallel=sequence_parallel,
                                            dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.local, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+    def forward(self, x: torch.Tensor, rc: Recompute | NoRecompute = NoRecompute()) -> torch.Tensor:
+        return self.down_proj(rc(glu, self.gate_up_proj(x), self.local, self.act))
 
 
 MLPS: dict[str, type[nn.Module]] = {"gated": MLP}
 """The MLP slot of a decoder layer, by :attr:`ArchSpec.mlp <.families.ArchSpec.mlp>`. An entry
-is built as ``cls(cfg, group, layer=i, sequence_parallel=..., dtype=..., device=...)`` and maps
-hidden states (b, s, h) to (b, s, h) (a row-parallel output: its last collective included)."""
+is built as ``cls(cfg, group, layer=i, sequence_parallel=..., dtype=..., device=...)`` and called
+as ``mlp(x, rc)``: hidden states (b, s, h) to (b, s, h) (a row-parallel output, its last
+collective included); ``rc`` runs the element-wise pieces it wants recomputed."""
 
 
 class DecoderLayer(nn.Module):
@@ -239,14 +245,23 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
         self.mlp = MLPS[arch.mlp](cfg, group, layer=layer, **kw)
+        self.recompute = "none"
 
     def forward(self, x, cos, sin, attend: Attend = causal_attend) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        if self.sandwich:
-            h = x + self.post_attention_layernorm(a)
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        h = x + a
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, attend, use_reentrant=False)
+        return self._forward(x, cos, sin, attend)
+
+    def _forward(self, x, cos, sin, attend: Attend) -> torch.Tensor:
+        selective = self.recompute == "selective" and torch.is_grad_enabled()
+        with Recompute() if selective else NoRecompute() as rc:
+            a = self.self_attn(self.input_layernorm.for_matmul(x, rc), cos, sin, attend, rc)
+            if self.sandwich:
+                h = x + self.post_attention_layernorm(a)
+                m = self.mlp(self.pre_feedforward_layernorm.for_matmul(h, rc), rc)
+                return h + self.post_feedforward_layernorm(m)
+            h = x + a
+            return h + self.mlp(self.post_attention_layernorm.for_matmul(h, rc), rc)
 
 
 class LlamaBackbone(nn.Module):
@@ -301,6 +316,15 @@ class LlamaForCausalLM(nn.Module):
         self.long_after = rs["original_max_position_embeddings"] \
             if rs is not None and rs["rope_type"] == "longrope" else None
         self.rope_scale = attention_factor(cfg)
+        self.recompute = "none"
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation in training: ``"none"``, ``"selective"`` or ``"full"``."""
+        if mode not in RECOMPUTE:
+            raise ValueError(f"recompute {mode!r}: use one of {', '.join(RECOMPUTE)}")
+        self.recompute = mode
+        for layer in self.model.layers.values():
+            layer.recompute = mode
 
     @property
     def vocab_start(self) -> int:
@@ -348,4 +372,6 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError("selecting rows needs the full sequence: not with sequence "
                                  "parallelism (use it for training)")
             h = h[:, rows]                                            # (b, n_rows, hidden)
-        return self.lm_head(self.model.norm(h))
+        with Recompute() if self.recompute == "selective" and torch.is_grad_enabled() \
+                else NoRecompute() as rc:
+            return self.lm_head(self.model.norm.for_matmul(h, rc))

@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="inter-node network per GPU in Gb/s (default from the GPU's reference system)")
     g.add_argument("--workload", choices=("train", "serve"), default="train")
     g.add_argument("--precision", default="bf16",
-                   help="train: bf16 | fp16; serve: bf16 | fp16 | fp8 | int8 | int4 (default bf16)")
+                   help="train: bf16 | fp16 (fp32 weights and AdamW, 16-bit autocast, as "
+                        "`shardwise train --bf16`) | fp32; serve: bf16 | fp16 | fp8 | int8 | int4 "
+                        "(default bf16)")
     t = parser.add_argument_group("training")
     t.add_argument("--seq-len", type=int, help="sequence length (default: the model's pre-training length)")
     t.add_argument("--global-batch", type=int, default=512, help="sequences per step (default 512)")
@@ -42,7 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism")
     t.add_argument("--recompute", choices=("none", "selective", "full"), default="selective",
                    help="activation recomputation (default selective)")
-    t.add_argument("--zero1", action="store_true", help="shard optimizer states over dp (ZeRO-1)")
+    t.add_argument("--zero", type=int, choices=(0, 1, 2), default=0,
+                   help="ZeRO over dp: 1 shards the AdamW states, 2 also the gradients")
+    t.add_argument("--zero1", dest="zero", action="store_const", const=1,
+                   help="alias of --zero 1")
     t.add_argument("--virtual-stages", type=int, metavar="V",
                    help="model chunks per GPU for the interleaved 1F1B schedule (default: searched)")
     t.add_argument("--software", default=DEFAULT_SOFTWARE, choices=sorted(SOFTWARE),
@@ -83,7 +88,7 @@ def build_request(args: argparse.Namespace, seq_default: int) -> TrainRequest | 
             raise ValueError(f"--virtual-stages must be at least 1, got {args.virtual_stages}")
         return TrainRequest(seq=args.seq_len or seq_default, global_batch=args.global_batch,
                             micro_batch=args.micro_batch, precision=args.precision,
-                            sp=args.sequence_parallel, recompute=args.recompute, zero1=args.zero1,
+                            sp=args.sequence_parallel, recompute=args.recompute, zero=args.zero,
                             dp_overlap=not args.no_dp_overlap, virtual_stages=args.virtual_stages,
                             software=args.software)
     if args.precision not in WEIGHT_BYTES:

@@ -112,6 +112,10 @@ _ENTRIES = [
             source="NVIDIA L4 datasheet (2023): 24 GB GDDR6, 300 GB/s, 121/242 TFLOPS BF16/FP8 dense", sms=58),
     GPUSpec("a10", 24, 600, 125, 125, None, 0, 4, 50, "pcie",
             source="NVIDIA A10 datasheet (2021): 24 GB GDDR6, 600 GB/s, 125 TFLOPS BF16 dense", sms=72),
+    # not a GPU: this project's development machine, so that `shardwise plan --gpu cpu` can be
+    # held against `benchmarks/train_memory.py` (its memory model; CPU times are not modelled)
+    GPUSpec("cpu", 24, 20, 0.2, 0.2, None, 0, 3, 10, "pcie",
+            source="the 2-core development VM (24 GiB RAM; throughput figures are placeholders)"),
 ]
 GPUS: dict[str, GPUSpec] = {g.name: g for g in _ENTRIES}
 GPU_ALIASES = {"a100": "a100-80gb-sxm", "h100": "h100-sxm", "v100": "v100-sxm2-32gb",

@@ -1,11 +1,39 @@
 """Bytes per GPU: weights, gradients, Adam states, activations, KV cache and a stated overhead.
 
-Training (mixed precision Adam, Rajbhandari et al. 2020 'ZeRO'): 16-bit weights 2 B/param, 16-bit
-gradients 2 B, fp32 master weights + Adam m and v 12 B; ZeRO-1 (distributed optimizer) divides the
-12 B over the dp ranks.
+Training, as ``shardwise train`` runs it: fp32 weights (4 B/param), fp32 gradients (4 B), AdamW
+m and v in fp32 (8 B); with ``--precision bf16`` (or fp16) matmuls run under autocast, which keeps
+a 16-bit copy of every matmul weight of the stage while forward and backward run (2 B per matmul
+weight, counted with the weights). ZeRO-1 divides the AdamW states by dp, ZeRO-2 the gradients
+too (Rajbhandari et al. 2020; the fp32 weights stay whole on every rank).
 
-Activations per layer (Korthikanti et al. 2022, Table 2; 16-bit values, 1-byte dropout masks; s
-sequence, b micro-batch, h hidden, a heads, t tensor-parallel degree):
+Activations of the Llama family as the trainer stores them (``shardwise.models.llama``: RMSNorm,
+rope, SwiGLU, no dropout, attention through ``scaled_dot_product_attention``, so no s x s scores
+are stored), per layer, per micro-batch, on one TP rank, in bytes per token (T = s b tokens).
+A = 2 under 16-bit autocast, 4 in fp32 (matmul outputs and inputs); R = 4 (the residual stream
+and the normalised values stay fp32); q, k: the rank's query and KV widths (heads x head_dim),
+f its FFN columns, a its query heads; sigma = t with sequence parallelism, else 1::
+
+    none       2R h/sigma   layer input x and residual h
+             + 2R h/sigma   x / rms(x) inside each RMSNorm (and 2R/sigma for the 1/rms(x))
+             + 2A h         QKV and gate/up inputs (under SP: the all-gathered sequence)
+             + A 4q         rope'd q, K and V expanded to q's heads, attention output (the head
+                            merge is a view of it: flash kernels write (b, s, heads, d))
+                            (A (3q + 3k) when a rank's query and KV heads are as many: no
+                            expansion, rope'd k and the QKV output instead)
+             + 4a           attention log-sum-exp (fp32)
+             + A 4f         gate/up output (2f), silu(gate), silu(gate) x up
+    selective  2R h/sigma + A (q + 2k) + A q + 4a + A 2f  (+ 2A h under SP)
+               (norm outputs, rope, K/V expansion and SwiGLU rebuilt in backward)
+    full       R h/sigma    (the layer input; one layer's "none" set rebuilt during its backward:
+                            ``recompute_workspace``)
+
+Per micro-batch and stage: rope's cos and sin (2 R hd), token ids (8, and a 4 B mask at tp > 1)
+on the first stage; on the last the final norm (as a layer's first norm) and the cross-entropy's
+fp32 softmax numerators 4 V/t plus 22 B of per-token statistics. Under 1F1B the first stage
+holds min(p, m) micro-batches in flight, the last one.
+
+Models outside that family (GPT: LayerNorm, dropout, GeLU MLP) follow Korthikanti et al. 2022,
+Table 2, as Megatron-LM stores them (16-bit values, 1-byte dropout masks)::
 
     no parallelism                        s b h (34 + 5 a s / h)
     tensor parallel                       s b h (10 + 24 / t + 5 a s / (h t))
@@ -13,14 +41,10 @@ sequence, b micro-batch, h hidden, a heads, t tensor-parallel degree):
     selective recomputation (+ SP)        s b h (10 + 24 / t)      (34 s b h / t)
     full recomputation                    2 s b h                  (2 s b h / t)
 
-The 10 s b h that TP alone cannot split is the LayerNorm inputs (4), the inputs of the QKV and
-first MLP matmuls (2 + 2) and two dropout masks (2). The rest is generalised here to GQA (K and V
-narrower than Q), gated MLPs (gate, up and their product: 6 s b f instead of 4 s b f) and models
-without dropout (no masks; softmax output kept once: 2 a s^2 b instead of 5 a s^2 b). For GPT
-shapes the general formula equals the table exactly.
+generalised to GQA (K and V narrower than Q) and gated MLPs; for GPT shapes it equals the table.
 
 With 1F1B pipelining the first stage holds min(p, m) micro-batches of activations (times
-1 + (p-1)/(p v) with v interleaved model chunks); the last stage also holds fp32 logits, 4 s b V / t.
+1 + (p-1)/(p v) with v interleaved model chunks, Korthikanti et al. 2022 section 4.2.3).
 
 KV cache per token per GPU: 2 x (layers / pp) x (KV heads per rank) x head_dim x bytes.
 """
@@ -29,7 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .models import (ModelSpec, heads_per_rank, kv_heads_per_rank, layer_params_per_rank,
-                     layers_per_stage, vocab_rows_per_rank)
+                     layers_per_stage, matmul_params_per_rank, vocab_rows_per_rank)
 
 GiB = 2**30
 RUNTIME_BYTES = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers
@@ -37,6 +61,7 @@ FRAGMENTATION = 0.05  # of GPU capacity, kept free for the caching allocator
 # Bytes per weight. int4: group-wise (128) fp16 scale and zero point add 4 / 128 B (AWQ/GPTQ style).
 WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / 128}
 RECOMPUTE = ("none", "selective", "full")
+TRAIN_PRECISION = ("bf16", "fp16", "fp32")  # fp32 weights and AdamW; 16-bit autocast or none
 
 
 @dataclass(frozen=True)
@@ -47,6 +72,7 @@ class Memory:
     grads: float = 0.0
     optimizer: float = 0.0
     activations: float = 0.0
+    recompute_workspace: float = 0.0  # one layer rebuilt in backward (full recomputation)
     kv_cache: float = 0.0
     overhead: float = 0.0
 
@@ -70,11 +96,20 @@ def matrix_bytes(rows: int, cols: int, bytes_per: float = 2) -> float:
     return rows * cols * bytes_per
 
 
+def trains_like_llama(m: ModelSpec) -> bool:
+    """RMSNorm, gated MLP, no dropout, rotary positions: the family ``shardwise train`` runs."""
+    return m.gated_mlp and m.norm == "rms" and not m.dropout and not m.positions \
+        and m.bias != "all"
+
+
 def activation_bytes_per_layer(m: ModelSpec, s: int, b: int, tp: int, *, sp: bool,
-                               recompute: str) -> float:
-    """Stored activation bytes of one layer for one micro-batch on one TP rank (table above)."""
+                               recompute: str, precision: str = "bf16") -> float:
+    """Stored activation bytes of one layer for one micro-batch on one TP rank (see above)."""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    if trains_like_llama(m):
+        return _llama_layer_bytes(m, s * b, tp, sp=sp, recompute=recompute,
+                                  a_bytes=4 if precision == "fp32" else 2)
     h = m.hidden
     if recompute == "full":
         return 2 * s * b * h / (tp if sp else 1)
@@ -87,6 +122,41 @@ def activation_bytes_per_layer(m: ModelSpec, s: int, b: int, tp: int, *, sp: boo
     if recompute == "none":
         split += heads_per_rank(m, tp) * s * s * b * (5 if m.dropout else 2)
     return (replicated / tp if sp else replicated) + split
+
+
+R = 4  # fp32: the residual stream and the normalised values
+
+
+def _llama_layer_bytes(m: ModelSpec, tokens: int, tp: int, *, sp: bool, recompute: str,
+                       a_bytes: float) -> float:
+    h, A = m.hidden, a_bytes
+    sig = tp if sp else 1
+    a = heads_per_rank(m, tp)
+    q, k = a * m.hd, kv_heads_per_rank(m, tp) * m.hd
+    f = -(-m.ffn // tp)
+    if recompute == "full":
+        return tokens * R * h / sig
+    if recompute == "selective":
+        per = 2 * R * h / sig + A * (q + 2 * k) + A * q + 4 * a + A * 2 * f
+        return tokens * (per + (2 * A * h if sp else 0))
+    attn = A * 4 * q if a != kv_heads_per_rank(m, tp) else A * (3 * q + 3 * k)
+    norms = 2 * R * h / sig + 2 * R * h / sig + 2 * R / sig + 2 * A * h
+    return tokens * (norms + attn + 4 * a + A * 4 * f)
+
+
+def _stage_extra_bytes(m: ModelSpec, tokens: int, tp: int, *, sp: bool, recompute: str,
+                       a_bytes: float, first: bool, last: bool) -> float:
+    """Per micro-batch: rope tables; ids on the first stage; final norm and loss on the last."""
+    h, out = m.hidden, 2 * R * m.hd * tokens
+    if first:
+        out += tokens * (8 + (4 if tp > 1 else 0))
+    if last:
+        sig = tp if sp else 1
+        norm = R * h / sig if recompute == "selective" else (2 * R * h + R) / sig
+        if recompute != "selective" or sp:
+            norm += a_bytes * h  # the head's input (under SP all-gathered)
+        out += tokens * (norm + 4 * vocab_rows_per_rank(m, tp) + 22)
+    return out
 
 
 def stage_params_per_rank(m: ModelSpec, tp: int, pp: int) -> tuple[int, int]:
@@ -113,21 +183,43 @@ def kv_bytes_per_token(m: ModelSpec, tp: int, pp: int = 1, kv_bytes: float = 2) 
 
 
 def training_memory(m: ModelSpec, *, tp: int, pp: int, dp: int, micro_batch: int, micro_batches: int,
-                    seq: int, sp: bool, recompute: str, zero1: bool, capacity: float,
-                    virtual_stages: int = 1) -> Memory:
+                    seq: int, sp: bool, recompute: str, zero: int, capacity: float,
+                    precision: str = "bf16", virtual_stages: int = 1) -> Memory:
+    """Bytes on the busiest rank, each component at its busiest stage (see the module doc)."""
+    if precision not in TRAIN_PRECISION:
+        raise ValueError(f"training precision must be one of {', '.join(TRAIN_PRECISION)}, "
+                         f"got {precision!r}")
     layers, edge = stage_params_per_rank(m, tp, pp)
     p = layers + edge
-    act = activation_bytes_per_layer(m, seq, micro_batch, tp, sp=sp, recompute=recompute)
+    copies = 0.0
+    if precision != "fp32":  # autocast's 16-bit copies: every matmul weight of the stage
+        head = vocab_rows_per_rank(m, tp) * m.hidden
+        mm = layers_per_stage(m, pp) * matmul_params_per_rank(m, tp)
+        copies = 2 * (mm + head)
+    tokens = seq * micro_batch
     n_layers = layers_per_stage(m, pp)
+    a_bytes = 4 if precision == "fp32" else 2
+    kw = dict(sp=sp, precision=precision)
+    act = activation_bytes_per_layer(m, seq, micro_batch, tp, recompute=recompute, **kw)
+    llama = trains_like_llama(m)
+
+    def stage(first: bool, last: bool, in_flight: int) -> float:
+        extra = _stage_extra_bytes(m, tokens, tp, sp=sp, recompute=recompute, a_bytes=a_bytes,
+                                   first=first, last=last) if llama else 0.0
+        if last and not llama:
+            extra += 4 * tokens * vocab_rows_per_rank(m, tp)  # fp32 logits
+        return in_flight * (n_layers * act + extra) if not last else n_layers * act + extra
+    if pp == 1:
+        activations = stage(True, True, 1)
+    else:
+        in_flight = min(pp, micro_batches) * interleave_factor(pp, virtual_stages)
+        activations = max(stage(True, False, in_flight), stage(False, True, 1))
     work = 0.0
     if recompute == "full":  # one layer rematerialised during its backward
-        work = activation_bytes_per_layer(m, seq, micro_batch, tp, sp=sp, recompute="none")
-    logits = 4 * seq * micro_batch * vocab_rows_per_rank(m, tp)
-    in_flight = min(pp, micro_batches) * interleave_factor(pp, virtual_stages)
-    first = n_layers * act * in_flight + work
-    last = n_layers * act + work + logits
-    return Memory(weights=2 * p, grads=2 * p, optimizer=12 * p / (dp if zero1 else 1),
-                  activations=max(first, last) if pp > 1 else last, overhead=overhead_bytes(capacity))
+        work = activation_bytes_per_layer(m, seq, micro_batch, tp, recompute="none", **kw)
+    return Memory(weights=4 * p + copies, grads=4 * p / (dp if zero >= 2 else 1),
+                  optimizer=8 * p / (dp if zero >= 1 else 1), activations=activations,
+                  recompute_workspace=work, overhead=overhead_bytes(capacity))
 
 
 def serving_memory(m: ModelSpec, *, tp: int, pp: int, batch: int, prompt: int, output: int,

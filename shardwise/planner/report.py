@@ -83,12 +83,12 @@ def _placement(p: Plan, c: Candidate) -> str:
 
 def _why_split(p: Plan) -> str | None:
     m, gpu = p.model, p.cluster.gpu
-    wb = 2 if p.workload == "train" else WEIGHT_BYTES[p.request.precision]
+    wb = 4 if p.workload == "train" else WEIGHT_BYTES[p.request.precision]
     need = m.total_params() * wb
     if need <= gpu.memory_bytes:
         return None
     shards = math.ceil(need / gpu.memory_bytes)
-    prec = "16-bit" if p.workload == "train" else p.request.precision
+    prec = "fp32" if p.workload == "train" else p.request.precision
     return (f"The weights alone are {need / 1e9:.0f} GB ({need / GiB:.1f} GiB) at {prec}, more than one "
             f"{gpu.memory_gib:g} GiB {gpu.name}, so each copy must be split over at least {shards} GPUs "
             f"(tp x pp >= {shards}).")
@@ -132,7 +132,9 @@ def _remedies(p: Plan) -> str:
     if p.workload == "train":
         tips = (["--sequence-parallel (activations / tp)"] if not r.sp else []) + \
                (["--recompute full (2 s b h per layer)"] if r.recompute != "full" else []) + \
-               (["--zero1 (Adam states / dp)"] if not r.zero1 else []) + ["a shorter --seq-len", "more GPUs"]
+               (["--zero 1 (AdamW states / dp)"] if not r.zero else
+                ["--zero 2 (gradients / dp)"] if r.zero == 1 else []) + \
+               ["a shorter --seq-len", "more GPUs"]
     else:
         tips = (["a lower --precision (fp8, int8, int4)"] if r.precision in ("bf16", "fp16") else []) + \
                (["--kv-dtype fp8"] if r.kv_bytes > 1 else []) + ["a lower --concurrency", "more GPUs"]
@@ -178,9 +180,11 @@ def assumptions(p: Plan) -> list[str]:
            f"{G.ALPHA_S['network'] * 1e6:.0f} us",
            f"overhead per GPU: {RUNTIME_BYTES / GiB:g} GiB runtime + {_pct(FRAGMENTATION)} of capacity"]
     if p.workload == "train":
-        sw = get_software(p.request.software)
-        out.append("mixed-precision Adam: 16-bit weights and grads, fp32 master + m + v (16 B/param); "
+        copies = "" if p.request.precision == "fp32" else \
+            " + a 16-bit autocast copy of each matmul weight (2 B)"
+        out.append(f"as `shardwise train`: fp32 weights, gradients and AdamW m, v (16 B/param){copies}; "
                    "1F1B pipeline schedule, interleaved with v model chunks per GPU when v > 1")
+        sw = get_software(p.request.software)
         out.append(f"software {sw.name}: {sw.description}")
     else:
         out.append("TTFT = prefill of one prompt on an idle replica; throughput counts each request's "
@@ -198,6 +202,7 @@ def _cand_dict(p: Plan, c: Candidate) -> dict:
     if c.memory is not None:
         d["memory_per_gpu_gib"] = round(c.memory.total / GiB, 3)
         d["memory_gib"] = c.memory.gib()
+        d["memory_bytes"] = {k: int(v) for k, v in asdict(c.memory).items()}
     t = c.time
     if isinstance(t, TrainTime):
         n = p.cluster.gpus

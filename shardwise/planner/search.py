@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .gpus import GPUSpec, Link, intra_link, network_link
-from .memory import GiB, WEIGHT_BYTES, Memory, kv_bytes_per_token, serving_memory, training_memory
+from .memory import GiB, TRAIN_PRECISION, WEIGHT_BYTES, Memory, kv_bytes_per_token, serving_memory, training_memory
 from .memory import stage_params_per_rank
 from .models import ModelSpec, tp_problem
 from .software import DEFAULT_SOFTWARE, get_software
@@ -80,7 +80,7 @@ class TrainRequest:
     precision: str = "bf16"
     sp: bool = False
     recompute: str = "selective"
-    zero1: bool = False
+    zero: int = 0  # 1: AdamW states sharded over dp; 2: and the gradients
     dp_overlap: bool = True
     virtual_stages: int | None = None  # model chunks per GPU (interleaved 1F1B); None: searched
     software: str = DEFAULT_SOFTWARE  # a preset of ``software.SOFTWARE``
@@ -198,11 +198,11 @@ def evaluate_train(m: ModelSpec, c: Cluster, r: TrainRequest, *, tp: int, pp: in
     micro = r.global_batch // (dp * micro_batch)
     cap = c.gpu.memory_bytes
     mem = training_memory(m, tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, micro_batches=micro,
-                          seq=r.seq, sp=r.sp, recompute=r.recompute, zero1=r.zero1, capacity=cap,
-                          virtual_stages=virtual_stages)
+                          seq=r.seq, sp=r.sp, recompute=r.recompute, zero=r.zero, capacity=cap,
+                          precision=r.precision, virtual_stages=virtual_stages)
     params = sum(stage_params_per_rank(m, tp, pp))
     tm = train_time(m, c.gpu, tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, micro_batches=micro,
-                    seq=r.seq, precision=r.precision, sp=r.sp, recompute=r.recompute, zero1=r.zero1,
+                    seq=r.seq, precision=r.precision, sp=r.sp, recompute=r.recompute, zero1=r.zero >= 1,
                     dp_overlap=r.dp_overlap, stage_params=params, tp_link=c.link(tp, 1),
                     pp_link=c.link(pp, tp * dp), dp_link=c.link(dp, tp), virtual_stages=virtual_stages,
                     software=get_software(r.software))
@@ -315,8 +315,11 @@ def _check_train(r: TrainRequest, dp: int | None) -> None:
     if dp and r.micro_batch and (r.global_batch // dp) % r.micro_batch:
         raise ValueError(f"{r.global_batch} sequences over dp={dp} is {r.global_batch // dp} per replica, "
                          f"which micro-batches of {r.micro_batch} cannot split")
-    if r.precision not in ("bf16", "fp16"):
-        raise ValueError(f"training precision must be bf16 or fp16, got {r.precision!r}")
+    if r.precision not in TRAIN_PRECISION:
+        raise ValueError(f"training precision must be one of {', '.join(TRAIN_PRECISION)}, "
+                         f"got {r.precision!r}")
+    if r.zero not in (0, 1, 2):
+        raise ValueError(f"--zero {r.zero}: use 0, 1 (optimizer states) or 2 (and gradients)")
     if r.virtual_stages is not None and r.virtual_stages < 1:
         raise ValueError(f"--virtual-stages must be at least 1, got {r.virtual_stages}")
     get_software(r.software)  # raises with the closest preset names

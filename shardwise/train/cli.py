@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from ..usage import float_range, int_range, seed
-from .config import SCHEDULES, TrainConfig
+from .config import RECOMPUTE, SCHEDULES, TrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,8 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="clip by the global norm (0: no clipping)")
     p.add_argument("--seed", type=seed, default=d.seed)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights and optimizer)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each decoder layer in backward")
+    p.add_argument("--recompute", choices=RECOMPUTE, default=d.recompute,
+                   help="activation recomputation: none; selective (norms, rope, SwiGLU: no "
+                        "matmul or collective again); full (every decoder layer)")
+    p.add_argument("--activation-checkpointing", dest="recompute", action="store_const",
+                   const="full", help="alias of --recompute full")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=d.zero,
+                   help="ZeRO over dp: 1 shards the AdamW states, 2 also the gradients "
+                        "(0: plain DDP)")
     p.add_argument("--out", default=d.out_dir, help="log, plot and checkpoints go here")
     p.add_argument("--save-every", type=int_range(0), default=d.save_every,
                    help="checkpoint every N steps (0: only at the end)")
@@ -63,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         micro_batch=args.micro_batch, global_batch=args.global_batch, seq_len=args.seq_len,
         steps=args.steps, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
-        bf16=args.bf16, activation_checkpointing=args.activation_checkpointing,
+        bf16=args.bf16, recompute=args.recompute, zero=args.zero,
         out_dir=args.out, save_every=args.save_every, save=not args.no_save, resume=args.resume,
         peak_tflops=args.peak_tflops, progress=not args.no_progress, workers=args.workers)
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from ..checkpoint.source import ModelSource
 from ..mesh import validate as validate_degrees
-from ..partition import HeadLayout
+from ..partition import HeadLayout, stage_layers  # noqa: F401 - re-exported
 
 SCHEDULES = ("gpipe", "1f1b")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
@@ -45,7 +46,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     bf16: bool = False
-    activation_checkpointing: bool = False
+    recompute: str = "none"        # none | selective (norms, rope, SwiGLU) | full (whole layers)
+    zero: int = 0                  # 0: DDP; 1: AdamW states sharded over DP; 2: + gradients
     out_dir: str = "runs/train"
     save_every: int = 0            # 0: save only at the end
     save: bool = True              # False: no checkpoints at all (quick experiments)
@@ -63,14 +65,6 @@ class TrainConfig:
     def accumulation(self) -> int:
         """Micro-batches per replica per step."""
         return self.global_batch // (self.micro_batch * self.dp)
-
-
-def stage_layers(num_layers: int, pp: int, stage: int) -> range:
-    """Layers of pipeline stage ``stage``: contiguous, as even as possible (earlier stages get
-    the extra layer: the last stage also runs the LM head)."""
-    base, extra = divmod(num_layers, pp)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (1 if stage < extra else 0))
 
 
 def validate(cfg: TrainConfig, source: ModelSource, *, world: int | None = None) -> None:
@@ -102,6 +96,11 @@ def validate(cfg: TrainConfig, source: ModelSource, *, world: int | None = None)
     if cfg.seq_len > mc.max_position_embeddings:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's "
                          f"{mc.max_position_embeddings} positions")
+    if cfg.recompute not in RECOMPUTE:
+        raise ValueError(f"recompute {cfg.recompute!r}: use one of {', '.join(RECOMPUTE)}")
+    if cfg.zero not in (0, 1, 2):
+        raise ValueError(f"--zero {cfg.zero}: use 0 (plain DDP), 1 (optimizer states sharded "
+                         "over dp) or 2 (optimizer states and gradients)")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"schedule {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
     if cfg.max_grad_norm < 0 or cfg.lr <= 0 or cfg.warmup < 0:
@@ -115,5 +114,7 @@ def validate(cfg: TrainConfig, source: ModelSource, *, world: int | None = None)
         if not os.access(p, os.R_OK):
             raise FileNotFoundError(f"data file {f} is not readable (permission denied)")
     if cfg.resume is not None:
-        from .ckpt import find_checkpoint
-        find_checkpoint(cfg.resume)  # raises FileNotFoundError when there is nothing complete
+        from ..checkpoint.sharded import checkpoint_kind
+        if checkpoint_kind(cfg.resume) != "train":  # FileNotFoundError when nothing is complete
+            raise ValueError(f"{cfg.resume} is a model checkpoint (no step or optimizer state): "
+                             "start from it with --model DIR; --resume continues a training run")

@@ -3,11 +3,13 @@
 Per step ``k`` (0-based; logged as ``k + 1``)::
 
     lr_k = warmup + cosine (optim.lr_at)
-    forward/backward of A micro-batches         StageRunner (pipelining schedule, DDP over DP)
-    finalize_grads(model, tp_group)             SP-partial norm grads, replicated KV-head grads
-    sum tied-embedding grads, first + last stage (PP with tied embeddings)
+    forward/backward of A micro-batches         StageRunner (pipelining schedule, DDP over DP;
+                                                under ZeRO-2 the buckets reduce-scatter here)
+    opt.finish_grads()                          SP-partial norm grads, replicated KV-head grads,
+                                                tied-embedding sum (first + last stage); ZeRO:
+                                                the remaining reduce-scatters
     clip by the global norm (each parameter once across TP, PP, DP)
-    AdamW step
+    AdamW step                                  ZeRO: on this rank's shard, then all-gather
     loss = mean over DP replicas of the last stage's mean micro-batch loss
 
 and a checkpoint every ``save_every`` steps and at the end.
@@ -22,15 +24,13 @@ import torch.distributed as dist
 
 from ..checkpoint.source import ModelSource, build_model
 from ..comm import Ledger
-from ..layers import finalize_grads
 from ..mesh import Mesh
 from ..random import seed_everything
 from .ckpt import load_checkpoint, save_checkpoint
 from .config import TrainConfig, stage_layers
 from .data import PackedData
-from .optim import (build_optimizer, clip_, embedding_groups, global_grad_norm, lr_at,
-                    sync_tied_embedding)
-from .pipeline import StageRunner, enable_activation_checkpointing
+from .optim import ReplicatedAdamW, clip_coefficient, lr_at
+from .pipeline import StageRunner
 from .signals import Reporter, flops_per_token, gather_rank_stats, peak_memory_bytes
 
 
@@ -40,6 +40,16 @@ def _mean_loss(local: float | None, mesh: Mesh) -> float:
     if dist.is_initialized():
         dist.all_reduce(t)
     return float(t) / (mesh.tp * mesh.dp)
+
+
+def make_optimizer(model, mesh: Mesh, cfg: TrainConfig):
+    """Plain AdamW under DDP, or ZeRO-1/2 over the DP group."""
+    kw = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if not cfg.zero:
+        return ReplicatedAdamW(model, mesh, **kw)
+    from .zero import ZeroAdamW
+    unaveraged = cfg.accumulation if cfg.pp > 1 else 1  # the pp=1 loop divides each loss by A
+    return ZeroAdamW(model, mesh, stage=cfg.zero, grad_scale=1.0 / (cfg.dp * unaveraged), **kw)
 
 
 def train_worker(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor) -> dict[str, Any]:
@@ -64,18 +74,16 @@ def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mes
     model = build_model(source, group=mesh.tp_group, sequence_parallel=cfg.sequence_parallel,
                         layers=stage_layers(mc.num_hidden_layers, cfg.pp, mesh.pp_rank),
                         device=mesh.device, seed=cfg.seed)
-    emb_group = embedding_groups(mesh)
-    opt = build_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, mesh, cfg)
     start = 0
     if cfg.resume:
         meta = load_checkpoint(cfg.resume, model, opt, mesh)
         start = meta["step"]
         if meta.get("rng") is not None:
             tracker.load_state_dict(meta["rng"])
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
+    model.set_recompute(cfg.recompute)
     runner = StageRunner(model, mesh, micro_batches=cfg.accumulation, schedule=cfg.schedule,
-                         bf16=cfg.bf16)
+                         bf16=cfg.bf16, zero=cfg.zero)
     data = PackedData(rows, cfg.seed)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rep = Reporter(cfg.out_dir, active=mesh.rank == 0, progress=cfg.progress, total=cfg.steps,
@@ -83,22 +91,20 @@ def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mes
                    peak_tflops=cfg.peak_tflops, world=mesh.world_size,
                    tokens_per_step=cfg.global_batch * cfg.seq_len)
     out: dict[str, Any] = {"losses": [], "steps": [], "records": []}
-    meta_base = {"model": source.name, "config": mc.to_hf(),
-                 "tokenizer": str(source.tokenizer) if source.tokenizer else None,
-                 "seed": cfg.seed, "global_batch": cfg.global_batch, "seq_len": cfg.seq_len}
+    meta_base = {"model": source.name, "seed": cfg.seed, "global_batch": cfg.global_batch,
+                 "seq_len": cfg.seq_len, "recompute": cfg.recompute}
     for k in range(start, cfg.steps):
         lr = lr_at(k, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        opt.set_lr(lr)
         ids, targets = data.batch(k, global_batch=cfg.global_batch, dp=cfg.dp, dp_rank=mesh.dp_rank)
         t0 = time.perf_counter()
         with Ledger() as ledger:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             local = runner.step(ids, targets)
-            finalize_grads(model, mesh.tp_group)
-            sync_tied_embedding(model, mesh, emb_group)
-            norm = global_grad_norm(model, mesh)
-            coef = clip_(model, norm, cfg.max_grad_norm)
+            opt.finish_grads()
+            norm = opt.grad_norm()
+            coef = clip_coefficient(norm, cfg.max_grad_norm)
+            opt.clip(coef)
             opt.step()
             loss = _mean_loss(local, mesh)
         seconds = time.perf_counter() - t0
@@ -114,8 +120,8 @@ def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mes
         done = k + 1 == cfg.steps
         if cfg.save and ((cfg.save_every and (k + 1) % cfg.save_every == 0) or done):
             save_checkpoint(f"{cfg.out_dir}/checkpoints", k + 1, model, opt, mesh,
-                            meta=meta_base, rng=tracker.state_dict(),
-                            crash=cfg.crash_during_save_at == k + 1)
+                            meta=meta_base, config=mc.to_hf(), tokenizer=source.tokenizer,
+                            rng=tracker.state_dict(), crash=cfg.crash_during_save_at == k + 1)
     plot = rep.close()
     out["plot"] = str(plot) if plot else None
     return out

@@ -8,7 +8,9 @@ The global norm counts every parameter of the unsharded model exactly once::
             + the tied embedding only on the first pipeline stage (the last holds a copy)
 
 summed over the TP group, then over the PP group. DP replicas hold identical (all-reduced)
-gradients, so nothing is summed over DP. Clipping: ``g <- g * min(1, max_norm / (||g|| + 1e-6))``
+gradients, so nothing is summed over DP (under ZeRO each DP rank holds different slices of them
+and the sum runs over the whole world: ``zero.py``). :func:`counted_ranges` is the one statement
+of which elements count. Clipping: ``g <- g * min(1, max_norm / (||g|| + 1e-6))``
 (``torch.nn.utils.clip_grad_norm_``'s formula).
 """
 from __future__ import annotations
@@ -20,18 +22,24 @@ import torch.distributed as dist
 from torch import nn
 
 from ..mesh import Mesh, group_size
-from ..shards import pieces_of
+from ..layers import finalize_grads
+from ..shards import assemble_local, pieces_of, sharded_params
+
+
+def adamw(decay: list[torch.Tensor], other: list[torch.Tensor], *, lr: float,
+          betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on ``decay`` (matrices) only, not on ``other`` (norms, biases)."""
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=1e-8)
 
 
 def build_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float],
                     weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms or biases)."""
+    """AdamW over ``model``'s parameters, weight decay on matrices only."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": other, "weight_decay": 0.0}],
-                             lr=lr, betas=betas, eps=1e-8)
+    return adamw([p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2],
+                 lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -70,36 +78,125 @@ def tied_copy(model: nn.Module, mesh: Mesh) -> nn.Parameter | None:
     return None
 
 
+def counted_ranges(model: nn.Module, mesh: Mesh) -> dict[int, list[tuple[int, int]]]:
+    """``id(param) -> [(a, b)]``: the flat elements of each local parameter that count in the
+    global norm (see the module docstring); ``[]`` for a parameter another rank counts."""
+    skip_rows = _excluded_rows(model, mesh.tp_rank)
+    copy = tied_copy(model, mesh)
+    out: dict[int, list[tuple[int, int]]] = {}
+    for p in model.parameters():
+        if p is copy or (not pieces_of(p) and mesh.tp_rank != 0):
+            out[id(p)] = []  # the first stage / tp_rank 0 counts it
+            continue
+        per_row = p[0].numel() if p.dim() > 1 else 1
+        ranges = [(0, p.numel())]
+        for row, n in sorted(skip_rows.get(id(p), [])):
+            a, b = row * per_row, (row + n) * per_row
+            ranges = [r for lo, hi in ranges for r in ((lo, min(hi, a)), (max(lo, b), hi))
+                      if r[0] < r[1]]
+        out[id(p)] = ranges
+    return out
+
+
+def squared_norm(grad: torch.Tensor, counted: list[tuple[int, int]], lo: int = 0) -> torch.Tensor:
+    """``sum g^2`` over the counted elements of a flat gradient holding elements ``[lo, ...)``."""
+    flat, sq = grad.reshape(-1), torch.zeros((), dtype=torch.float64, device=grad.device)
+    for a, b in counted:
+        i, j = max(a, lo), min(b, lo + flat.numel())
+        if i < j:
+            sq += flat[i - lo:j - lo].double().pow(2).sum()
+    return sq
+
+
 @torch.no_grad()
 def global_grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
     """The L2 norm of the full model's gradient (see the module docstring); same on every rank."""
-    skip_rows = _excluded_rows(model, mesh.tp_rank)
-    copy = tied_copy(model, mesh)
+    counted = counted_ranges(model, mesh)
     sq = torch.zeros((), dtype=torch.float64, device=mesh.device)
     for p in model.parameters():
-        if p.grad is None or p is copy:
-            continue
-        if not pieces_of(p) and mesh.tp_rank != 0:
-            continue  # replicated across TP: counted on tp_rank 0
-        g = p.grad.double()
-        sq += g.pow(2).sum()
-        for row, n in skip_rows.get(id(p), []):
-            sq -= g.narrow(0, row, n).pow(2).sum()
+        if p.grad is not None:
+            sq += squared_norm(p.grad, counted[id(p)])
     for group in (mesh.tp_group, mesh.pp_group):
         if group_size(group) > 1:
             dist.all_reduce(sq, group=group)
     return sq.sqrt().float()
 
 
-@torch.no_grad()
-def clip_(model: nn.Module, norm: torch.Tensor, max_norm: float) -> float:
-    """Scale every gradient by ``min(1, max_norm / (norm + 1e-6))``; returns the factor."""
-    coef = min(1.0, max_norm / (float(norm) + 1e-6)) if max_norm > 0 else 1.0
-    if coef < 1.0:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef)
-    return coef
+def clip_coefficient(norm: torch.Tensor | float, max_norm: float) -> float:
+    """``min(1, max_norm / (norm + 1e-6))`` (1 when clipping is off: ``max_norm`` 0)."""
+    return min(1.0, max_norm / (float(norm) + 1e-6)) if max_norm > 0 else 1.0
+
+
+EXP = ("exp_avg", "exp_avg_sq")
+
+
+class MeshAdamW:
+    """What the loop drives, for :class:`ReplicatedAdamW` and
+    :class:`~shardwise.train.zero.ZeroAdamW`: ``zero_grad``, ``finish_grads`` (TP completion,
+    tied-embedding sum, and the DP reduction where the optimizer owns it), ``grad_norm``,
+    ``clip``, ``step``; ``state_items`` / ``load_state`` / ``writes_state`` for checkpoints."""
+
+    opt: torch.optim.AdamW
+    zero = 0
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    @property
+    def opt_step(self) -> float:
+        """AdamW's step count (the same for every parameter)."""
+        return max((float(st["step"]) for st in self.opt.state.values() if "step" in st),
+                   default=0.0)
+
+
+class ReplicatedAdamW(MeshAdamW):
+    """AdamW over the full (TP-local) parameters of every data-parallel replica: plain DDP."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, *, lr: float, betas: tuple[float, float],
+                 weight_decay: float) -> None:
+        self.model, self.mesh = model, mesh
+        self.opt = build_optimizer(model, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.emb_group = embedding_groups(mesh)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def finish_grads(self) -> None:
+        finalize_grads(self.model, self.mesh.tp_group)
+        sync_tied_embedding(self.model, self.mesh, self.emb_group)
+
+    def grad_norm(self) -> torch.Tensor:
+        return global_grad_norm(self.model, self.mesh)
+
+    @torch.no_grad()
+    def clip(self, coef: float) -> None:
+        if coef < 1.0:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+    def step(self) -> None:
+        self.opt.step()
+
+    def writes_state(self) -> bool:
+        """Whether this rank writes optimizer state to checkpoints (DP replicas hold copies)."""
+        return self.mesh.dp_rank == 0
+
+    def state_items(self):
+        """``(kind, param path, param, flat range or None, tensor)`` of every AdamW moment."""
+        for path, p, _ in sharded_params(self.model):
+            st = self.opt.state.get(p, {})
+            for k in EXP:
+                if k in st:
+                    yield k, path, p, None, st[k]
+
+    @torch.no_grad()
+    def load_state(self, reader, step: float) -> None:
+        """AdamW moments from ``reader(kind)`` (a ReadFn over full tensors), at any layout."""
+        for path, p, _ in sharded_params(self.model):
+            self.opt.state[p] = {"step": torch.tensor(step), **{
+                k: assemble_local(path, p, reader(k)).to(p.dtype).clone() for k in EXP}}
 
 
 def embedding_groups(mesh: Mesh) -> object | None:

@@ -4,13 +4,18 @@ One step of a replica runs ``A = global_batch / (micro_batch x dp)`` micro-batch
 ``grad = (1 / A) sum_m dL_m/dtheta`` (the mean of micro-batch mean losses) in every parameter,
 averaged over DP by DDP:
 
-* ``pp == 1``: a plain loop; DDP's all-reduce only after the last micro-batch (``no_sync``);
+* ``pp == 1``: a plain loop; DDP's all-reduce only after the last micro-batch (``no_sync``),
+  gradients as views of DDP's buckets (one copy of the gradients, not two);
 * ``pp > 1``: a :class:`~torch.distributed.pipelining.PipelineStage` over this rank's layers,
   driven by ``ScheduleGPipe`` or ``Schedule1F1B`` (``scale_grads=True`` divides by ``A``); the
   stage sends ``(b, s, h)`` activations, ``(b, s / tp, h)`` under sequence parallelism, to the
   same TP rank of the next stage; DP averaging is one flat all-reduce after the schedule
   (:func:`average_grads`), because DDP wrapped in a PipelineStage trips an internal assert of
   torch 2.13's reducer when a step has more than one micro-batch.
+
+Under ZeRO (``zero`` 1 or 2) neither DDP nor :func:`average_grads` runs: the optimizer
+(:class:`~shardwise.train.zero.ZeroAdamW`) reduce-scatters the gradients itself, and the schedule
+leaves them summed over micro-batches (``scale_grads=False``) for it to average.
 """
 from __future__ import annotations
 
@@ -20,17 +25,9 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..loss import vocab_parallel_cross_entropy
 from ..mesh import Mesh
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in backward (its TP collectives run again, deterministically)."""
-    for layer in model.model.layers.values():
-        fwd = layer.forward
-        layer.forward = functools.partial(checkpoint, fwd, use_reentrant=False)
 
 
 @torch.no_grad()
@@ -51,18 +48,20 @@ class StageRunner:
     """Runs one training step's forward/backward of this rank's stage over its micro-batches."""
 
     def __init__(self, model: nn.Module, mesh: Mesh, *, micro_batches: int, schedule: str = "1f1b",
-                 bf16: bool = False) -> None:
+                 bf16: bool = False, zero: int = 0) -> None:
         self.model, self.mesh, self.micro_batches = model, mesh, micro_batches
         self.autocast = functools.partial(torch.autocast, mesh.device.type, dtype=torch.bfloat16,
                                           enabled=bf16)
         self.wrapped: nn.Module = model
-        if mesh.dp > 1 and mesh.pp == 1:
+        self.zero = zero
+        if mesh.dp > 1 and mesh.pp == 1 and not zero:
             from torch.nn.parallel import DistributedDataParallel as DDP
             import inspect
             # buffers (rope tables, KV indices) are constants: no per-forward broadcast
             quiet = ("forward_sync_buffers" if "forward_sync_buffers" in
                      inspect.signature(DDP.__init__).parameters else "broadcast_buffers")
             self.wrapped = DDP(model, process_group=mesh.dp_group, **{quiet: False},
+                               gradient_as_bucket_view=True,
                                device_ids=None if mesh.device.type == "cpu" else [mesh.device])
         self.schedule = None
         if mesh.pp > 1:
@@ -70,7 +69,8 @@ class StageRunner:
             stage = PipelineStage(self.wrapped, mesh.pp_rank, mesh.pp, mesh.device,
                                   group=mesh.pp_group)
             cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-            self.schedule = cls(stage, n_microbatches=micro_batches, loss_fn=self.loss_fn)
+            self.schedule = cls(stage, n_microbatches=micro_batches, loss_fn=self.loss_fn,
+                                scale_grads=not zero)
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of vocabulary-parallel logits ``(b, s, V/t)`` against ``(b, s)``."""
@@ -87,7 +87,8 @@ class StageRunner:
         total = 0.0
         for m, (x, y) in enumerate(zip(ids.chunk(self.micro_batches), targets.chunk(self.micro_batches))):
             last = m == self.micro_batches - 1
-            sync = contextlib.nullcontext() if last or self.mesh.dp == 1 else self.wrapped.no_sync()
+            sync = self.wrapped.no_sync() if self.wrapped is not self.model and not last \
+                else contextlib.nullcontext()
             with sync:
                 with self.autocast():
                     loss = self.loss_fn(self.wrapped(x), y)
@@ -105,7 +106,7 @@ class StageRunner:
                 self.schedule.step(target=targets, losses=losses)
             else:
                 self.schedule.step()
-        if self.mesh.dp > 1:
+        if self.mesh.dp > 1 and not self.zero:
             average_grads(self.model, self.mesh.dp_group, self.mesh.dp)
         if not last:
             return None
