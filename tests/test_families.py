@@ -207,11 +207,13 @@ def save_worker(path, out, tp):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_export_loads_in_transformers_with_the_same_logits(pool, saved, tmp_path, name):
-    """Saved sharded at tp=3 (Phi-3's fused tensors assembled from every rank's rows), merged
-    into an HF directory: transformers loads it and gives the original logits; its config reads
-    back as the same model."""
+    """Saved sharded at tp=3 (Phi-3's fused tensors as several pieces per rank), exported to an
+    HF directory: transformers loads it and gives the original logits, its config reads back as
+    the same model; the shards also load into one process."""
     from shardwise.checkpoint.convert import export_hf
+    from shardwise.checkpoint.sharded import load_model
     from shardwise.models.config import LlamaConfig
+    from shardwise.models.llama import LlamaForCausalLM
     path, hf = saved[name]
     pool.run(save_worker, str(path), str(tmp_path / "tp3"), 3)
     export_hf(tmp_path / "tp3", tmp_path / "hf")
@@ -220,7 +222,11 @@ def test_export_loads_in_transformers_with_the_same_logits(pool, saved, tmp_path
     assert type(merged) is type(hf)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+        ref = hf(ids).logits
+        torch.testing.assert_close(merged(ids).logits, ref, atol=1e-5, rtol=0)
+        one = LlamaForCausalLM(LlamaConfig.from_hf(tmp_path / "tp3"))  # the tp=3 shards in one
+        load_model(one, tmp_path / "tp3")                                # process
+        torch.testing.assert_close(one(ids), ref, atol=ATOL, rtol=0)
 
 
 def _v4_style(cfg: dict) -> dict:
