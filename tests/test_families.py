@@ -301,8 +301,9 @@ def train_worker(cfgs, rows):
 
 def test_training_layouts_match_one_process(pool, saved, tmp_path):
     """Gemma 3 (embeddings tied across the pipeline, q/k norms, windows, two rope bases) trains
-    at tp=2 x pp=2 with sequence parallelism to the one-process losses (1e-4 per step, every
-    step clipped)."""
+    at tp=2 x pp=2 with sequence parallelism, and at tp=2 x dp=2 with selective recomputation
+    (its q/k norms and GeGLU rebuilt in backward), to the one-process losses (1e-4 per step,
+    every step clipped)."""
     from shardwise.checkpoint.source import ModelSource
     from shardwise.mesh import Mesh
     from shardwise.models.config import LlamaConfig
@@ -312,15 +313,17 @@ def test_training_layouts_match_one_process(pool, saved, tmp_path):
     src = ModelSource("gemma3", LlamaConfig.from_hf(path), path, None)
     rows = torch.randint(0, VOCAB, (8, SEQ + 1), generator=torch.Generator().manual_seed(4))
 
-    def cfg(name, tp=1, pp=1, **kw):
-        return TrainConfig(model=src, tp=tp, pp=pp, global_batch=2, seq_len=SEQ, steps=3,
+    def cfg(name, tp=1, pp=1, dp=1, **kw):
+        return TrainConfig(model=src, tp=tp, pp=pp, dp=dp, global_batch=2, seq_len=SEQ, steps=3,
                            lr=1e-2, warmup=1, max_grad_norm=0.05, save=False, progress=False,
                            out_dir=str(tmp_path / name), **kw)
     ref = train_on_mesh(cfg("ref"), src, rows, Mesh.init(1))
     assert all(r["clip_coef"] < 1 for r in ref["records"])
-    got = pool.run(train_worker, [cfg("tp2-pp2-sp", 2, 2, sequence_parallel=True,
-                                      schedule="gpipe")], rows)[0][0]
-    assert max(abs(a - b) for a, b in zip(ref["losses"], got)) < ATOL, (got, ref["losses"])
+    layouts = {"tp2-pp2-sp": cfg("tp2-pp2-sp", 2, 2, sequence_parallel=True, schedule="gpipe"),
+               "tp2-dp2-selective": cfg("tp2-dp2-selective", 2, dp=2, recompute="selective")}
+    got = pool.run(train_worker, list(layouts.values()), rows)[0]
+    for name, losses in zip(layouts, got):
+        assert max(abs(a - b) for a, b in zip(ref["losses"], losses)) < ATOL, (name, losses)
 
 
 def test_verify_names_no_stage(pool, saved):
