@@ -10,6 +10,8 @@ shardwise.<command>`` entry points, which come through :func:`main` too):
 * ``run`` does the work; a :class:`~shardwise.usage.UsageError` it raises (bad input found late)
   is one line and exit 2 as well; anything else is a bug or a failure of the run: the traceback,
   exit code 1 (or the command's own code, e.g. ``verify``'s 3 for a difference over tolerance);
+  a worker rank that failed (:class:`~shardwise.launch.WorkerError`) is printed as its rank,
+  phase and error, then its traceback, exit code 1;
 * optional dependencies are checked where they are used (:func:`shardwise.usage.require`) and
   name the install line; ``--traceback`` shows the stack of a user error too.
 """
@@ -19,6 +21,7 @@ import argparse
 import importlib
 import sys
 
+from .failure import WorkerError
 from .usage import Parser, UsageError, int_range
 
 # subcommand -> (module, help)
@@ -98,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             return int(mod.run(args) or 0)
         except UsageError as e:
             return _user_error(args, e)
+        except WorkerError as e:  # a rank failed: its rank, phase, error and traceback
+            if getattr(args, "traceback", False):
+                raise
+            print(f"shardwise {args.command}: error: {e}", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
         return 130
 

@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint.source import ModelSource, build_model, load_tokenizer, resolve
 from .comm import Ledger
+from .failure import phase
 from .mesh import Mesh
 from .models.cache import KVCache
 from .partition import HeadLayout
@@ -64,7 +65,8 @@ def _stop_at(text: str, stops: list[str]) -> int | None:
 def run_generation(job: GenerateJob) -> dict:
     """Worker body (also runs in-process for tp=1). Returns this rank's result and signals."""
     t0 = time.perf_counter()
-    mesh = Mesh.init(tp=job.tp)
+    with phase("start"):
+        mesh = Mesh.init(tp=job.tp)
     source = resolve(job.model)
     model = build_model(source, group=mesh.tp_group, dtype=getattr(torch, job.dtype),
                         device=mesh.device).eval()
@@ -80,7 +82,7 @@ def run_generation(job: GenerateJob) -> dict:
     stream = {"stdout": sys.stdout, "stderr": sys.stderr}.get(job.stream or "") \
         if mesh.tp_rank == 0 and mesh.rank == 0 else None
     times = []
-    with Ledger() as ledger:
+    with phase("generate"), Ledger() as ledger:
         for step in range(p.max_tokens):
             start = time.perf_counter()
             if cache.restart_for_long_rope(cache.length + ids.shape[1]):

@@ -158,6 +158,22 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _vocab_rows(module: nn.Module, num_embeddings: int, embedding_dim: int,
+                group: ProcessGroup | None, pad_multiple: int, dtype, device) -> nn.Parameter:
+    """Give ``module`` its vocabulary partition (``partition``, ``start``, ``stop``) and return
+    a weight of its rows ``(stop - start, embedding_dim)``, padding rows included."""
+    module.num_embeddings = num_embeddings
+    module.partition = Partition(num_embeddings, group_size(group), unit="vocabulary rows",
+                                 multiple=max(1, pad_multiple))
+    module.start, module.stop = module.partition.range(group_rank(group))
+    real0, real1 = module.partition.real_range(group_rank(group))
+    weight = nn.Parameter(torch.empty(module.stop - module.start, embedding_dim, dtype=dtype,
+                                      device=device))
+    _mark(weight, [Piece("", 0, real0, real1, num_embeddings,
+                         pad=(module.stop - module.start) - (real1 - real0))])
+    return weight
+
+
 class VocabParallelEmbedding(nn.Module):
     """Embedding with the vocabulary split over ranks, padded to a multiple of ``tp x multiple``.
 
@@ -171,15 +187,8 @@ class VocabParallelEmbedding(nn.Module):
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
-        self.num_embeddings = num_embeddings
-        self.partition = Partition(num_embeddings, group_size(group), unit="vocabulary rows",
-                                   multiple=max(1, pad_multiple))
-        self.start, self.stop = self.partition.range(group_rank(group))
-        real0, real1 = self.partition.real_range(group_rank(group))
-        self.weight = nn.Parameter(torch.empty(self.stop - self.start, embedding_dim,
-                                               dtype=dtype, device=device))
-        _mark(self.weight, [Piece("", 0, real0, real1, num_embeddings,
-                                  pad=(self.stop - self.start) - (real1 - real0))])
+        self.weight = _vocab_rows(self, num_embeddings, embedding_dim, group, pad_multiple,
+                                  dtype, device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if group_size(self.group) == 1:
@@ -195,26 +204,33 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """Vocabulary-parallel output projection: local logits ``(b, s, V_pad / t)``.
 
-    Shares the partition (and, when tied, the weight) of a :class:`VocabParallelEmbedding`.
+    Owns its vocabulary partition (rows ``[start, stop)`` of ``V`` padded to a multiple of
+    ``tp x pad_multiple``, the embedding's rule) and its weight ``lm_head.weight``; with
+    ``tied_to`` it multiplies by that embedding's weight instead (same partition, checked).
     ``softcap`` caps every logit to ``c tanh(logit / c)`` (Gemma 2; element-wise, so each rank
     caps its own slice and nothing is exchanged). Logits of padded rows are then set to ``-inf``
     so they never win an argmax or a softmax.
     """
 
-    def __init__(self, embedding: VocabParallelEmbedding, *, tied: bool,
-                 sequence_parallel: bool = False, softcap: float | None = None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: ProcessGroup | None,
+                 pad_multiple: int = 1, tied_to: VocabParallelEmbedding | None = None,
+                 sequence_parallel: bool = False, softcap: float | None = None,
+                 dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.group, self.sequence_parallel = embedding.group, sequence_parallel
-        self.softcap = softcap
-        self.partition, self.start, self.stop = embedding.partition, embedding.start, embedding.stop
-        self.num_embeddings = embedding.num_embeddings
+        self.group, self.sequence_parallel, self.softcap = group, sequence_parallel, softcap
+        weight = _vocab_rows(self, num_embeddings, embedding_dim, group, pad_multiple, dtype,
+                             "meta" if tied_to is not None else device)
         self.valid = max(0, min(self.stop, self.num_embeddings) - self.start)
         # not a submodule: the embedding is registered once, by the model
-        object.__setattr__(self, "_tied", embedding if tied else None)
-        if not tied:
-            w = embedding.weight
-            self.weight = nn.Parameter(torch.empty_like(w))
-            _mark(self.weight, list(w.pieces))
+        object.__setattr__(self, "_tied", tied_to)
+        if tied_to is None:
+            self.weight = weight
+        elif (tied_to.start, tied_to.stop, tuple(tied_to.weight.shape)) != \
+                (self.start, self.stop, tuple(weight.shape)):
+            raise ValueError(f"tied head rows [{self.start}, {self.stop}) x {embedding_dim} do "
+                             f"not match the embedding's [{tied_to.start}, {tied_to.stop}) x "
+                             f"{tied_to.weight.shape[1]}")
 
     def local_weight(self) -> torch.Tensor:
         return self._tied.weight if self._tied is not None else self.weight

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .comm import Ledger, all_gather_dim
+from .failure import phase
 from .layers import gather_logits
 from .mesh import Mesh, group_size, subgroup
 
@@ -121,7 +122,8 @@ def _comm_backend(group) -> str:
 def run_rank(job: VerifyJob) -> dict[str, Any] | None:
     """One rank's forward with hooks: full activations by stage, ledger counts, memory."""
     from .checkpoint.source import build_model, resolve
-    group = _group_for(job.tp) if job.tp > 1 else None
+    with phase("start"):
+        group = _group_for(job.tp) if job.tp > 1 else None
     if group is False:
         return None
     source = resolve(job.model)
@@ -146,7 +148,7 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
     modules += [(f"layers.{k}", m) for k, m in model.model.layers.items()]
     modules += [("logits", model.lm_head)]
     handles = []
-    with Ledger() as ledger:
+    with phase("forward"), Ledger() as ledger:
         for name, mod in modules:
             def pre(_m, _a, name=name):
                 before[name] = ledger.counts()

@@ -190,6 +190,8 @@ def test_cuda_generation_matches_cpu():
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert cuda[:4] == ids[4:8]  # fp32 on both: a later flip would need a near-tie
-    sampled = run_generation(GenerateJob("tiny", 1, [1, 5, 9, 3], SamplingParams(
-        max_tokens=8, temperature=0.8, seed=3), stream=None))["token_ids"]
-    assert len(sampled) == 8
+    params = SamplingParams(max_tokens=8, temperature=0.8, seed=3)
+    sampled = run_generation(GenerateJob("tiny", 1, [1, 5, 9, 3], params, stream=None))
+    again = run_generation(GenerateJob("tiny", 1, [1, 5, 9, 3], params, stream=None))
+    assert sampled["token_ids"] == again["token_ids"] and len(sampled["token_ids"]) == 8
+    assert sampled["token_ids"] != cuda  # temperature 0.8 on near-uniform logits: not greedy

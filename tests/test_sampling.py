@@ -71,8 +71,9 @@ def test_params_are_validated():
             SamplingParams(**bad)
 
 
-def test_generate_json_stop_and_seed():
-    """--json: stdout is exactly one JSON object; --stop cuts the text; a seed repeats."""
+def test_generate_json_stop_seed_and_top_k():
+    """--json: stdout is exactly one JSON object; --stop cuts the text; at temperature 5 a seed
+    repeats and the draw is not greedy, while --top-k 1 makes even temperature 5 greedy."""
     def gen(*extra):
         out = subprocess.run([sys.executable, "-m", "shardwise.cli", "generate", "--model",
                               "smollm2-135m", "--tp", "1", "--prompt",
@@ -83,6 +84,10 @@ def test_generate_json_stop_and_seed():
     greedy = gen("--stop", " is")
     assert greedy["text"] == "The capital of France", greedy
     assert set(greedy) == {"text", "token_ids", "signals"}
-    a = gen("--temperature", "0.9", "--top-p", "0.95", "--seed", "7")
-    b = gen("--temperature", "0.9", "--top-p", "0.95", "--seed", "7")
+    a = gen("--temperature", "5", "--top-p", "0.95", "--seed", "7")
+    b = gen("--temperature", "5", "--top-p", "0.95", "--seed", "7")
     assert a["token_ids"] == b["token_ids"]
+    n = len(greedy["token_ids"])
+    assert a["token_ids"][:n] != greedy["token_ids"], (a["text"], greedy["text"])
+    k1 = gen("--stop", " is", "--temperature", "5", "--top-k", "1", "--seed", "7")
+    assert k1["text"] == greedy["text"] and k1["token_ids"] == greedy["token_ids"]

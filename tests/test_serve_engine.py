@@ -84,6 +84,7 @@ def test_cancel_frees_blocks_and_seeded_sampling_repeats():
         assert sched.alloc.num_free == 16
         outs.append(a.output)
     assert outs[0] == outs[1] and len(outs[0]) == 20
+    assert outs[0] != _solo(m, [5, 6, 7], 20)  # temperature 0.8 is not greedy
 
 
 def test_allocator_and_text_stream():

@@ -125,12 +125,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _save_worker(model_spec: str, tp: int, out: str) -> None:
+    from ..failure import phase
     from ..mesh import Mesh
     from .source import build_model, resolve
-    mesh = Mesh.init(tp=tp)
+    with phase("start"):
+        mesh = Mesh.init(tp=tp)
     src = resolve(model_spec)
     model = build_model(src, group=mesh.tp_group)
-    save_model(model, out, group=mesh.tp_group, name=src.name, tokenizer=src.tokenizer)
+    with phase("save"):
+        save_model(model, out, group=mesh.tp_group, name=src.name, tokenizer=src.tokenizer)
 
 
 def check(args: argparse.Namespace) -> None:

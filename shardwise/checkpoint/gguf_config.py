@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..models.families import ArchSpec
+from ..models.hf_config import rope_keys
 
 ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling factors; folded into config.json
 LONGROPE_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # Phi-3
@@ -92,8 +93,6 @@ def hf_config(reader: Any, arch_name: str, arch: ArchSpec, dtype: torch.dtype) -
         "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": _nice(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": theta,
-        "rope_scaling": _rope_scaling(reader, arch_name, theta, head_dim),
         "max_position_embeddings": int(get("context_length", 2048)),
         "vocab_size": int(names["token_embd.weight"].shape[-1]),  # ggml shape (hidden, vocab)
         "tie_word_embeddings": "output.weight" not in names,
@@ -101,7 +100,11 @@ def hf_config(reader: Any, arch_name: str, arch: ArchSpec, dtype: torch.dtype) -
     }
     if arch.attention_bias is None:
         cfg["attention_bias"] = "blk.0.attn_q.bias" in names
-    cfg.update(_family_config(get, arch, cfg, _longrope_factors(reader)))
+    family = _family_config(get, arch, cfg, _longrope_factors(reader))
+    scaling = family.pop("rope_scaling", None) or _rope_scaling(reader, arch_name, theta, head_dim)
+    cfg.update(family)
+    cfg.update(rope_keys(theta, scaling, partial=family.get("partial_rotary_factor"),
+                         local_theta=family.get("rope_local_base_freq")))
     for key in ("bos", "eos", "padding"):
         token_id = field(reader, f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
@@ -134,14 +137,14 @@ def _family_config(get: Callable[..., Any], arch: ArchSpec, cfg: dict[str, Any],
         out["attn_logit_softcapping"] = get("attn_logit_softcapping")
     if arch.final_softcap:
         out["final_logit_softcapping"] = get("final_logit_softcapping")
-    if "rope_local_base_freq" in arch.defaults:  # Gemma 3
+    if arch.local_rope:  # Gemma 3
         pattern = get("attention.sliding_window_pattern", _GEMMA3_PATTERN)
         n = cfg["num_hidden_layers"]
         out["layer_types"] = ["sliding_attention" if slides else "full_attention" for slides in
                               (pattern if isinstance(pattern, list) else
                                [bool((i + 1) % int(pattern)) for i in range(n)])]
         out["rope_local_base_freq"] = _GEMMA3_LOCAL_BASE
-    if arch.fused_checkpoint:  # Phi-3
+    if arch.partial_rotary:  # Phi-3
         out["partial_rotary_factor"] = int(get("rope.dimension_count", cfg["head_dim"])) \
             / cfg["head_dim"]
         if longrope is not None:

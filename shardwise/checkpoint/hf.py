@@ -3,9 +3,23 @@
 ``config.json`` plus ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
 :class:`SafetensorsReader` serves ``read(name, shape, dim, start, stop)`` (the
 :data:`shardwise.shards.ReadFn` protocol) from the safetensors layout (an 8-byte header size, a
-JSON header of dtypes, shapes and byte offsets, then the raw data) with positioned reads of just
-the requested bytes. A memory map (``safe_open``) would leave every touched page of the file
-resident: for a column slice that is the whole tensor. Files are written with ``safetensors``.
+JSON header of dtypes, shapes and byte offsets, then the raw data) with positioned reads.
+
+What is read and what is kept, per rank at tp=t:
+
+* a split along the first dimension (q/k/v, gate/up, the embedding and the head: the rows a rank
+  owns) is one contiguous range: exactly the kept bytes are read;
+* a split along a later dimension (o_proj, down_proj: columns) is strided in the file. It is read
+  as whole rows in blocks of at most 4 MiB, keeping ``1/t`` of each row: the whole tensor is read.
+  Reading only the kept columns takes one read per row (``benchmarks/load_strided.py`` measures
+  both); for rows shorter than a page it saves no disk traffic either, since the kernel reads
+  whole pages;
+* replicated tensors (norms) are read whole.
+
+``bytes_read`` counts the bytes actually read, ``bytes_kept`` the bytes the rank keeps. For
+SmolLM2-135M at tp=3 each rank reads about 52% of the file and keeps 33%. Nothing is memory
+mapped, so what is read and not kept does not stay resident. Files are written with
+``safetensors``.
 """
 from __future__ import annotations
 
@@ -37,8 +51,9 @@ def _header(path: Path) -> tuple[int, dict]:
 
 class SafetensorsReader:
     """Reads rows ``[start, stop)`` along any dimension of a tensor in a safetensors file with
-    positioned reads of exactly those bytes (row slices: one read; column slices: row blocks of
-    at most 4 MiB). Unlike a memory map, nothing else of the file becomes resident."""
+    positioned reads (row slices: exactly those bytes in one read; slices along a later
+    dimension: whole rows in blocks of at most 4 MiB, keeping the slice). ``bytes_read`` and
+    ``bytes_kept`` count what was read from the files and what was returned."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -61,6 +76,7 @@ class SafetensorsReader:
             for name, info in head.items():
                 self.entries[name] = (fd, base, info)
         self.bytes_read = 0
+        self.bytes_kept = 0
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -90,14 +106,24 @@ class SafetensorsReader:
         es = torch.empty((), dtype=dtype).element_size()
         begin = base + info["data_offsets"][0]
         if not have:
-            return torch.frombuffer(self._pread(fd, begin, es), dtype=dtype).reshape(())
+            out = torch.frombuffer(self._pread(fd, begin, es), dtype=dtype).reshape(())
+        elif math.prod(have[:dim]) == 1:  # a contiguous range: one read
+            inner = math.prod(have[1:]) * es  # bytes of one row
+            raw = self._pread(fd, begin + start * inner, (stop - start) * inner)
+            out = torch.frombuffer(raw, dtype=dtype).reshape((stop - start,) + have[1:]) if raw \
+                else torch.empty((0,) + have[1:], dtype=dtype)
+        else:
+            out = self._strided(fd, begin, have, dim, start, stop, dtype, es)
+        self.bytes_kept += out.numel() * es
+        return out
+
+    def _strided(self, fd: int, begin: int, have: tuple, dim: int, start: int, stop: int,
+                 dtype: torch.dtype, es: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` along ``dim > 0``: whole outer blocks are read, in reads of at
+        most 4 MiB, and the slice of each is kept."""
         outer = math.prod(have[:dim])           # blocks before the split dimension
         inner = math.prod(have[dim + 1:]) * es  # bytes of one index of the split dimension
         rows = stop - start
-        if outer == 1:  # a contiguous range: one read
-            raw = self._pread(fd, begin + start * inner, rows * inner)
-            return torch.frombuffer(raw, dtype=dtype).reshape((rows,) + have[1:]) if raw \
-                else torch.empty((0,) + have[1:], dtype=dtype)
         out = torch.empty(have[:dim] + (rows,) + have[dim + 1:], dtype=dtype)
         flat = out.view(outer, -1)
         per = have[dim] * inner  # bytes of one outer block
@@ -106,8 +132,8 @@ class SafetensorsReader:
             b1 = min(outer, b0 + step)
             raw = self._pread(fd, begin + b0 * per, (b1 - b0) * per)
             block = torch.frombuffer(raw, dtype=torch.uint8).view(b1 - b0, have[dim], inner)
+            # (blocks, rows kept, bytes per index)
             flat[b0:b1].view(torch.uint8).view(b1 - b0, rows, inner).copy_(block[:, start:stop])
-            self.bytes_read -= (b1 - b0) * per - (b1 - b0) * rows * inner  # count what we keep
         return out
 
     def close(self) -> None:
@@ -119,7 +145,8 @@ class SafetensorsReader:
 @torch.no_grad()
 def load_weights(model: nn.Module, directory: str | Path) -> dict[str, int]:
     """Fill every parameter of ``model`` with its rows from the checkpoint; returns
-    ``{"bytes_read": ..., "tensors": ...}``. A tied output layer reads nothing of its own."""
+    ``{"bytes_read": ..., "bytes_kept": ..., "tensors": ...}`` (read from the files, kept in
+    the parameters before padding). A tied output layer reads nothing of its own."""
     reader = SafetensorsReader(directory)
     n = 0
     try:
@@ -128,4 +155,4 @@ def load_weights(model: nn.Module, directory: str | Path) -> dict[str, int]:
             n += 1
     finally:
         reader.close()
-    return {"bytes_read": reader.bytes_read, "tensors": n}
+    return {"bytes_read": reader.bytes_read, "bytes_kept": reader.bytes_kept, "tensors": n}

@@ -84,17 +84,22 @@ def build_model(source: ModelSource, *, group=None, sequence_parallel: bool = Fa
                 device: torch.device | str = "cpu", seed: int = 0):
     """The rank's shard of the model: loaded slice by slice, or random-initialised by seed
     (the same full weights at any tp)."""
+    from ..failure import phase
     from ..models.llama import LlamaForCausalLM
     from ..shards import init_weights
     from .hf import load_weights
     from .sharded import load_model
 
-    model = LlamaForCausalLM(source.config, group=group, sequence_parallel=sequence_parallel,
-                             layers=layers, dtype=dtype, device=device)
+    with phase("build"):
+        model = LlamaForCausalLM(source.config, group=group, sequence_parallel=sequence_parallel,
+                                 layers=layers, dtype=dtype, device=device)
     if source.weights is None:
-        init_weights(model, seed=seed, std=source.config.initializer_range)
+        with phase("init"):
+            init_weights(model, seed=seed, std=source.config.initializer_range)
     elif is_checkpoint(source.weights):
-        load_model(model, source.weights)
+        with phase("load"):
+            load_model(model, source.weights)
     else:
-        load_weights(model, source.weights)
+        with phase("load"):
+            load_weights(model, source.weights)
     return model

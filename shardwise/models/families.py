@@ -61,6 +61,9 @@ class ArchSpec:
     ``window``: which layers slide when a window is set -- ``"none"`` (never), ``"all"``,
     ``"gated"`` (``use_sliding_window`` and layers >= ``max_window_layers``) or
     ``"layer_types"`` (per layer, default ``window_pattern``: every n-th layer global);
+    ``local_rope``: window layers have a rope base of their own (Gemma 3: ``rope_local_base_freq``,
+    5.x ``rope_parameters`` per layer type); ``partial_rotary``: ``partial_rotary_factor`` may be
+    below 1 (Phi-3; the other families' transformers models rotate the whole head);
     ``attn_softcap`` / ``final_softcap``: the family reads ``attn_logit_softcapping`` /
     ``final_logit_softcapping`` (Gemma 3 only the latter: transformers' Gemma 3 never applies
     an attention soft-cap, and no released Gemma 3 sets one);
@@ -78,6 +81,8 @@ class ArchSpec:
     attention_bias: bool | None = None
     window: str = "none"
     window_pattern: int = 0
+    local_rope: bool = False
+    partial_rotary: bool = False
     attn_softcap: bool = False
     final_softcap: bool = False
     mlp: str = "gated"
@@ -108,29 +113,46 @@ _GELU = ("gelu_pytorch_tanh", "gelu_tanh")
 _GEMMA_GGUF = {"ffn_norm": "pre_feedforward_layernorm",
                "post_attention_norm": "post_attention_layernorm",
                "post_ffw_norm": "post_feedforward_layernorm"}
+# transformers' defaults (its config classes) for keys a config.json may omit
+_COMMON = {"rms_norm_eps": 1e-6, "initializer_range": 0.02, "tie_word_embeddings": False,
+           "hidden_act": "silu", "rope_theta": 10000.0}
+_QWEN = {**_COMMON, "max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None,
+         "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28}
+_GEMMA = {**_COMMON, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+          "tie_word_embeddings": True, "num_key_value_heads": 4, "head_dim": 256,
+          "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "attention_bias": False,
+          "query_pre_attn_scalar": 256, "sliding_window": 4096}
 
-_QWEN_WINDOW = {"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28}
-_GEMMA = {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
-          "sliding_window": 4096, "tie_word_embeddings": True}
-
-register(ArchSpec("llama", "LlamaForCausalLM", gguf=GGUFNames("llama", permute_qk=True)))
+register(ArchSpec("llama", "LlamaForCausalLM", gguf=GGUFNames("llama", permute_qk=True),
+                  defaults={**_COMMON, "max_position_embeddings": 2048,
+                            "num_key_value_heads": None, "bos_token_id": 1, "eos_token_id": 2,
+                            "attention_bias": False, "mlp_bias": False}))
 register(ArchSpec("mistral", "MistralForCausalLM", attention_bias=False, window="all",
-                  defaults={"sliding_window": 4096}))
+                  defaults={**_COMMON, "max_position_embeddings": 4096 * 32,
+                            "num_key_value_heads": 8, "bos_token_id": 1, "eos_token_id": 2,
+                            "sliding_window": 4096}))
 register(ArchSpec("qwen2", "Qwen2ForCausalLM", attention_bias=True, window="gated",
-                  gguf=GGUFNames("qwen2"), defaults=_QWEN_WINDOW))
+                  gguf=GGUFNames("qwen2"), defaults={**_QWEN, "num_key_value_heads": 32}))
 register(ArchSpec("qwen3", "Qwen3ForCausalLM", qk_norm=True, window="gated",
-                  gguf=GGUFNames("qwen3"), defaults=_QWEN_WINDOW))
+                  gguf=GGUFNames("qwen3"),
+                  defaults={**_QWEN, "num_key_value_heads": 32, "head_dim": 128,
+                            "attention_bias": False}))
 register(ArchSpec("gemma2", "Gemma2ForCausalLM", activations=_GELU, norm_offset=1.0,
                   sandwich_norms=True, embed_scale=True, window="layer_types", window_pattern=2,
                   attn_softcap=True, final_softcap=True,
                   gguf=GGUFNames("gemma2", norm_plus_one=True, blocks=_GEMMA_GGUF),
-                  defaults={**_GEMMA, "attn_logit_softcapping": 50.0,
-                            "final_logit_softcapping": 30.0}))
+                  defaults={**_GEMMA, "max_position_embeddings": 8192,
+                            "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}))
 register(ArchSpec("gemma3_text", "Gemma3ForCausalLM", activations=_GELU, norm_offset=1.0,
                   qk_norm=True, sandwich_norms=True, embed_scale=True, window="layer_types",
-                  window_pattern=6, final_softcap=True,
+                  window_pattern=6, local_rope=True, final_softcap=True,
                   gguf=GGUFNames("gemma3", norm_plus_one=True, blocks=_GEMMA_GGUF),
-                  defaults={**_GEMMA, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}))
+                  defaults={**_GEMMA, "max_position_embeddings": 131072, "rope_theta": 1e6,
+                            "rope_local_base_freq": 1e4, "final_logit_softcapping": None}))
 register(ArchSpec("phi3", "Phi3ForCausalLM", fused_checkpoint=True, attention_bias=False,
-                  window="all", gguf=GGUFNames("phi3", blocks={"ffn_up": "mlp.gate_up_proj"}),
-                  defaults={"sliding_window": None}))
+                  window="all", partial_rotary=True,
+                  gguf=GGUFNames("phi3", blocks={"ffn_up": "mlp.gate_up_proj"}),
+                  defaults={**_COMMON, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                            "num_key_value_heads": None, "bos_token_id": 1,
+                            "eos_token_id": 32000, "pad_token_id": 32000,
+                            "sliding_window": None}))

@@ -265,7 +265,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaBackbone(nn.Module):
-    """Embedding, the layers ``[first, last)`` this pipeline stage runs, and the final norm."""
+    """Embedding, the layers ``[first, last)`` this pipeline stage runs, and the final norm;
+    the embedding and the norm are ``None`` on stages that do not hold them."""
 
     def __init__(self, cfg: LlamaConfig, group, layers: range, *, has_embed: bool, has_norm: bool,
                  sequence_parallel: bool, pad_multiple: int, dtype=None, device=None) -> None:
@@ -300,15 +301,20 @@ class LlamaForCausalLM(nn.Module):
         layers = range(cfg.num_hidden_layers) if layers is None else layers
         self.first = layers.start == 0
         self.last = layers.stop == cfg.num_hidden_layers
+        tied = cfg.tie_word_embeddings
         HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, group_size(group))  # validate
-        self.model = LlamaBackbone(cfg, group, layers, has_embed=self.first or (
-            self.last and cfg.tie_word_embeddings), has_norm=self.last,
-            sequence_parallel=sequence_parallel, pad_multiple=pad_multiple, dtype=dtype,
-            device=device)
-        softcap = cfg.final_logit_softcapping if cfg.arch.final_softcap else None
-        self.lm_head = ParallelLMHead(self.model.embed_tokens, tied=cfg.tie_word_embeddings,
-                                      sequence_parallel=sequence_parallel,
-                                      softcap=softcap) if self.last else None
+        # The slice this stage holds: the embedding on the first stage (and, tied, on the last
+        # too: the head's weight there is the same logical parameter, its gradient summed over
+        # both stages by the training loop); the final norm and the head on the last stage.
+        self.model = LlamaBackbone(cfg, group, layers, has_embed=self.first or (self.last and tied),
+                                   has_norm=self.last, sequence_parallel=sequence_parallel,
+                                   pad_multiple=pad_multiple, dtype=dtype, device=device)
+        self.lm_head = ParallelLMHead(
+            cfg.vocab_size, cfg.hidden_size, group=group, pad_multiple=pad_multiple,
+            tied_to=self.model.embed_tokens if tied else None,
+            sequence_parallel=sequence_parallel,
+            softcap=cfg.final_logit_softcapping if cfg.arch.final_softcap else None,
+            dtype=dtype, device=device) if self.last else None
         self.embed_scale = cfg.hidden_size ** 0.5 if cfg.arch.embed_scale else 1.0
         for name, inv in rope_tables(cfg).items():
             self.register_buffer(name, inv.to(device), persistent=False)
@@ -328,7 +334,11 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def vocab_start(self) -> int:
-        return self.model.embed_tokens.start
+        """First vocabulary row of this rank's partition (the head's, or the embedding's)."""
+        holder = self.lm_head or self.model.embed_tokens
+        if holder is None:
+            raise ValueError("a middle pipeline stage holds no vocabulary rows")
+        return holder.start
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype,
              long_rope: torch.Tensor | None = None) -> dict[str, tuple]:

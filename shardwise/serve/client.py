@@ -4,7 +4,9 @@ The server process spawns ``tp`` worker processes (:func:`shardwise.serve.engine
 rank 0 reads commands from one queue and writes events to another. A thread here reads the
 events and hands each request's tokens to its ``asyncio.Queue`` on the server's event loop. The
 same thread checks that every worker is alive: one that exits while the server has not asked it
-to is fatal (every waiting request gets an error and :attr:`EngineClient.dead` says why).
+to is fatal (every waiting request gets an error and :attr:`EngineClient.dead` says why). Every
+rank also posts its phase and, on an exception, its :class:`~shardwise.failure.Failure` to the
+event queue, so a failure on any rank names that rank, its phase and its error.
 A request the engine refuses or fails on its own (a ``fail`` event) gets its error alone.
 
 A request's queue receives ``("token", tok, finish_reason, logprobs, time)`` items, then ends, or
@@ -20,7 +22,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..launch import free_port
+from ..failure import Failure
+from ..launch import PEER_WAIT_S, free_port
 from .engine import EngineConfig, worker_main
 from .scheduler import SamplerSpec
 
@@ -38,6 +41,7 @@ class EngineClient:
         self.procs = [ctx.Process(target=worker_main, args=(r, cfg, port, self._cmd, self._evt),
                                   daemon=True, name=f"shardwise-tp{r}") for r in range(cfg.tp)]
         self.info: dict[str, Any] = {}
+        self.phases = ["start"] * cfg.tp
         self.dead: str | None = None
         self.stopping = False
         self._ids = itertools.count(1)
@@ -63,20 +67,35 @@ class EngineClient:
                 bad = self._exited()
                 if bad:
                     self.kill()
-                    raise EngineDead(f"TP worker {bad} exited while loading the model")
+                    raise EngineDead(f"TP worker {bad} while starting")
                 continue
             if msg[0] == "ready":
                 self.info = msg[1]
                 return self.info
-            if msg[0] == "error":
+            if msg[0] == "phase":
+                self.phases[msg[1]] = msg[2]
+            elif msg[0] == "failed":
                 self.kill()
-                raise EngineDead(f"TP worker rank 0 failed while loading:\n{msg[1]}")
+                raise EngineDead(msg[2].describe())
         self.kill()
-        raise EngineDead(f"the TP workers were not ready after {timeout_s:.0f} s")
+        where = ", ".join(f"rank {r} in '{p}'" for r, p in enumerate(self.phases))
+        raise EngineDead(f"the TP workers were not ready after {timeout_s:.0f} s ({where})")
 
-    def _exited(self) -> str | None:
-        gone = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
-        return ", ".join(f"rank {r} (exit code {c})" for r, c in gone) or None
+    def _failure_reason(self, f: Failure) -> str:
+        """``f``, or, when ``f`` only echoes a peer's failure, the peer that died first."""
+        deadline = time.monotonic() + PEER_WAIT_S
+        while f.peer and time.monotonic() < deadline:
+            bad = self._exited(other_than=f.rank)
+            if bad:
+                return f"TP worker {bad}; then {f.headline()}"
+            time.sleep(0.05)
+        return "TP worker " + f.describe()
+
+    def _exited(self, other_than: int | None = None) -> str | None:
+        gone = [(r, p.exitcode) for r, p in enumerate(self.procs)
+                if not p.is_alive() and r != other_than]
+        return ", ".join(f"rank {r} (exit code {c}) died in phase '{self.phases[r]}'"
+                         for r, c in gone) or None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start delivering events to ``loop`` (call from the server's startup)."""
@@ -96,8 +115,13 @@ class EngineClient:
             if msg is not None and msg[0] in ("step", "stats", "fail"):
                 self._loop.call_soon_threadsafe(self._deliver, msg)
                 continue
-            if msg is not None and msg[0] == "error":
-                reason = "TP worker rank 0 failed:\n" + msg[1]
+            if msg is not None and msg[0] == "phase":
+                self.phases[msg[1]] = msg[2]
+                continue
+            if msg is not None and msg[0] == "failed":
+                reason = self._failure_reason(msg[2])
+            elif msg is not None and msg[0] == "error":  # the event queue broke
+                reason = msg[1]
             else:
                 bad = self._exited()
                 if bad is None:

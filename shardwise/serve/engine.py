@@ -232,22 +232,26 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(cfg.tp), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(cfg.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from .. import failure
     from ..checkpoint.source import build_model, resolve
     from ..launch import threads_per_rank
     from ..mesh import Mesh
     torch.set_num_threads(cfg.threads or threads_per_rank(cfg.tp))
+    failure.install(rank, evt_q.put)  # every rank reports its phase and its error to the server
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), failure.phase("start"):
             t0 = time.perf_counter()
             mesh = Mesh.init(tp=cfg.tp, backend="gloo", timeout_s=7 * 86400.0)
             source = resolve(cfg.model)
             model = build_model(source, group=mesh.tp_group, dtype=getattr(torch, cfg.dtype),
                                 device=mesh.device).eval()
             context = source.config.max_position_embeddings
-            cache = PagedKVCache(model, cfg.num_blocks(context), cfg.block_size)
+            with failure.phase("allocate KV cache"):
+                cache = PagedKVCache(model, cfg.num_blocks(context), cfg.block_size)
             runner = Runner(model, mesh.tp_group, cache)
             if rank != 0:
-                _follow(runner, mesh.tp_group)
+                with failure.phase("serve"):
+                    _follow(runner, mesh.tp_group)
                 return
             sched = Scheduler(cache.num_blocks, cfg.block_size, max_seqs=cfg.max_seqs,
                               max_batched_tokens=cfg.max_batched_tokens, window=cache.window,
@@ -258,10 +262,10 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                                  "capacity": capacity,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
                                  "load_s": time.perf_counter() - t0, "pid": os.getpid()}))
-            _lead(runner, sched, mesh.tp_group, cmd_q, evt_q, cfg.profile, context)
-    except BaseException:  # noqa: BLE001 - tell the server, then die non-zero
-        if rank == 0:
-            evt_q.put(("error", traceback.format_exc()))
+            with failure.phase("serve"):
+                _lead(runner, sched, mesh.tp_group, cmd_q, evt_q, cfg.profile, context)
+    except BaseException as exc:  # noqa: BLE001 - reported to the server (once); die non-zero
+        failure.report(exc)
         raise
     finally:
         if dist.is_initialized():

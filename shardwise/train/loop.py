@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from ..checkpoint.source import ModelSource, build_model
 from ..comm import Ledger
+from ..failure import phase
 from ..mesh import Mesh
 from ..random import seed_everything
 from .ckpt import load_checkpoint, save_checkpoint
@@ -55,15 +56,17 @@ def make_optimizer(model, mesh: Mesh, cfg: TrainConfig):
 def train_worker(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor) -> dict[str, Any]:
     """Train on this rank; returns ``{"losses": [...], "steps": [...], "records": [...]}`` (the
     same losses on every rank; records only on rank 0)."""
-    mesh = Mesh.init(cfg.tp, cfg.pp, cfg.dp)
-    try:
-        return train_on_mesh(cfg, source, rows, mesh)
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-            from ..mesh import forget_groups
-            forget_groups()
+    with phase("start"):
+        mesh = Mesh.init(cfg.tp, cfg.pp, cfg.dp)
+    out = train_on_mesh(cfg, source, rows, mesh)
+    # only after success: a rank that failed must not wait here for peers that never come
+    # (its error is already with the launcher, which ends the run)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        from ..mesh import forget_groups
+        forget_groups()
+    return out
 
 
 def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mesh: Mesh
@@ -74,16 +77,19 @@ def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mes
     model = build_model(source, group=mesh.tp_group, sequence_parallel=cfg.sequence_parallel,
                         layers=stage_layers(mc.num_hidden_layers, cfg.pp, mesh.pp_rank),
                         device=mesh.device, seed=cfg.seed)
-    opt = make_optimizer(model, mesh, cfg)
+    with phase("build"):
+        opt = make_optimizer(model, mesh, cfg)
     start = 0
     if cfg.resume:
-        meta = load_checkpoint(cfg.resume, model, opt, mesh)
+        with phase("load checkpoint"):
+            meta = load_checkpoint(cfg.resume, model, opt, mesh)
         start = meta["step"]
         if meta.get("rng") is not None:
             tracker.load_state_dict(meta["rng"])
-    model.set_recompute(cfg.recompute)
-    runner = StageRunner(model, mesh, micro_batches=cfg.accumulation, schedule=cfg.schedule,
-                         bf16=cfg.bf16, zero=cfg.zero)
+    with phase("build"):
+        model.set_recompute(cfg.recompute)
+        runner = StageRunner(model, mesh, micro_batches=cfg.accumulation, schedule=cfg.schedule,
+                             bf16=cfg.bf16, zero=cfg.zero)
     data = PackedData(rows, cfg.seed)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rep = Reporter(cfg.out_dir, active=mesh.rank == 0, progress=cfg.progress, total=cfg.steps,
@@ -97,31 +103,33 @@ def train_on_mesh(cfg: TrainConfig, source: ModelSource, rows: torch.Tensor, mes
         lr = lr_at(k, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
         opt.set_lr(lr)
         ids, targets = data.batch(k, global_batch=cfg.global_batch, dp=cfg.dp, dp_rank=mesh.dp_rank)
-        t0 = time.perf_counter()
-        with Ledger() as ledger:
-            opt.zero_grad()
-            local = runner.step(ids, targets)
-            opt.finish_grads()
-            norm = opt.grad_norm()
-            coef = clip_coefficient(norm, cfg.max_grad_norm)
-            opt.clip(coef)
-            opt.step()
-            loss = _mean_loss(local, mesh)
-        seconds = time.perf_counter() - t0
-        stats = gather_rank_stats([ledger.seconds, seconds, peak_memory_bytes(mesh.device),
-                                   param_bytes], mesh.device)
-        rec = rep.step(k + 1, loss=loss, lr=lr, grad_norm=float(norm), clip=coef,
-                       seconds=seconds, per_rank=stats,
-                       extra={"collectives": ledger.counts()} if mesh.rank == 0 else None)
+        with phase(f"step {k + 1}"):  # forward, backward, pipeline send/recv, optimizer
+            t0 = time.perf_counter()
+            with Ledger() as ledger:
+                opt.zero_grad()
+                local = runner.step(ids, targets)
+                opt.finish_grads()
+                norm = opt.grad_norm()
+                coef = clip_coefficient(norm, cfg.max_grad_norm)
+                opt.clip(coef)
+                opt.step()
+                loss = _mean_loss(local, mesh)
+            seconds = time.perf_counter() - t0
+            stats = gather_rank_stats([ledger.seconds, seconds, peak_memory_bytes(mesh.device),
+                                       param_bytes], mesh.device)
+            rec = rep.step(k + 1, loss=loss, lr=lr, grad_norm=float(norm), clip=coef,
+                           seconds=seconds, per_rank=stats,
+                           extra={"collectives": ledger.counts()} if mesh.rank == 0 else None)
         out["losses"].append(loss)
         out["steps"].append(k + 1)
         if mesh.rank == 0:
             out["records"].append(rec)
         done = k + 1 == cfg.steps
         if cfg.save and ((cfg.save_every and (k + 1) % cfg.save_every == 0) or done):
-            save_checkpoint(f"{cfg.out_dir}/checkpoints", k + 1, model, opt, mesh,
-                            meta=meta_base, config=mc.to_hf(), tokenizer=source.tokenizer,
-                            rng=tracker.state_dict(), crash=cfg.crash_during_save_at == k + 1)
+            with phase(f"save step {k + 1}"):
+                save_checkpoint(f"{cfg.out_dir}/checkpoints", k + 1, model, opt, mesh,
+                                meta=meta_base, config=mc.to_hf(), tokenizer=source.tokenizer,
+                                rng=tracker.state_dict(), crash=cfg.crash_during_save_at == k + 1)
     plot = rep.close()
     out["plot"] = str(plot) if plot else None
     return out
