@@ -153,8 +153,8 @@ def main() -> None:
     for s, r in res["attention"].items():
         a, b = r["sdpa"], r["softcap"]
         print(f"| {s} | {a['median_s'] * 1e3:.1f} | {b['median_s'] * 1e3:.1f} | "
-              f"{b['median_s'] / a['median_s']:.2f} | {a['peak_mib']:.0f} | {b['peak_mib']:.0f} | "
-              f"{r['scores_mib']:.0f} |")
+              f"{b['median_s'] / a['median_s']:.2f} | {max(0.0, a['peak_mib']):.0f} | "
+              f"{max(0.0, b['peak_mib']):.0f} | {r['scores_mib']:.0f} |")
     res["paged"] = [blocks_held(w) for w in (None, 64)]
     print("\n| window | tokens | most blocks held (16 tokens each) | KV MiB per rank |")
     print("|---|---|---|---|")
