@@ -16,10 +16,9 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
-from shardwise.shards import assemble_local
+from tp_checks import compare_with_hf, hf_model_worker, hf_reference
 
 ATOL = 1e-4
 VOCAB, SEQ, NEW = 131, 12, 32
@@ -87,50 +86,16 @@ def _group(tp):
     return group if torch.distributed.get_rank() < tp else False
 
 
-def grads_worker(path, tp, sp, ids, tgt):
-    from shardwise.layers import finalize_grads, gather_logits
-    from shardwise.loss import vocab_parallel_cross_entropy
-    if (group := _group(tp)) is False:
-        return None
-    model = _build(path, group, sequence_parallel=sp)
-    local = model(ids)
-    head = model.lm_head
-    loss = vocab_parallel_cross_entropy(local, tgt, group=group, vocab_start=head.start,
-                                        vocab_size=head.num_embeddings)
-    loss.backward()
-    finalize_grads(model, group)
-    return (gather_logits(local.detach(), head), loss.detach(),
-            {n: (p.grad, getattr(p, "pieces", None)) for n, p in model.named_parameters()})
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_logits_and_gradient_slices_match_transformers(pool, saved, name):
     path, hf = saved[name]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=g)
     tgt = torch.randint(0, VOCAB, (2, SEQ), generator=g)
-    hf.zero_grad()
-    logits = hf(ids).logits
-    loss = F.cross_entropy(logits.view(-1, VOCAB), tgt.view(-1))
-    loss.backward()
-    grads = {n: p.grad for n, p in hf.named_parameters()}
-
-    def read(n, shape, dim, start, stop):
-        return grads[n].narrow(dim, start, stop - start)
-
+    ref = hf_reference(hf, ids, tgt)
     for tp, sp in [(1, False), (2, False), (3, False), (4, False), (2, True), (4, True)]:
-        for res in [r for r in pool.run(grads_worker, str(path), tp, sp, ids, tgt) if r]:
-            got_logits, got_loss, got_grads = res
-            where = f"{name} tp={tp} sp={sp}"
-            torch.testing.assert_close(got_logits, logits.detach(), atol=ATOL, rtol=0,
-                                       msg=lambda m: f"{where} logits: {m}")
-            torch.testing.assert_close(got_loss, loss.detach(), atol=ATOL, rtol=0)
-            for n, (grad, pieces) in got_grads.items():
-                local = grad.clone()
-                if pieces:
-                    local.pieces = pieces
-                torch.testing.assert_close(grad, assemble_local(n, local, read), atol=ATOL,
-                                           rtol=0, msg=lambda m: f"{where} grad {n}: {m}")
+        for res in [r for r in pool.run(hf_model_worker, str(path), tp, ids, tgt, sp) if r]:
+            compare_with_hf(res, ref, atol=ATOL, where=f"{name} tp={tp} sp={sp}")
 
 
 def generate_worker(path, tp, prompts, n, block, chunk):

@@ -61,10 +61,8 @@ def _tiny_model(model_type: str, tied: bool, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _write_gguf(path, model, qtype: str = "F32", arch: str | None = None, extra=None) -> None:
-    """Write ``model`` as llama.cpp would: its names, permuted q/k for llama, 2-D weights in ``qtype``."""
-    c = model.config
-    arch = arch or c.model_type
+def _writer(path, c, arch: str, theta: float):
+    """A GGUF writer with the shape metadata every llama.cpp conversion writes."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -72,11 +70,18 @@ def _write_gguf(path, model, qtype: str = "F32", arch: str | None = None, extra=
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    return w
+
+
+def _write_gguf(path, model, qtype: str = "F32", arch: str | None = None, extra=None) -> None:
+    """Write ``model`` as llama.cpp would: its names, permuted q/k for llama, 2-D weights in ``qtype``."""
+    c = model.config
+    w = _writer(path, c, arch or c.model_type, c.rope_parameters["rope_theta"])
     heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}
     state = model.state_dict()
     if c.tie_word_embeddings:
@@ -354,19 +359,8 @@ def _write_family_gguf(path, model) -> None:
     Gemma's norms as 1 + w, Phi-3's fused tensors, rope dimensions and longrope factor tensors."""
     c = model.config
     arch, extra, _ = _FAMILY[c.model_type]
-    w = gguf.GGUFWriter(str(path), arch)
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(rope["rope_theta"])
-    w.add_vocab_size(c.vocab_size)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w = _writer(path, c, arch, rope["rope_theta"])
     if arch != "phi3":
         w.add_key_length(c.head_dim)
     if arch.startswith("gemma"):
