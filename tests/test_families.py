@@ -339,3 +339,36 @@ def test_a_window_bounds_the_blocks_a_request_needs():
     assert admission_error(seq, need=windowed.blocks_needed(1000), **kw) is None
     assert "need 250 KV blocks but the cache has 6" in admission_error(
         seq, need=full.blocks_needed(1000), **kw)
+
+
+def test_gemma3_multimodal_checkpoint_runs_its_language_model(pool, saved, tmp_path):
+    """Gemma 3 4B and larger ship as ``Gemma3ForConditionalGeneration`` (``model_type`` gemma3,
+    the text model's config in ``text_config``, its tensors under ``language_model.``, no
+    final soft-cap): the language model loads from it, at tp=1 and tp=3, with transformers'
+    text-only logits."""
+    from dataclasses import replace
+    from shardwise.checkpoint.hf import load_weights
+    from shardwise.models.config import LlamaConfig
+    from shardwise.models.llama import LlamaForCausalLM
+    path, text = saved["gemma3"]
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, image_size=16,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             patch_size=8)
+    cfg = transformers.Gemma3Config(text_config={**text.config.to_dict(),
+                                                 "final_logit_softcapping": None},
+                                    vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                                    image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+                                    eoi_token_index=VOCAB - 2)
+    torch.manual_seed(6)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    assert LlamaConfig.from_hf(tmp_path) == replace(LlamaConfig.from_hf(path),
+                                                    final_logit_softcapping=None)
+    ids = torch.randint(0, VOCAB - 3, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        model = LlamaForCausalLM(LlamaConfig.from_hf(tmp_path))
+        load_weights(model, tmp_path)
+        torch.testing.assert_close(model(ids), ref, atol=ATOL, rtol=0)
+    got = [r for r in pool.run(hf_model_worker, str(tmp_path), 3, ids, ids) if r]
+    torch.testing.assert_close(got[0][0], ref, atol=ATOL, rtol=0)

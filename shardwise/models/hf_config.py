@@ -54,6 +54,25 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "num_attention_heads")
 
 
+WRAPPERS = {"gemma3": "gemma3_text"}
+"""Multimodal configs whose ``text_config`` is a supported family's: its language model runs
+(Gemma 3 4B and larger ship as ``Gemma3ForConditionalGeneration``; the vision tower is not
+loaded)."""
+
+
+def language_model_config(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``raw`` itself, or the ``text_config`` of a :data:`WRAPPERS` config."""
+    mt = raw.get("model_type", "")
+    if mt not in WRAPPERS:
+        return raw
+    text = dict(raw.get("text_config") or {})
+    text["model_type"] = WRAPPERS[mt]
+    text["final_logit_softcapping"] = None  # the multimodal model's head has none (transformers)
+    if "tie_word_embeddings" in raw:
+        text.setdefault("tie_word_embeddings", raw["tie_word_embeddings"])
+    return text
+
+
 def family_of(raw: Mapping[str, Any]) -> ArchSpec:
     mt = raw.get("model_type", "")
     if mt not in ARCHS:
@@ -151,6 +170,7 @@ def read_hf_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments of :class:`shardwise.models.config.LlamaConfig` for a config.json
     of either key style (see the module docstring). Raises ``ValueError`` naming what is missing
     or not supported."""
+    raw = language_model_config(raw)
     fam = family_of(raw)
     missing = [k for k in SHAPE_KEYS if raw.get(k) is None]
     if missing:
