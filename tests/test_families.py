@@ -100,8 +100,10 @@ def test_logits_and_gradient_slices_match_transformers(pool, saved, name):
 
 def generate_worker(path, tp, prompts, n, block, chunk):
     """Greedy tokens through the contiguous cache (all prompts as one batch) and through the
-    serving engine's paged cache and scheduler (every rank schedules alike), the most blocks a
-    sequence held, and the free blocks at the end."""
+    serving engine's paged cache and scheduler (every rank schedules alike): each prompt, a second
+    sample of the first (forked from its prefill), then the first again (its first block from the
+    prefix cache). Also the most blocks a sequence held, the prompt tokens the prefix cache gave,
+    and the free blocks at the end."""
     from shardwise.layers import gather_logits
     from shardwise.models.cache import KVCache
     from shardwise.serve.engine import Runner
@@ -128,20 +130,28 @@ def generate_worker(path, tp, prompts, n, block, chunk):
         sched = Scheduler(blocks, block, max_batched_tokens=chunk, window=paged.window,
                           long_after=paged.long_after)
         seqs = [Sequence(i, list(p), SamplerSpec(), n) for i, p in enumerate(prompts)]
-        for s in seqs:
-            sched.add(s)
+        seqs[0].followers = [Sequence(len(seqs), list(prompts[0]), SamplerSpec(), n)]
+        seqs += seqs[0].followers
         held = 0
-        while sched.has_work():
-            plan = sched.schedule()
-            held = max([held] + [sum(b != FREED for b in s.blocks) for s in sched.running])
-            sched.update(plan, runner.execute(plan)[0])
-    return contiguous, [s.output for s in seqs], held, sched.alloc.num_free
+        for batch in (seqs[:len(prompts)], [Sequence(len(seqs), list(prompts[0]), SamplerSpec(),
+                                                     n)]):
+            hit = sched.hit_tokens  # the prefix cache's tokens for the last batch
+            for s in batch:
+                sched.add(s)
+            while sched.has_work():
+                plan = sched.schedule()
+                held = max([held] + [sum(b != FREED for b in s.blocks) for s in sched.running])
+                sched.update(plan, runner.execute(plan).sampled)
+        seqs += batch
+    return (contiguous, [s.output for s in seqs], held, sched.hit_tokens - hit,
+            sched.alloc.num_free)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_greedy_generation_matches_transformers(pool, saved, name):
-    """32 greedy tokens, contiguous and paged cache, at tp 1-4; the paged cache of a model
-    whose every layer slides holds a window's worth of blocks, not the whole sequence."""
+    """32 greedy tokens, contiguous and paged cache (with a forked second sample and a prefix
+    cache hit), at tp 1-4; the paged cache of a model whose every layer slides holds a window's
+    worth of blocks, not the whole sequence."""
     from shardwise.serve.kv import blocks_for
     path, hf = saved[name]
     prompts = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
@@ -152,9 +162,10 @@ def test_greedy_generation_matches_transformers(pool, saved, name):
     for tp in (1, 2, 3, 4):
         for res in [r for r in pool.run(generate_worker, str(path), tp, prompts.tolist(), NEW,
                                         block, chunk) if r]:
-            contiguous, paged, held, free = res
+            contiguous, paged, held, hit, free = res
             assert contiguous == ref, f"{name} tp={tp} contiguous cache"
-            assert paged == ref, f"{name} tp={tp} paged cache"
+            assert paged == ref + [ref[0]] * 2, f"{name} tp={tp} paged cache"
+            assert hit == block, f"{name} tp={tp}: the prefix cache gave {hit} tokens"
             assert free == 24, f"{name} tp={tp}: blocks leaked"
             whole = blocks_for(6 + NEW, block)
             if name in ALL_SLIDING:
