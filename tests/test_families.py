@@ -352,6 +352,41 @@ def test_a_window_bounds_the_blocks_a_request_needs():
         seq, need=full.blocks_needed(1000), **kw)
 
 
+def test_a_windowed_prefix_hit_holds_only_the_window():
+    """With a window on every layer, a prefix-cache hit keeps only the blocks its first query
+    reads (the others go back to the cache, still findable), and n = 2 samples fork sharing the
+    leader's live blocks; everything is released at the end."""
+    from shardwise.serve.kv import FREED
+    from shardwise.serve.scheduler import SamplerSpec, Scheduler, Sequence
+    sched = Scheduler(12, 4, max_batched_tokens=8, window=5)
+    prompt = list(range(3, 23))                                       # 20 tokens: 5 blocks
+
+    def run(seq):
+        sched.add(seq)
+        while sched.has_work():
+            plan = sched.schedule()
+            for s in sched.running:  # never more than the window, a chunk and a block
+                assert sum(b != FREED for b in s.blocks) <= 5, s.blocks
+            sched.update(plan, {i: 7 for c in plan.chunks if c.sample for i in (c.seq_id,
+                                                                                *c.forks)})
+    run(Sequence(0, prompt, SamplerSpec(), 3))
+    second = Sequence(1, prompt + [9], SamplerSpec(), 2)
+    second.followers = [Sequence(2, prompt + [9], SamplerSpec(), 2)]
+    sched.add(second)
+    plan = sched.schedule()
+    # blocks 0-4 (20 tokens) cached; the first query (position 20) reads 16..20: blocks 4, 5
+    assert (second.reused, second.blocks[:4]) == (20, [FREED] * 4), second.blocks
+    assert plan.chunks[0].start == 20 and plan.chunks[0].forks == [2]
+    sched.update(plan, {1: 7, 2: 8})
+    follower = second.followers[0] if second.followers else sched.running[-1]
+    assert follower.id == 2 and follower.blocks[:4] == [FREED] * 4
+    assert follower.blocks[4] == second.blocks[4] and follower.blocks[5] != second.blocks[5]
+    while sched.has_work():
+        plan = sched.schedule()
+        sched.update(plan, {c.seq_id: 7 for c in plan.chunks if c.sample})
+    assert sched.alloc.num_used == 0 and sched.alloc.num_cached > 0
+
+
 def test_gemma3_multimodal_checkpoint_runs_its_language_model(pool, saved, tmp_path):
     """Gemma 3 4B and larger ship as ``Gemma3ForConditionalGeneration`` (``model_type`` gemma3,
     the text model's config in ``text_config``, its tensors under ``language_model.``, no
