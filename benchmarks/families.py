@@ -123,7 +123,7 @@ def blocks_held(window: int | None, prompt: int = 64, new: int = 448, block: int
         while sched.has_work():
             plan = sched.schedule()
             held = max(held, sum(b != FREED for b in seq.blocks))
-            sched.update(plan, runner.execute(plan)[0])
+            sched.update(plan, runner.execute(plan).sampled)
     kv_per_block = cache.bytes // blocks
     return {"window": window, "tokens": prompt + new, "max_blocks_held": held,
             "max_kv_mib": held * kv_per_block / 2**20}
