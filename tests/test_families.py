@@ -150,8 +150,9 @@ def generate_worker(path, tp, prompts, n, block, chunk):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_greedy_generation_matches_transformers(pool, saved, name):
     """32 greedy tokens, contiguous and paged cache (with a forked second sample and a prefix
-    cache hit), at tp 1-4; the paged cache of a model whose every layer slides holds a window's
-    worth of blocks, not the whole sequence."""
+    cache hit), at tp 1, 3 and 4 (heads split 2+2+2 and 2+2+1+1, KV heads shared by ranks; tp=2,
+    the even split, is left to the logits test for the suite's budget); the paged cache of a
+    model whose every layer slides holds a window's worth of blocks, not the whole sequence."""
     from shardwise.serve.kv import blocks_for
     path, hf = saved[name]
     prompts = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
@@ -159,7 +160,7 @@ def test_greedy_generation_matches_transformers(pool, saved, name):
         ref = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                           max_new_tokens=NEW, min_new_tokens=NEW)[:, 6:].tolist()
     block, chunk = 4, 4  # the 6-token prompts prefill in two chunks
-    for tp in (1, 2, 3, 4):
+    for tp in (1, 3, 4):
         for res in [r for r in pool.run(generate_worker, str(path), tp, prompts.tolist(), NEW,
                                         block, chunk) if r]:
             contiguous, paged, held, hit, free = res
