@@ -27,8 +27,8 @@ def _run(group, tp: int) -> dict:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 16, CFG.hidden_size, generator=g).requires_grad_()
     r = torch.randn(2, 16, CFG.hidden_size, generator=g)
-    ang = torch.arange(16).float()[None, :, None] * rope_frequencies(CFG)  # (1, s, d/2)
-    ang = ang.unsqueeze(2)                                                # (1, s, 1, d/2)
+    ang = torch.arange(16).float()[None, :, None] * rope_frequencies(CFG)
+    ang = torch.cat((ang, ang), -1).unsqueeze(1)
     with Ledger() as fwd:
         y = block(x, ang.cos(), ang.sin())
     with Ledger() as bwd:

@@ -85,7 +85,9 @@ def run_generation(job: GenerateJob) -> dict:
     run_step.warmup()
     compile_s = time.perf_counter() - t1
     blocks = list(range(cache.num_blocks))
-    chunk = Chunk(0, list(job.prompt_ids), 0, blocks, sample=True)
+    long_after = model.long_after
+    chunk = Chunk(0, list(job.prompt_ids), 0, blocks, sample=True,
+                  long_rope=long_after is not None and len(job.prompt_ids) > long_after)
     head = model.lm_head
     out_ids: list[int] = []
     text, shown = "", 0
@@ -95,6 +97,13 @@ def run_generation(job: GenerateJob) -> dict:
     with phase("generate"), Ledger() as ledger:
         for step in range(p.max_tokens):
             start = time.perf_counter()
+            total = chunk.start + len(chunk.tokens)
+            if long_after is not None and not chunk.long_rope and total > long_after:
+                # longrope: past the original context every key takes the long frequencies,
+                # the cached ones included: feed the whole sequence again (transformers drops
+                # its cache at the same point)
+                chunk = Chunk(0, list(job.prompt_ids) + out_ids, 0, blocks, sample=True,
+                              long_rope=True)
             logits = run_step([chunk])                                   # (1, V / t)
             nxt = int(sample(logits, [p], [gen], start=head.start,
                              vocab=head.num_embeddings, group=mesh.tp_group)[0])
@@ -113,7 +122,8 @@ def run_generation(job: GenerateJob) -> dict:
                     shown = len(text)
                 if cut is not None:
                     break
-            chunk = Chunk(0, [nxt], chunk.start + len(chunk.tokens), blocks, sample=True)
+            chunk = Chunk(0, [nxt], chunk.start + len(chunk.tokens), blocks, sample=True,
+                          long_rope=chunk.long_rope)
     if stream:
         stream.write("\n")
         stream.flush()

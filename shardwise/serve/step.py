@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
+from ..models.attention import attention
 from .kv import Chunk, PagedKVCache
 
 MIN_WIDTH = 64
@@ -110,7 +110,11 @@ class StaticStep:
                          cache.num_blocks * cache.block_size)
         self.device = cache.device
         self._decode_fn = self._decode
-        if options.compile:
+        # The static decode reads every key of a row up to its length: no sliding windows, and
+        # longrope's restart needs the flat step; such models run every step eager (flat).
+        self.static = model.long_after is None and all(
+            layer.self_attn.params.window is None for layer in model.model.layers.values())
+        if options.compile and self.static:
             self._decode_fn = torch.compile(_own_code(self._decode), fullgraph=True,
                                             dynamic=False, options=_COMPILE_OPTIONS)
         self.graphs: set[int] = set()  # batch buckets run so far (compiled once each)
@@ -122,7 +126,7 @@ class StaticStep:
         mask = (torch.arange(L, device=table.device) < lens.unsqueeze(1)).view(B, 1, 1, L)
         cache = self.cache
 
-        def attend(layer: int, q, k, v, kv_index):
+        def attend(layer: int, q, k, v, kv_index, params):
             """q (B, nq, 1, d); k, v (B, nkv, 1, d) -> (B, nq, 1, d)."""
             kc, vc = cache.k[layer], cache.v[layer]
             kc.index_copy_(0, slots, k.reshape(B, -1))            # (B, nkv * d)
@@ -135,7 +139,7 @@ class StaticStep:
             else:
                 qd = q
                 keys, vals = keys.index_select(1, kv_index), vals.index_select(1, kv_index)
-            o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=mask)
+            o = attention(qd, keys, vals, params, mask=mask)  # scale, soft-cap: the layer's
             return o.reshape(B, cache.nq, 1, cache.d)
 
         return self.model(ids.view(B, 1), pos.view(B, 1), attend)[:, 0]  # (B, V / t)
@@ -174,7 +178,7 @@ class StaticStep:
         chunk that samples, in order."""
         if rows is None:
             rows = [(i, len(c.tokens) - 1) for i, c in enumerate(chunks) if c.sample]
-        if chunks and all(len(c.tokens) == 1 for c in chunks):
+        if self.static and chunks and all(len(c.tokens) == 1 for c in chunks):
             args = self.decode_inputs(chunks)
             self.graphs.add(args[0].shape[0])
             torch._dynamo.mark_dynamic(args[3], 1)
@@ -182,11 +186,12 @@ class StaticStep:
             return logits[[i for i, _ in rows]]
         ids, pos, last = self.cache.prepare(list(chunks))
         flat = [last[i] + 1 - len(chunks[i].tokens) + j for i, j in rows]
-        return self.model(ids, pos, self.cache.attend, rows=flat)[0]
+        return self.model(ids, pos, self.cache.attend, rows=flat,
+                          long_rope=self.cache.long_rope)[0]
 
     def warmup(self) -> None:
         """Compile (or load from the cache) every batch bucket's graph now (eager: nothing)."""
-        if not self.options.compile:
+        if not (self.options.compile and self.static):
             return
         for B in self.buckets:
             chunks = [Chunk(-1, [0], 0, [0], True) for _ in range(B)]

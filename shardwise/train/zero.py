@@ -58,7 +58,7 @@ class _Bucket:
 
 def deferred_params(model: nn.Module, mesh: Mesh) -> set[int]:
     """``id`` of every parameter whose gradient a collective completes after backward."""
-    out = {id(p) for p in model.parameters() if getattr(p, "sequence_parallel_partial", False)}
+    out = {id(p) for p in model.parameters() if getattr(p, "tp_partial_grad", False)}
     for m in model.modules():
         layout = getattr(m, "layout", None)
         if layout is not None and hasattr(m, "qkv_proj") and layout.shared_kv_heads():
