@@ -19,8 +19,7 @@ class Poisoned:
     per-request failure the checks before did not foresee)."""
 
     def __init__(self, model) -> None:
-        self.model, self.lm_head, self.config = model, model.lm_head, model.config
-        self.long_after = model.long_after
+        self.model, self.lm_head = model, model.lm_head
 
     def __call__(self, ids, *args, **kw):
         if bool((ids == POISON).any()):
