@@ -90,13 +90,17 @@ class StepOptions:
 
     ``compile``: decode steps through ``torch.compile`` (False: the same static-shape function,
     eager). ``max_seqs``: the largest batch bucket. ``max_graphs``: the graph budget.
-    ``max_context``: the widest KV width (the model's context by default).
+    ``max_context``: the widest KV width (the model's context by default). ``freezing``:
+    inductor's freezing (weights folded in as constants, linears prepacked for oneDNN); off by
+    default: measured no faster here and its graphs are not reusable across runs (see
+    benchmarks/RESULTS.md, issue 10).
     """
 
     compile: bool = True
     max_seqs: int = 32
     max_graphs: int = 8
     max_context: int | None = None
+    freezing: bool = False
 
 
 class StaticStep:
@@ -112,7 +116,8 @@ class StaticStep:
         self._decode_fn = self._decode
         if options.compile:
             self._decode_fn = torch.compile(_own_code(self._decode), fullgraph=True,
-                                            dynamic=False, options=_COMPILE_OPTIONS)
+                                            dynamic=False, options=_COMPILE_OPTIONS
+                                            | {"freezing": options.freezing})
         self.graphs: set[int] = set()  # batch buckets run so far (compiled once each)
 
     # ------------------------------------------------------------------ the graph
