@@ -144,9 +144,14 @@ def bench_shardwise(args: argparse.Namespace, tp: int, work) -> Run:
         after = httpx.get(url + "/metrics").text
         delta = {k: _metric(after, f"shardwise_{k}") - _metric(before, f"shardwise_{k}")
                  for k in ("engine_steps_total", "engine_step_seconds_total",
-                           "engine_comm_seconds_total")}
+                           "engine_comm_seconds_total", "engine_mixed_steps_total",
+                           "engine_mixed_step_seconds_total")}
         steps, step_s = delta["engine_steps_total"], delta["engine_step_seconds_total"]
+        mixed, mixed_s = delta["engine_mixed_steps_total"], delta["engine_mixed_step_seconds_total"]
         run.extra = {"steps": steps, "step_ms": 1000 * step_s / max(steps, 1),
+                     "mixed_steps": mixed, "mixed_share": mixed_s / max(step_s, 1e-9),
+                     "mixed_step_ms": 1000 * mixed_s / max(mixed, 1),
+                     "decode_step_ms": 1000 * (step_s - mixed_s) / max(steps - mixed, 1),
                      "comm_fraction": delta["engine_comm_seconds_total"] / max(step_s, 1e-9),
                      "engine_busy": step_s / run.seconds, "start_s": start_s,
                      "preemptions": _metric(after, "shardwise_preemptions_total")}
@@ -257,8 +262,9 @@ def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> str:
              f"in flight; model {args.model} {args.dtype}; {args.repeats} interleaved repeat(s), "
              f"medians. {cpu_model()}, load average {os.getloadavg()[0]:.2f} at the end.",
              "", "| contender | output tok/s | vs llama-server | vs static | TTFT p50 / p99 (s) | "
-             "ITL p50 / p99 (ms) | step (ms) | in collectives | engine busy | runs (tok/s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "ITL p50 / p99 (ms) | step ms: decode / mixed | mixed share | in collectives | "
+             "engine busy | start (s) | runs (tok/s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     med = {name: statistics.median(r.tps for r in rs) for name, rs in runs.items()}
     static = med.get("hf static")
     llama = next((v for k, v in med.items() if k.startswith("llama-server")), None)
@@ -269,14 +275,18 @@ def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> str:
         lat = f"{_pct(ttft, .5):.2f} / {_pct(ttft, .99):.2f}" if ttft else "-"
         il = f"{1000 * _pct(itl, .5):.0f} / {1000 * _pct(itl, .99):.0f}" if itl else "-"
         ours = "step_ms" in rs[0].extra
-        step = f"{statistics.median(r.extra['step_ms'] for r in rs):.0f}" if ours else "-"
+        med_of = lambda k: statistics.median(r.extra[k] for r in rs)  # noqa: E731
+        step = f"{med_of('decode_step_ms'):.0f} / {med_of('mixed_step_ms'):.0f}" if ours else "-"
+        mixed = f"{med_of('mixed_share'):.0%}" if ours else "-"
+        start = f"{med_of('start_s'):.1f}" if "start_s" in rs[0].extra else "-"
         busy = f"{statistics.median(r.extra['engine_busy'] for r in rs):.0%}" if ours else "-"
         comm = f"{statistics.median(r.extra.get('comm_fraction', 0) for r in rs):.0%}" \
             if ours else "-"
         vs_llama = f"{tps / llama:.2f}x" if llama else "-"
         vs_static = f"{tps / static:.2f}x" if static else "-"
         lines.append(f"| {name} | {tps:.1f} | {vs_llama} | {vs_static} | {lat} | {il} | {step} | "
-                     f"{comm} | {busy} | {', '.join(f'{r.tps:.1f}' for r in rs)} |")
+                     f"{mixed} | {comm} | {busy} | {start} | "
+                     f"{', '.join(f'{r.tps:.1f}' for r in rs)} |")
     return "\n".join(lines) + "\n"
 
 
