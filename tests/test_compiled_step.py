@@ -36,6 +36,8 @@ def compare_worker(tp: int):
     group = subgroup(list(range(tp)))
     if dist.get_rank() >= tp:
         return None
+    import torch._inductor.config
+    torch._inductor.config.compile_threads = 1  # 4 workers on 2 cores: no compile subprocesses
     model = _model(GQA, group)
     # three sequences (bucket 4, one padding row; the 60-token one crosses the width 64), then
     # at tp=1 one sequence alone (bucket 1); each compile costs seconds, so tp 2-3 check one
