@@ -45,8 +45,9 @@ def setup(model: str, dtype: str, modes: tuple[str, ...], tp: int) -> dict[str, 
     mesh = Mesh.init(tp=tp)
     m = build_model(resolve(model), group=mesh.tp_group, dtype=getattr(torch, dtype)).eval()
     _STATE.update(model=m, group=mesh.tp_group, steps={})
+    from .. import kernels
     info: dict[str, Any] = {"threads": torch.get_num_threads(),
-                            "cores": sorted(os.sched_getaffinity(0))}
+                            "cores": sorted(os.sched_getaffinity(0)), "kernels": kernels.status()}
     with torch.inference_mode():
         for mode in modes:
             cache = PagedKVCache(m, 32, 16)  # 512 tokens: enough for both phases

@@ -49,10 +49,16 @@ def load() -> bool:
         venv_bin = os.path.dirname(sys.executable)  # ninja from the package `ninja`
         if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-        cpp_load(name="shardwise_kernels", sources=[str(SOURCE)], build_directory=str(d),
-                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                 # libgomp.so.1 by soname: the process's copy (torch's own) is the one used
-                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        for attempt in range(3):
+            try:
+                cpp_load(name="shardwise_kernels", sources=[str(SOURCE)], build_directory=str(d),
+                         extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                         # libgomp.so.1 by soname: the process's copy (torch's is the one used)
+                         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+                break
+            except FileNotFoundError:  # a concurrent build released its lock file under us
+                if attempt == 2:
+                    raise
         torch.library.register_fake("shardwise::linear")(_fake)
         _STATE["ok"] = True
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: fall back
