@@ -85,18 +85,27 @@ def _metric(text: str, name: str) -> float:
 def _start(cmd: list[str], url: str, what: str, timeout_s: float = 600):
     """Start a server process and wait for its /health (compiling can take minutes)."""
     import subprocess
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import tempfile
+    # stderr to a file, not a pipe nobody drains: a chatty server blocks once a pipe is full
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"{what} did not start: {proc.stderr.read()}")
+            raise RuntimeError(f"{what} did not start: {_tail(proc)}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
+
+
+def _tail(proc, chars: int = 3000) -> str:
+    proc.log.seek(0)
+    return proc.log.read()[-chars:]
 
 
 def _stop(proc) -> None:
@@ -106,6 +115,7 @@ def _stop(proc) -> None:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+    proc.log.close()
 
 
 def _drive(args: argparse.Namespace, url: str, model: str, run: Run, work) -> None:
@@ -180,7 +190,10 @@ def bench_llama_server(args: argparse.Namespace, work) -> Run:
     try:
         run = Run(f"llama-server {DTYPES[args.dtype]}", 0, 0.0,
                   extra={"start_s": time.perf_counter() - t0})
-        _drive(args, url, "model", run, work)
+        try:
+            _drive(args, url, "model", run, work)
+        except httpx.HTTPError as e:
+            raise RuntimeError(f"llama-server failed ({e}); its log ends:\n{_tail(proc)}") from e
         return run
     finally:
         _stop(proc)
