@@ -92,8 +92,9 @@ class StepOptions:
     eager). ``max_seqs``: the largest batch bucket. ``max_graphs``: the graph budget.
     ``max_context``: the widest KV width (the model's context by default). ``freezing``:
     inductor's freezing (weights folded in as constants, linears prepacked for oneDNN); off by
-    default: measured no faster here and its graphs are not reusable across runs (see
-    benchmarks/RESULTS.md, issue 10).
+    default: measured 0.90-0.96x the unfrozen decode speed (the decode products are
+    ``shardwise::linear``, which it does not prepack) and a 2-2.7x slower warm start (the
+    folding is redone at every start); benchmarks/RESULTS.md, issue 10.
     """
 
     compile: bool = True
