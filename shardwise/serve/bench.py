@@ -55,7 +55,10 @@ def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
 
 # ---------------------------------------------------------------------------- shardwise
 async def _client(url: str, model: str, jobs: asyncio.Queue, run: Run, deadline: float) -> None:
-    async with httpx.AsyncClient(timeout=600) as http:
+    # a fresh connection per request (loopback: cheap, the same for every contender): a kept-alive
+    # one the server has closed in the meantime fails as "disconnected without a response"
+    async with httpx.AsyncClient(timeout=600,
+                                 limits=httpx.Limits(max_keepalive_connections=0)) as http:
         while not jobs.empty() and time.monotonic() < deadline:
             prompt, n = jobs.get_nowait()
             body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0,
@@ -184,7 +187,8 @@ def bench_llama_server(args: argparse.Namespace, work) -> Run:
     slot = args.prompt_max + args.out_max + 16
     cmd = [str(bench_bin.with_name("llama-server")), "-m", str(gguf), "--port", str(port),
            "-np", str(args.concurrency), "-c", str(args.concurrency * slot),
-           "-t", str(len(os.sched_getaffinity(0))), "--no-webui"]
+           "-t", str(len(os.sched_getaffinity(0))), "--threads-http", str(args.concurrency + 4),
+           "--no-webui"]
     t0 = time.perf_counter()
     proc = _start(cmd, url, "llama-server")
     try:
