@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
           "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::_weight_int8pack_mm",
-          "mkldnn::_linear_pointwise.binary", "aten::mv")
+          "mkldnn::_linear_pointwise.binary", "aten::mv", "shardwise::linear")
 COLLECTIVES = ("shardwise::all_reduce", "shardwise::all_gather")
 
 

@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--prefill-tokens", type=int, default=128)
     d.add_argument("--decode-tokens", type=int, default=64)
     d.add_argument("--no-compile", action="store_true", help="eager steps only")
+    d.add_argument("--freezing", action="store_true",
+                   help="add the compiled step with inductor's freezing (\"frozen\")")
     d.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
     d.add_argument("--transformers", action="store_true", help="add transformers eager")
     d.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -148,7 +150,8 @@ def _run_decode(args: argparse.Namespace) -> int:
     from .decode import bench_decode, format_table
     res = bench_decode(model=args.model, tps=tuple(int(t) for t in args.tp.split(",") if t),
                        dtypes=tuple(d for d in args.dtype.split(",") if d),
-                       modes=("eager",) if args.no_compile else ("eager", "compiled"),
+                       modes=("eager",) if args.no_compile else
+                       ("eager", "compiled") + (("frozen",) if args.freezing else ()),
                        rounds=args.rounds, prefill=args.prefill_tokens,
                        decode=args.decode_tokens, llama=not args.no_llama,
                        transformers=args.transformers)

@@ -4,9 +4,10 @@ beside llama.cpp (and transformers), interleaved.
 Contenders, each measured once per round, rounds repeated (medians reported; a noisy neighbour
 hurts all alike):
 
-* ``shardwise tp=T <dtype> <eager|compiled>``: :class:`~shardwise.serve.step.StaticStep` on T
-  pinned ranks (one long-lived pool per tp and dtype holding both the eager and the compiled
-  step over one copy of the weights);
+* ``shardwise tp=T <dtype> <eager|compiled|frozen>``: :class:`~shardwise.serve.step.StaticStep`
+  on T pinned ranks (one long-lived pool per tp and dtype holding the eager and the compiled
+  step, and with ``--freezing`` the compiled step with inductor's freezing, over one copy of the
+  weights);
 * ``llama.cpp <F32|BF16>``: ``llama-bench -p 128 -n 64 -r 1 -t <cores>`` on the same weights
   converted with ``llama-quantize --allow-requantize`` (``benchmarks/llama_cpp.py`` builds it;
   skipped with a message where it is not built);
@@ -44,13 +45,14 @@ def setup(model: str, dtype: str, modes: tuple[str, ...], tp: int) -> dict[str, 
     mesh = Mesh.init(tp=tp)
     m = build_model(resolve(model), group=mesh.tp_group, dtype=getattr(torch, dtype)).eval()
     _STATE.update(model=m, group=mesh.tp_group, steps={})
+    from .. import kernels
     info: dict[str, Any] = {"threads": torch.get_num_threads(),
-                            "cores": sorted(os.sched_getaffinity(0))}
+                            "cores": sorted(os.sched_getaffinity(0)), "kernels": kernels.status()}
     with torch.inference_mode():
         for mode in modes:
             cache = PagedKVCache(m, 32, 16)  # 512 tokens: enough for both phases
-            step = StaticStep(m, cache, StepOptions(compile=mode == "compiled", max_seqs=1,
-                                                    max_context=512))
+            step = StaticStep(m, cache, StepOptions(compile=mode != "eager", max_seqs=1,
+                                                    max_context=512, freezing=mode == "frozen"))
             t0 = time.perf_counter()
             step.warmup()
             info[f"{mode}_compile_s"] = round(time.perf_counter() - t0, 2)

@@ -55,7 +55,10 @@ def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
 
 # ---------------------------------------------------------------------------- shardwise
 async def _client(url: str, model: str, jobs: asyncio.Queue, run: Run, deadline: float) -> None:
-    async with httpx.AsyncClient(timeout=600) as http:
+    # a fresh connection per request (loopback: cheap, the same for every contender): a kept-alive
+    # one the server has closed in the meantime fails as "disconnected without a response"
+    async with httpx.AsyncClient(timeout=600,
+                                 limits=httpx.Limits(max_keepalive_connections=0)) as http:
         while not jobs.empty() and time.monotonic() < deadline:
             prompt, n = jobs.get_nowait()
             body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0,
@@ -85,18 +88,27 @@ def _metric(text: str, name: str) -> float:
 def _start(cmd: list[str], url: str, what: str, timeout_s: float = 600):
     """Start a server process and wait for its /health (compiling can take minutes)."""
     import subprocess
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import tempfile
+    # stderr to a file, not a pipe nobody drains: a chatty server blocks once a pipe is full
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"{what} did not start: {proc.stderr.read()}")
+            raise RuntimeError(f"{what} did not start: {_tail(proc)}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
+
+
+def _tail(proc, chars: int = 3000) -> str:
+    proc.log.seek(0)
+    return proc.log.read()[-chars:]
 
 
 def _stop(proc) -> None:
@@ -106,6 +118,7 @@ def _stop(proc) -> None:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+    proc.log.close()
 
 
 def _drive(args: argparse.Namespace, url: str, model: str, run: Run, work) -> None:
@@ -144,9 +157,14 @@ def bench_shardwise(args: argparse.Namespace, tp: int, work) -> Run:
         after = httpx.get(url + "/metrics").text
         delta = {k: _metric(after, f"shardwise_{k}") - _metric(before, f"shardwise_{k}")
                  for k in ("engine_steps_total", "engine_step_seconds_total",
-                           "engine_comm_seconds_total")}
+                           "engine_comm_seconds_total", "engine_mixed_steps_total",
+                           "engine_mixed_step_seconds_total")}
         steps, step_s = delta["engine_steps_total"], delta["engine_step_seconds_total"]
+        mixed, mixed_s = delta["engine_mixed_steps_total"], delta["engine_mixed_step_seconds_total"]
         run.extra = {"steps": steps, "step_ms": 1000 * step_s / max(steps, 1),
+                     "mixed_steps": mixed, "mixed_share": mixed_s / max(step_s, 1e-9),
+                     "mixed_step_ms": 1000 * mixed_s / max(mixed, 1),
+                     "decode_step_ms": 1000 * (step_s - mixed_s) / max(steps - mixed, 1),
                      "comm_fraction": delta["engine_comm_seconds_total"] / max(step_s, 1e-9),
                      "engine_busy": step_s / run.seconds, "start_s": start_s,
                      "preemptions": _metric(after, "shardwise_preemptions_total")}
@@ -169,13 +187,17 @@ def bench_llama_server(args: argparse.Namespace, work) -> Run:
     slot = args.prompt_max + args.out_max + 16
     cmd = [str(bench_bin.with_name("llama-server")), "-m", str(gguf), "--port", str(port),
            "-np", str(args.concurrency), "-c", str(args.concurrency * slot),
-           "-t", str(len(os.sched_getaffinity(0))), "--no-webui"]
+           "-t", str(len(os.sched_getaffinity(0))), "--threads-http", str(args.concurrency + 4),
+           "--no-webui"]
     t0 = time.perf_counter()
     proc = _start(cmd, url, "llama-server")
     try:
         run = Run(f"llama-server {DTYPES[args.dtype]}", 0, 0.0,
                   extra={"start_s": time.perf_counter() - t0})
-        _drive(args, url, "model", run, work)
+        try:
+            _drive(args, url, "model", run, work)
+        except httpx.HTTPError as e:
+            raise RuntimeError(f"llama-server failed ({e}); its log ends:\n{_tail(proc)}") from e
         return run
     finally:
         _stop(proc)
@@ -257,8 +279,9 @@ def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> str:
              f"in flight; model {args.model} {args.dtype}; {args.repeats} interleaved repeat(s), "
              f"medians. {cpu_model()}, load average {os.getloadavg()[0]:.2f} at the end.",
              "", "| contender | output tok/s | vs llama-server | vs static | TTFT p50 / p99 (s) | "
-             "ITL p50 / p99 (ms) | step (ms) | in collectives | engine busy | runs (tok/s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "ITL p50 / p99 (ms) | step ms: decode / mixed | mixed share | in collectives | "
+             "engine busy | start (s) | runs (tok/s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     med = {name: statistics.median(r.tps for r in rs) for name, rs in runs.items()}
     static = med.get("hf static")
     llama = next((v for k, v in med.items() if k.startswith("llama-server")), None)
@@ -269,14 +292,18 @@ def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> str:
         lat = f"{_pct(ttft, .5):.2f} / {_pct(ttft, .99):.2f}" if ttft else "-"
         il = f"{1000 * _pct(itl, .5):.0f} / {1000 * _pct(itl, .99):.0f}" if itl else "-"
         ours = "step_ms" in rs[0].extra
-        step = f"{statistics.median(r.extra['step_ms'] for r in rs):.0f}" if ours else "-"
+        med_of = lambda k: statistics.median(r.extra[k] for r in rs)  # noqa: E731
+        step = f"{med_of('decode_step_ms'):.0f} / {med_of('mixed_step_ms'):.0f}" if ours else "-"
+        mixed = f"{med_of('mixed_share'):.0%}" if ours else "-"
+        start = f"{med_of('start_s'):.1f}" if "start_s" in rs[0].extra else "-"
         busy = f"{statistics.median(r.extra['engine_busy'] for r in rs):.0%}" if ours else "-"
         comm = f"{statistics.median(r.extra.get('comm_fraction', 0) for r in rs):.0%}" \
             if ours else "-"
         vs_llama = f"{tps / llama:.2f}x" if llama else "-"
         vs_static = f"{tps / static:.2f}x" if static else "-"
         lines.append(f"| {name} | {tps:.1f} | {vs_llama} | {vs_static} | {lat} | {il} | {step} | "
-                     f"{comm} | {busy} | {', '.join(f'{r.tps:.1f}' for r in rs)} |")
+                     f"{mixed} | {comm} | {busy} | {start} | "
+                     f"{', '.join(f'{r.tps:.1f}' for r in rs)} |")
     return "\n".join(lines) + "\n"
 
 

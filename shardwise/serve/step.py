@@ -90,13 +90,18 @@ class StepOptions:
 
     ``compile``: decode steps through ``torch.compile`` (False: the same static-shape function,
     eager). ``max_seqs``: the largest batch bucket. ``max_graphs``: the graph budget.
-    ``max_context``: the widest KV width (the model's context by default).
+    ``max_context``: the widest KV width (the model's context by default). ``freezing``:
+    inductor's freezing (weights folded in as constants, linears prepacked for oneDNN); off by
+    default: measured 0.90-0.96x the unfrozen decode speed (the decode products are
+    ``shardwise::linear``, which it does not prepack) and a 2-2.7x slower warm start (the
+    folding is redone at every start); benchmarks/RESULTS.md, issue 10.
     """
 
     compile: bool = True
     max_seqs: int = 32
     max_graphs: int = 8
     max_context: int | None = None
+    freezing: bool = False
 
 
 class StaticStep:
@@ -116,7 +121,8 @@ class StaticStep:
             layer.self_attn.params.window is None for layer in model.model.layers.values())
         if options.compile and self.static:
             self._decode_fn = torch.compile(_own_code(self._decode), fullgraph=True,
-                                            dynamic=False, options=_COMPILE_OPTIONS)
+                                            dynamic=False, options=_COMPILE_OPTIONS
+                                            | {"freezing": options.freezing})
         self.graphs: set[int] = set()  # batch buckets run so far (compiled once each)
 
     # ------------------------------------------------------------------ the graph
