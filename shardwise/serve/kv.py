@@ -61,7 +61,7 @@ class PagedKVCache:
         self.k = {int(i): torch.zeros(slots + 1, self.nkv * self.d, dtype=dtype, device=dev)
                   for i in model.model.layers}
         self.v = {i: torch.zeros_like(t) for i, t in self.k.items()}
-        self.device = dev
+        self.device, self.dtype = dev, dtype
 
     @property
     def bytes(self) -> int:
