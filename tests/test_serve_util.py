@@ -17,12 +17,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Server:
-    def __init__(self, *args: str, timeout_s: float = 180.0) -> None:
+    """``python -m shardwise.serve ARGS``; with ``torchrun=N``, under ``torchrun
+    --nproc-per-node N`` (``proc`` is then torchrun's agent, the ranks its children)."""
+
+    def __init__(self, *args: str, timeout_s: float = 180.0, torchrun: int = 0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "shardwise.serve", *args,
+        launch = [sys.executable]
+        if torchrun:
+            launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
+                       "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        self.proc = subprocess.Popen([*launch, "-m", "shardwise.serve", *args,
                                       "--port", str(self.port)], cwd=ROOT, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
