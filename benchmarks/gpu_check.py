@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -163,7 +162,6 @@ def _hf_decode(d: Path, device: torch.device, dtype: torch.dtype, tokens: int) -
         return time.perf_counter() - t0
     run(4)
     one, many = run(1), run(tokens + 1)
-    del m
     return {"tok_s": round(tokens / max(1e-9, many - one), 1)}
 
 
@@ -175,21 +173,27 @@ def workload(requests: int, seed: int, vocab: int) -> list[tuple[list[int], int]
     return [([t % vocab for t in p], n) for p, n in serve_workload(ns)]
 
 
-async def _drive(engine, work: list[tuple[list[int], int]]) -> int:
+async def _drive(engine, work: list[tuple[list[int], int]]) -> tuple[int, float]:
+    """Submit every request at once, read every token; the tokens and the seconds. The engine
+    stops before the event loop closes (its event thread delivers to this loop)."""
     from shardwise.serve.scheduler import SamplerSpec
     engine.attach(asyncio.get_running_loop())
-    queues = [q for p, n in work for _, q in engine.submit(p, [SamplerSpec()], n, [])]
-    tokens = 0
-    for q in queues:
-        while True:
-            item = await q.get()
-            if item[0] == "error":
-                raise RuntimeError(f"engine: {item[1]}")
-            if item[0] == "token":
-                tokens += 1
-                if item[2] is not None:
-                    break
-    return tokens
+    try:
+        t0 = time.perf_counter()
+        queues = [q for p, n in work for _, q in engine.submit(p, [SamplerSpec()], n, [])]
+        tokens = 0
+        for q in queues:
+            while True:
+                item = await q.get()
+                if item[0] == "error":
+                    raise RuntimeError(f"engine: {item[1]}")
+                if item[0] == "token":
+                    tokens += 1
+                    if item[2] is not None:
+                        break
+        return tokens, time.perf_counter() - t0
+    finally:
+        await asyncio.to_thread(engine.stop)
 
 
 def engine_speed(d: Path, device: str, work, *, max_seqs: int, compile_: bool) -> dict:
@@ -200,13 +204,12 @@ def engine_speed(d: Path, device: str, work, *, max_seqs: int, compile_: bool) -
     cfg = EngineConfig(model=str(d), device=device, max_seqs=max_seqs, max_batched_tokens=512,
                        kv_tokens=max_seqs * (longest + 16), compile=compile_)
     engine = EngineClient(cfg)
-    info = engine.start(timeout_s=900)
     try:
-        t0 = time.perf_counter()
-        tokens = asyncio.run(_drive(engine, work))
-        seconds = time.perf_counter() - t0
-    finally:
-        engine.stop()
+        info = engine.start(timeout_s=900)
+    except BaseException:
+        engine.kill()
+        raise
+    tokens, seconds = asyncio.run(_drive(engine, work))
     return {"tok_s": round(tokens / seconds, 1), "tokens": tokens, "seconds": round(seconds, 2),
             "device": info["device"], "dtype": info["dtype"], "graphs": info["graphs"],
             "ready_s": round(info["load_s"] + info["compile_s"], 1)}
