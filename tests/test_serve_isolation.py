@@ -19,7 +19,7 @@ class Poisoned:
     per-request failure the checks before did not foresee)."""
 
     def __init__(self, model) -> None:
-        self.model, self.lm_head = model, model.lm_head
+        self.model, self.lm_head, self.config = model, model.lm_head, model.config
 
     def __call__(self, ids, *args, **kw):
         if bool((ids == POISON).any()):

@@ -42,8 +42,9 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
+        log = self.output()
         self.close()
-        raise RuntimeError(f"server not healthy after {timeout_s} s:\n{self.output()}")
+        raise RuntimeError(f"server not healthy after {timeout_s} s:\n{log}")
 
     def output(self) -> str:
         self.log.flush()
