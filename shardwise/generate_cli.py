@@ -34,6 +34,7 @@ def check(args: argparse.Namespace) -> None:
     from .checkpoint.source import resolve
     from .generate import check_request, encode_prompt
 
+    check_device(args)  # first: cheap, and nothing else matters on a device that is not there
     args.params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed,
                                  max_tokens=args.max_new_tokens, stop=args.stop)
@@ -43,7 +44,6 @@ def check(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.source)
     args.ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template)
     check_request(args.source, args.tp, len(args.ids), args.max_new_tokens)
-    check_device(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -72,16 +72,6 @@ def test_cli_torchrun_world_must_match_tp(monkeypatch, capsys):
     assert code == 2 and "under torchrun: tp=2" in err and "has 4 processes" in err, err
 
 
-def test_generate_picks_device_and_dtype_from_the_mesh():
-    from shardwise.generate import GenerateJob, generate
-    from shardwise.sampling import SamplingParams
-    job = GenerateJob("tiny", 1, [1, 2, 3], SamplingParams(max_tokens=2), stream=None,
-                      compile=False)
-    sig = generate(job)[0]["signals"]
-    want = "cuda:0" if torch.cuda.is_available() else "cpu"
-    assert sig["device"] == want and sig["dtype"] == ("float32" if NO_CUDA else "bfloat16")
-
-
 # ------------------------------------------------------------------ the plan on the wire
 ints = st.integers(0, 2**40)
 chunks = st.builds(Chunk, ints, st.lists(ints, max_size=5), ints, st.lists(ints, max_size=4),

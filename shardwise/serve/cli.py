@@ -88,6 +88,7 @@ def _loopback(host: str) -> bool:
 def check(args: argparse.Namespace) -> None:
     """Every check before a worker starts: options, the model and its layout, the tokenizer,
     the extras, the address."""
+    check_device(args)
     require("fastapi", what="shardwise serve")
     require("uvicorn", what="shardwise serve")
     require("llguidance", what="shardwise serve (structured output)")
@@ -105,7 +106,6 @@ def check(args: argparse.Namespace) -> None:
     cfg = args.source.config
     HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
     args.tokenizer = load_tokenizer(args.source)
-    check_device(args)
     from ..mesh import launch_env
     if launch_env().rank == 0:  # under torchrun the other ranks host nothing
         _check_listen(args.host, args.port)
