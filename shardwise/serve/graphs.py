@@ -105,6 +105,7 @@ class CudaGraphs:
                 self.fn(*static.args)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the server's own threads (HTTP, tokenizing) may run beside a capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self.fn(*static.args)
         return graph, static, out
