@@ -93,7 +93,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.dtype in _ENABLED and x.device.type == "cpu" and not torch.is_grad_enabled():
         if x.numel() <= MAX_ROWS * x.shape[-1]:
             return torch.ops.shardwise.linear(x, weight, bias)
-        if x.dtype == torch.float32 and _MKLDNN:
+        # eager only: inductor cannot lower this op on unpacked weights (it packs its own)
+        if x.dtype == torch.float32 and _MKLDNN and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
