@@ -60,7 +60,7 @@ def make_model(name: str, out: Path, device: str) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     with torch.device(device):
-        m = LlamaForCausalLM(LlamaConfig(**SHAPES[name], torch_dtype="bfloat16"))
+        m = LlamaForCausalLM(LlamaConfig(**SHAPES[name]))
     m.to(torch.bfloat16).save_pretrained(d)
     tok = ROOT / ".gpu" / "tokenizer"  # the SmolLM2 tokenizer, carried (gpu_check.sh --prepare)
     if tok.is_dir() and name != "llama-3.2-1b":
