@@ -5,6 +5,10 @@ engine's step function (:class:`~shardwise.serve.step.StaticStep`: a compiled de
 batch 1 over a paged KV cache of its own KV heads; ``compile=False`` runs it eager). Sampling
 exchanges only what it must (``shardwise.sampling``); every rank decodes the text itself to check
 stop strings, so no rank needs to tell the others to stop.
+
+The ranks are torchrun's when it launched this process (every torchrun process is one rank and
+spawns nothing), else local processes spawned here (none for tp=1). The device follows the mesh:
+``cuda:LOCAL_RANK`` (bf16 by default) when CUDA is present, the CPU (fp32) otherwise.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 from .checkpoint.source import ModelSource, build_model, load_tokenizer, resolve
 from .comm import Ledger
 from .failure import phase
-from .mesh import Mesh
+from .mesh import Mesh, pick_dtype, under_launcher
 from .partition import HeadLayout
 from .sampling import SamplingParams, sample
 from .serve.kv import Chunk, PagedKVCache, blocks_for
@@ -33,9 +37,11 @@ class GenerateJob:
     prompt_ids: list[int]
     params: SamplingParams
     stream: str | None = "stdout"  # where rank 0 streams text: "stdout", "stderr" or None
-    dtype: str = "float32"
+    dtype: str = "auto"            # "auto": bfloat16 on a GPU, float32 on the CPU
     eos_ids: list[int] = field(default_factory=list)
     compile: bool = True
+    device: str = "auto"           # "auto" (CUDA when present), "cpu" or "cuda"
+    cuda_graphs: bool = True       # on CUDA: replay captured decode steps
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:
@@ -70,17 +76,18 @@ def run_generation(job: GenerateJob) -> dict:
     """Worker body (also runs in-process for tp=1). Returns this rank's result and signals."""
     t0 = time.perf_counter()
     with phase("start"):
-        mesh = Mesh.init(tp=job.tp)
+        mesh = Mesh.init(tp=job.tp, device=job.device)
     source = resolve(job.model)
-    model = build_model(source, group=mesh.tp_group, dtype=getattr(torch, job.dtype),
-                        device=mesh.device).eval()
+    dtype = pick_dtype(job.dtype, mesh.device)
+    model = build_model(source, group=mesh.tp_group, dtype=dtype, device=mesh.device).eval()
     tokenizer = load_tokenizer(source) if source.tokenizer else None
     load_s = time.perf_counter() - t0
     p = job.params
-    gen = torch.Generator().manual_seed(p.seed if p.seed is not None else 0)
+    gen = torch.Generator(mesh.device).manual_seed(p.seed if p.seed is not None else 0)
     n = len(job.prompt_ids) + p.max_tokens
     cache = PagedKVCache(model, blocks_for(n, 16), 16)
-    run_step = StaticStep(model, cache, StepOptions(compile=job.compile, max_seqs=1, max_context=n))
+    run_step = StaticStep(model, cache, StepOptions(compile=job.compile, max_seqs=1, max_context=n,
+                                                    cuda_graphs=job.cuda_graphs))
     t1 = time.perf_counter()
     run_step.warmup()
     compile_s = time.perf_counter() - t1
@@ -131,6 +138,11 @@ def run_generation(job: GenerateJob) -> dict:
     decode = times[1:]
     signals = {
         "rank": mesh.rank,
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "device": str(mesh.device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "graphs": run_step.graph_count,
         "prompt_tokens": len(job.prompt_ids),
         "generated_tokens": len(out_ids),
         "load_s": round(load_s, 3),
@@ -158,8 +170,19 @@ def _peak_rss_mib() -> float:
 
 
 def generate(job: GenerateJob) -> list[dict]:
-    """Run ``job`` on ``job.tp`` ranks (in this process when tp=1); results by rank."""
-    if job.tp == 1 and "WORLD_SIZE" not in os.environ:
+    """Run ``job`` on ``job.tp`` ranks; results by rank. Under torchrun this process is one of
+    the ranks (every rank returns every rank's result); otherwise tp=1 runs in this process and
+    more ranks are spawned here."""
+    if under_launcher():
+        import torch.distributed as dist
+        mine = run_generation(job)
+        if not dist.is_initialized():
+            return [mine]
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, mine)
+        dist.destroy_process_group()
+        return out
+    if job.tp == 1:
         return [run_generation(job)]
     from .affinity import plan, read_nodes
     from .launch import spawn

@@ -11,8 +11,13 @@ TP groups are the rows ``[0,1] [2,3] [4,5] [6,7]``, DP groups ``[0,2] [1,3] [4,6
 groups ``[0,4] [1,5] [2,6] [3,7]``.
 
 This module is the one place that reads the launcher's environment (torchrun's RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Everything else receives a :class:`Mesh` or a group.
-A group of one rank is represented by ``None``: every collective is a no-op on it.
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT): :func:`launch_env`. Everything else
+receives a :class:`Mesh`, a group or a :class:`LaunchEnv`. A group of one rank is represented by
+``None``: every collective is a no-op on it.
+
+The device follows the mesh (:func:`pick_device`): ``cuda:LOCAL_RANK`` with NCCL when CUDA is
+present, the CPU with gloo (and shardwise's shared-memory collectives) otherwise; ``"cpu"`` or
+``"cuda"`` overrides the choice, and asking for CUDA where there is none is an error that says so.
 """
 from __future__ import annotations
 
@@ -82,6 +87,66 @@ def validate(tp: int, pp: int, dp: int, world_size: int) -> None:
             f"{world_size}")
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher (torchrun, or :func:`shardwise.launch.spawn`) told this process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    launched: bool = False  # RANK / WORLD_SIZE were set: the launcher owns the processes
+
+
+def launch_env() -> LaunchEnv:
+    """torchrun's environment (a world of one process without it)."""
+    env = os.environ
+    launched = "RANK" in env or "WORLD_SIZE" in env
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    return LaunchEnv(rank, world, local_rank, int(env.get("LOCAL_WORLD_SIZE", str(world))),
+                     launched)
+
+
+def under_launcher() -> bool:
+    """Launched by torchrun (or another launcher that sets RANK / WORLD_SIZE)? Entry points then
+    run as this rank instead of spawning workers of their own."""
+    return launch_env().launched
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(want: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device of the rank with ``local_rank`` on its node: ``cuda:local_rank`` (one rank per
+    GPU; the ranks of a node beyond its GPUs share them round-robin) or the CPU.
+
+    ``want``: "auto" (CUDA when present), "cpu" or "cuda" (a ValueError when CUDA is absent)."""
+    if want not in DEVICES:
+        raise ValueError(f"--device {want!r}: use one of {', '.join(DEVICES)}")
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = ("this torch is built without CUDA" if torch.version.cuda is None
+               else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
+        raise ValueError(f"--device cuda but CUDA is not available: {why}; use --device cpu "
+                         "(or auto)")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``name`` ("auto", "float32", "bfloat16", "float16") as a dtype; "auto" is bfloat16 on a
+    GPU (half the bytes a decode step reads, the format checkpoints ship in) and float32 on the
+    CPU (exact comparisons with the unsharded model)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return dtype
+
+
 @dataclass
 class Mesh:
     """Process groups of a TP x PP x DP grid (TP innermost) and this rank's coordinates."""
@@ -125,27 +190,25 @@ class Mesh:
         return {"tp": g[p, d, :], "dp": g[p, :, t], "pp": g[:, d, t]}[dim].tolist()
 
     @classmethod
-    def init(cls, tp: int = 1, pp: int = 1, dp: int = 1, *, backend: str | None = None,
-             timeout_s: float = 300.0) -> "Mesh":
+    def init(cls, tp: int = 1, pp: int = 1, dp: int = 1, *, device: str = "auto",
+             backend: str | None = None, timeout_s: float = 300.0) -> "Mesh":
         """Join (or start) the default process group and build the grid's groups.
 
         Reads torchrun's environment; without it, a world of one process needs no process group.
-        The backend defaults to NCCL when CUDA is available and gloo otherwise.
+        ``device`` (:func:`pick_device`): "auto", "cpu" or "cuda". The backend follows the
+        device: NCCL on CUDA, gloo on the CPU (``backend`` overrides it).
         """
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-        validate(tp, pp, dp, world)
-        use_cuda = torch.cuda.is_available() and backend != "gloo"
-        device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda \
-            else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        if world > 1 and not dist.is_initialized():
-            backend = backend or ("nccl" if use_cuda else "gloo")
-            dist.init_process_group(backend, rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=timeout_s))
-        mesh = cls(tp=tp, pp=pp, dp=dp, rank=rank, local_rank=local_rank, device=device)
+        env = launch_env()
+        validate(tp, pp, dp, env.world)
+        dev = pick_device(device, env.local_rank)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if env.world > 1 and not dist.is_initialized():
+            backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+            kw = {"device_id": dev} if backend == "nccl" else {}
+            dist.init_process_group(backend, rank=env.rank, world_size=env.world,
+                                    timeout=timedelta(seconds=timeout_s), **kw)
+        mesh = cls(tp=tp, pp=pp, dp=dp, rank=env.rank, local_rank=env.local_rank, device=dev)
         mesh._build_groups()
         return mesh
 

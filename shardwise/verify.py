@@ -14,6 +14,8 @@ embedding, the hidden state after every decoder layer, the final logits -- it re
 * per rank: parameter bytes and peak RSS.
 
 The first stage over tolerance names where the sharded model departs from the unsharded one.
+Both sides run in fp32 on the device the mesh picks (``--device``: the GPU when CUDA is present);
+under torchrun the launcher's processes are the tp ranks and rank 0 also runs the reference.
 Tolerance: fp32 on CPU agrees to about 1e-5 per layer (different summation order in the
 all-reduce); the default ``atol=1e-4, rtol=1e-4`` leaves an order of magnitude of headroom and
 scales with the activations of real checkpoints, whose hidden states grow far above 1.
@@ -32,7 +34,7 @@ import torch
 from .comm import Ledger, all_gather_dim
 from .failure import phase
 from .layers import gather_logits
-from .mesh import Mesh, group_size, subgroup
+from .mesh import Mesh, group_size, launch_env, pick_device, subgroup, under_launcher
 
 EXIT_EXCEEDED = 1
 
@@ -47,6 +49,7 @@ class VerifyJob:
     sequence_parallel: bool = False
     corrupt: tuple[str, int] | None = None  # test hook: (parameter name, tp rank) to perturb
     compile: bool = False  # also decode compiled vs eager on the tp=N model
+    device: str = "auto"   # "auto" (CUDA when present), "cpu" or "cuda"
 
 
 @dataclass
@@ -107,14 +110,18 @@ def _peak_rss_mib() -> float:
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
-def _group_for(tp: int):
-    """The TP group of the first ``tp`` ranks: a fresh mesh, or a subgroup of a running pool's
-    world (every rank of the world joins group creation; ranks >= tp get ``False``)."""
+def _group_for(tp: int, device: str) -> tuple[Any, torch.device]:
+    """The TP group of the first ``tp`` ranks and this rank's device: a fresh mesh, or a subgroup
+    of a running pool's world (every rank of the world joins group creation; ranks >= tp get
+    ``False``)."""
     import torch.distributed as dist
     if dist.is_initialized() and dist.get_world_size() != tp:
         group = subgroup(list(range(tp)))
-        return group if dist.get_rank() < tp else False
-    return Mesh.init(tp=tp).tp_group
+        return (group if dist.get_rank() < tp else False), pick_device("cpu")
+    if tp == 1:
+        return None, pick_device(device, launch_env().local_rank)
+    mesh = Mesh.init(tp=tp, device=device)
+    return mesh.tp_group, mesh.device
 
 
 def _comm_backend(group) -> str:
@@ -133,12 +140,12 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
     """One rank's forward with hooks: full activations by stage, ledger counts, memory."""
     from .checkpoint.source import build_model, resolve
     with phase("start"):
-        group = _group_for(job.tp) if job.tp > 1 else None
+        group, device = _group_for(job.tp, job.device)
     if group is False:
         return None
     source = resolve(job.model)
     model = build_model(source, group=group, sequence_parallel=job.sequence_parallel,
-                        seed=job.seed).eval()
+                        seed=job.seed, device=device).eval()
     rank = 0 if group is None else torch.distributed.get_rank(group)
     if job.corrupt is not None and job.corrupt[1] == rank:
         params = dict(model.named_parameters())
@@ -147,9 +154,11 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
             raise ValueError(f"corrupt: no parameter {name!r} in the model")
         gen = torch.Generator().manual_seed(1234)
         p = params[name]
-        p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * p.float().std().clamp(min=1e-3))
+        noise = torch.randn(p.shape, generator=gen).to(p.dtype).to(device)
+        p.add_(noise * p.float().std().clamp(min=1e-3))
     g = torch.Generator().manual_seed(job.seed + 1)
     ids = torch.randint(0, source.config.vocab_size, (job.batch, job.seq), generator=g)
+    ids = ids.to(device)
 
     outputs: dict[str, torch.Tensor] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -184,7 +193,8 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
         from .serve.compare import compare_compiled
         prompts = [ids[i].tolist() for i in range(ids.shape[0])]
         compiled = vars(compare_compiled(model, group, prompts, steps=8))
-    return {"rank": rank, "outputs": full if rank == 0 else None, "counts": counts,
+    return {"rank": rank, "outputs": {k: v.cpu() for k, v in full.items()} if rank == 0 else None,
+            "counts": counts, "device": str(device),
             "compiled": compiled,
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "peak_rss_mib": round(_peak_rss_mib(), 1), "comm_backend": _comm_backend(group)}
@@ -193,9 +203,10 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
 def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
            sequence_parallel: bool = False, atol: float = 1e-4, rtol: float = 1e-4,
            corrupt: tuple[str, int] | None = None, pool: Any = None,
-           compile: bool = False) -> Report:
-    """Compare ``model`` at ``tp`` ranks (spawned locally, or on ``pool``, a
-    :class:`~shardwise.launch.WorkerPool` of at least ``tp`` ranks) with tp=1 in this process.
+           compile: bool = False, device: str = "auto") -> Report:
+    """Compare ``model`` at ``tp`` ranks (spawned locally, on ``pool``, a
+    :class:`~shardwise.launch.WorkerPool` of at least ``tp`` ranks, or torchrun's processes) with
+    tp=1 in this process (rank 0's under torchrun). Under torchrun every rank returns the report.
 
     ``corrupt=(parameter name, rank)`` adds noise to that rank's slice of one parameter before
     the forward (a test hook: the report must then name that parameter's layer).
@@ -204,17 +215,12 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
         raise ValueError(f"tp={tp}: must be >= 1")
     if sequence_parallel and seq % tp:
         raise ValueError(f"sequence parallelism needs seq % tp == 0 (seq={seq}, tp={tp})")
-    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt, compile)
-    ref = run_rank(VerifyJob(model, 1, batch, seq, seed))
-    if tp == 1:
-        results = [run_rank(job)]
-    elif pool is not None:
-        if pool.nprocs < tp:
-            raise ValueError(f"tp={tp} needs a pool of >= {tp} workers, this one has {pool.nprocs}")
-        results = [r for r in pool.run(run_rank, job) if r is not None]
+    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt, compile, device)
+    if under_launcher() and tp > 1:
+        ref, results = _launched(job)
     else:
-        from .launch import spawn
-        results = spawn(run_rank, tp, job)
+        ref = run_rank(VerifyJob(model, 1, batch, seq, seed, device=device))
+        results = _local(job, pool)
     stages, first = [], None
     for name, want in ref["outputs"].items():
         got = results[0]["outputs"][name]
@@ -236,6 +242,33 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
     ranks = [{k: r[k] for k in ("rank", "param_bytes", "peak_rss_mib")} for r in results]
     return Report(model, tp, sequence_parallel, atol, rtol, stages, first, ranks,
                   results[0]["comm_backend"], results[0].get("compiled"))
+
+
+def _local(job: VerifyJob, pool: Any) -> list[dict]:
+    """The tp ranks' results: in this process (tp=1), on ``pool`` or on spawned processes."""
+    if job.tp == 1:
+        return [run_rank(job)]
+    if pool is not None:
+        if pool.nprocs < job.tp:
+            raise ValueError(f"tp={job.tp} needs a pool of >= {job.tp} workers, this one has "
+                             f"{pool.nprocs}")
+        return [r for r in pool.run(run_rank, job) if r is not None]
+    from .launch import spawn
+    return spawn(run_rank, job.tp, job)
+
+
+def _launched(job: VerifyJob) -> tuple[dict, list[dict]]:
+    """Under torchrun: every process runs its rank of ``job``; rank 0 also the tp=1 reference
+    (before the sharded forward, which needs every rank); every rank gets both."""
+    import torch.distributed as dist
+    first = launch_env().rank == 0
+    ref = run_rank(VerifyJob(job.model, 1, job.batch, job.seq, job.seed, device=job.device)) \
+        if first else None
+    mine = run_rank(job)
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, (ref, mine))
+    dist.destroy_process_group()
+    return out[0][0], [r for _, r in out]
 
 
 def format_report(rep: Report) -> str:
@@ -286,6 +319,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the compiled-vs-eager decode check")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): cuda:LOCAL_RANK with NCCL when CUDA is present")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -297,6 +332,8 @@ def check(args: argparse.Namespace) -> None:
     if args.sequence_parallel and args.seq % args.tp:
         raise ValueError(f"sequence parallelism splits --seq={args.seq} over tp={args.tp} ranks: "
                          f"use a --seq that is a multiple of {args.tp}")
+    from .usage import check_device
+    check_device(args)
     if args.seq > cfg.max_position_embeddings:
         raise ValueError(f"--seq={args.seq} exceeds the model's {cfg.max_position_embeddings} "
                          "positions")
@@ -305,8 +342,9 @@ def check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     rep = verify(args.model, args.tp, batch=args.batch, seq=args.seq, seed=args.seed,
                  sequence_parallel=bool(args.sequence_parallel), atol=args.atol, rtol=args.rtol,
-                 compile=not args.no_compile)
-    print(json.dumps(rep.to_json(), indent=1) if args.json else format_report(rep))
+                 compile=not args.no_compile, device=args.device)
+    if launch_env().rank == 0:  # under torchrun: rank 0 speaks for every rank
+        print(json.dumps(rep.to_json(), indent=1) if args.json else format_report(rep))
     return 0 if rep.ok else EXIT_EXCEEDED
 
 

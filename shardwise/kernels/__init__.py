@@ -80,14 +80,16 @@ def enable() -> frozenset[torch.dtype]:
     """Route the few-row products of inference through ``shardwise::linear`` from now on (in this
     process), for the dtypes this CPU supports; returns them. Called by the inference engines
     before they compile anything, so that a traced :func:`linear` reads a settled global."""
-    global _ENABLED
+    global _ENABLED, _MKLDNN
     if load():
         _ENABLED = frozenset(dt for dt in (torch.float32, torch.bfloat16)
                              if torch.ops.shardwise.linear_supported(dt))
+    _MKLDNN = torch.backends.mkldnn.is_available()  # read here: dynamo cannot trace the call
     return _ENABLED
 
 
 _ENABLED: frozenset[torch.dtype] = frozenset()
+_MKLDNN = False
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,7 +100,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.dtype in _ENABLED and x.device.type == "cpu" and not torch.is_grad_enabled():
         if x.numel() <= MAX_ROWS * x.shape[-1]:
             return torch.ops.shardwise.linear(x, weight, bias)
-        if x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        # eager only: inductor cannot lower this op on unpacked weights (it packs its own)
+        if x.dtype == torch.float32 and _MKLDNN and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

@@ -14,12 +14,15 @@ from .kv import blocks_for
 from .scheduler import SamplerSpec, Sequence
 
 
-def make_sampler(spec: SamplerSpec) -> tuple[SamplingParams, torch.Generator]:
-    """The sampling parameters and the seeded generator of one sequence (raises ValueError or
-    RuntimeError on values that cannot be used, e.g. a seed outside torch's 64-bit range)."""
+def make_sampler(spec: SamplerSpec, device: torch.device | str = "cpu"
+                 ) -> tuple[SamplingParams, torch.Generator]:
+    """The sampling parameters and the seeded generator of one sequence, on the engine's
+    ``device`` (its noise is drawn there; every rank's generator draws the same); raises
+    ValueError or RuntimeError on values that cannot be used, e.g. a seed outside torch's 64-bit
+    range."""
     params = SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
                             seed=spec.seed)
-    return params, torch.Generator().manual_seed(spec.seed)
+    return params, torch.Generator(device=device).manual_seed(spec.seed)
 
 
 def admission_error(seq: Sequence, *, vocab: int, context: int, num_blocks: int,

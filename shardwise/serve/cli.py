@@ -8,7 +8,8 @@ import signal
 import socket
 import sys
 
-from ..usage import float_range, int_range, port, require, seed
+from ..usage import (add_device_arguments, check_device, float_range, int_range, port, require,
+                     seed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="preset (smollm2-135m, debug, ...), HF checkpoint dir or .gguf file")
     parser.add_argument("--tp", type=int_range(1), default=1,
-                        help="tensor-parallel ranks (processes)")
+                        help="tensor-parallel ranks (processes spawned here; under torchrun its "
+                             "processes, rank 0 hosting HTTP)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=port, default=8000)
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait beyond --max-seqs; more get 429")
     parser.add_argument("--max-prompt-tokens", type=int_range(1), default=None,
                         help="longest prompt accepted, in tokens (default: the context - 1)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_arguments(parser)
     parser.add_argument("--threads", type=int_range(1), default=None,
                         help="torch threads per rank (default max(1, cores // tp))")
     parser.add_argument("--drain-timeout", type=float_range(0.0), default=120.0,
@@ -55,7 +57,8 @@ def engine_config(args: argparse.Namespace):
                         block_size=args.block_size, max_seqs=args.max_seqs,
                         max_batched_tokens=args.max_batched_tokens, dtype=args.dtype,
                         threads=args.threads, profile=args.profile,
-                        prefix_caching=args.prefix_cache, compile=not args.no_compile)
+                        prefix_caching=args.prefix_cache, compile=not args.no_compile,
+                        device=args.device, cuda_graphs=not args.no_cuda_graphs)
 
 
 def _check_listen(host: str, port_: int) -> None:
@@ -85,6 +88,7 @@ def _loopback(host: str) -> bool:
 def check(args: argparse.Namespace) -> None:
     """Every check before a worker starts: options, the model and its layout, the tokenizer,
     the extras, the address."""
+    check_device(args)
     require("fastapi", what="shardwise serve")
     require("uvicorn", what="shardwise serve")
     require("llguidance", what="shardwise serve (structured output)")
@@ -102,20 +106,29 @@ def check(args: argparse.Namespace) -> None:
     cfg = args.source.config
     HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
     args.tokenizer = load_tokenizer(args.source)
-    _check_listen(args.host, args.port)
+    from ..mesh import launch_env
+    if launch_env().rank == 0:  # under torchrun the other ranks host nothing
+        _check_listen(args.host, args.port)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start the TP workers and the HTTP server; returns the exit code (1 if a worker died)."""
+    """Start the TP workers and the HTTP server; returns the exit code (1 if a worker died).
+
+    Under torchrun this process is one rank: rank 0 runs the engine in a thread and hosts HTTP,
+    the others follow rank 0's steps until it stops them (:func:`follow`)."""
     import uvicorn
 
+    from ..mesh import launch_env
     from .client import EngineClient, EngineDead
     from .server import ServerState, create_app
 
     if not hasattr(args, "limits"):
         check(args)
+    env = launch_env()
+    if env.launched and env.rank != 0:
+        return follow(args.engine_config)
     source, tokenizer = args.source, args.tokenizer
-    engine = EngineClient(args.engine_config)
+    engine = EngineClient(args.engine_config, in_process=env.launched)
     try:
         info = engine.start()
     except EngineDead as e:
@@ -132,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     st.server = server
     # uvicorn re-raises the signal that stopped it; after a drain we exit by our own code instead
     signal.signal(signal.SIGTERM, lambda *_: None)
-    print(f"shardwise serve: {source.name} on {args.tp} rank(s), KV cache "
+    print(f"shardwise serve: {source.name} on {args.tp} rank(s) ({info['device']}, "
+          f"{info['dtype']}{', torchrun' if env.launched else ''}), KV cache "
           f"{info['num_blocks']} blocks x {info['block_size']} tokens "
           f"({info['kv_mib']:.0f} MiB/rank), loaded in {info['load_s']:.1f} s, "
           f"{info['graphs']} decode graphs ready in {info['compile_s']:.1f} s; "
@@ -148,6 +162,17 @@ def run(args: argparse.Namespace) -> int:
     if not server.started and st.exit_code == 0:
         return 1
     return st.exit_code
+
+
+def follow(cfg) -> int:
+    """A torchrun rank other than 0: run rank 0's steps until it says stop. Signals are rank 0's
+    business (torchrun sends SIGTERM to every rank; rank 0 drains, then stops the others); a
+    rank that fails ends the torchrun job with its error."""
+    from .engine import run_rank
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    run_rank(cfg, None, None)
+    return 0
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:

@@ -76,7 +76,9 @@ def compare_compiled(model, group, prompts: list[list[int]], *, steps: int = 8,
     for compiled in (False, True):
         cache = PagedKVCache(model, n * per, block_size)
         pow2 = 1 << max(0, n - 1).bit_length()  # n = 3 runs in bucket 4: one padding row
-        step = StaticStep(model, cache, StepOptions(compile=compiled, max_seqs=pow2))
+        # no CUDA graphs: a replayed graph issues its collectives without the ledger seeing them
+        step = StaticStep(model, cache, StepOptions(compile=compiled, max_seqs=pow2,
+                                                    cuda_graphs=False))
         before = (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
         sides[compiled] = (*_run(step, prompts, steps, group), step)
         after = (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))

@@ -1,12 +1,19 @@
 """The TP worker processes: rank 0 schedules, every rank runs the same step.
 
-Each step rank 0 turns the scheduler's :class:`StepPlan` (token ids, positions, block tables,
-samplers of new sequences, sequences to forget) into one ``broadcast_object_list`` over the TP
-group; then every rank runs the flat batch through its shard of the model, with its own
-:class:`PagedKVCache`, and samples the next tokens with the vocabulary-parallel sampler, which
-gives every rank the same tokens. Rank 0 talks to the server process through two queues:
-commands in (``add``, ``cancel``, ``stop``), events out (``ready``, ``step``, ``stats``,
-``fail``, ``error``).
+Each step rank 0 broadcasts the scheduler's :class:`StepPlan` (token ids, positions, block
+tables, samplers of new sequences, sequences to forget) over the TP group as one int64 tensor
+(:mod:`.wire`: on the GPU under NCCL); then every rank runs the batch through its shard of the
+model, with its own :class:`PagedKVCache`, and samples the next tokens with the
+vocabulary-parallel sampler, which gives every rank the same tokens. Rank 0 talks to the server
+through two queues: commands in (``add``, ``cancel``, ``stop``), events out (``ready``, ``step``,
+``stats``, ``fail``, ``error``).
+
+Where the ranks live: :func:`worker_main` is a rank the server spawned (one process per rank);
+under torchrun the launcher's processes are the ranks (:func:`run_rank`): rank 0 runs the engine
+in a thread beside the HTTP server, the others run :func:`run_rank` as their main loop. The device
+follows the mesh (``cuda:LOCAL_RANK`` with NCCL when CUDA is present, the CPU otherwise,
+``EngineConfig.device`` overrides); the cache, the block tables, the step and the sampling live
+there, and only the sampled token ids (and log-probabilities asked for) come back to the host.
 
 One request never takes the engine down: rank 0 refuses a request it cannot run before it is
 scheduled (:func:`.admit.admission_error`, a ``fail`` event with status 400), and a step that
@@ -37,6 +44,7 @@ from .grammar import Grammars
 from .kv import PagedKVCache, blocks_for
 from .scheduler import Request, SamplerSpec, Scheduler, Sequence, StepPlan
 from .step import StaticStep, StepOptions
+from . import wire
 
 
 @dataclass
@@ -47,11 +55,13 @@ class EngineConfig:
     block_size: int = 16
     max_seqs: int = 32
     max_batched_tokens: int = 256
-    dtype: str = "float32"
+    dtype: str = "auto"               # "auto": bfloat16 on a GPU, float32 on the CPU
+    device: str = "auto"              # "auto" (CUDA when present), "cpu" or "cuda"
     threads: int | None = None        # torch threads per rank (default: its pinned cores)
     prefix_caching: bool = True       # reuse the KV of full blocks of earlier prompts
     profile: bool = False             # time collectives in each step (the Ledger)
     compile: bool = True              # decode steps through torch.compile (--no-compile: eager)
+    cuda_graphs: bool = True          # on CUDA, replay captured decode steps (--no-cuda-graphs)
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the option, before any worker starts."""
@@ -62,6 +72,9 @@ class EngineConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1 "
                                  "(or left out for the default)")
+        from ..mesh import DEVICES
+        if self.device not in DEVICES:
+            raise ValueError(f"--device {self.device!r}: use one of {', '.join(DEVICES)}")
         if self.kv_tokens is not None and self.kv_tokens < self.block_size:
             raise ValueError(f"--kv-tokens={self.kv_tokens} is less than one block of "
                              f"--block-size={self.block_size} tokens")
@@ -95,7 +108,7 @@ class Runner:
         for sid in plan.drop:
             self.samplers.pop(sid, None)
         for sid, sp in plan.new.items():
-            self.samplers[sid] = (sp, *make_sampler(sp))
+            self.samplers[sid] = (sp, *make_sampler(sp, self.cache.device))
         picked: list[tuple[int, int]] = []          # (seq id, chunk whose last row it samples)
         spans: list[tuple[int, int, list[int]]] = []  # prompt logprobs: (seq id, chunk, targets)
         for i, c in enumerate(plan.chunks):
@@ -154,12 +167,6 @@ class Runner:
                         for j, t in enumerate(ts)]
             at += len(ts)
         return out
-
-
-def _broadcast(plan: StepPlan | None, group) -> StepPlan:
-    box = [plan]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
 
 
 def _drain(cmd_q, block: bool) -> list[tuple]:
@@ -232,7 +239,7 @@ def _add(req: Request, sched: Scheduler, grammars: Grammars, *, vocab: int,
 def _lead(runner: Runner, sched: Scheduler, grammars: Grammars, group, cmd_q, evt_q,
           profile: bool, context: int) -> None:
     """Rank 0: take commands, schedule, broadcast, run, report."""
-    parent, stopping = os.getppid(), False
+    parent, stopping, dev = os.getppid(), False, runner.cache.device
     while True:
         cmds = _drain(cmd_q, block=not sched.has_work())
         for cmd in cmds:
@@ -248,7 +255,7 @@ def _lead(runner: Runner, sched: Scheduler, grammars: Grammars, group, cmd_q, ev
             evt_q.put(("stats", _stats(sched)))
         if (stopping and not sched.has_work()) or os.getppid() != parent:
             if group is not None:
-                _broadcast(StepPlan(stop=True), group)
+                wire.broadcast(StepPlan(stop=True), group, dev)
             return
         if not sched.has_work():
             continue
@@ -259,7 +266,7 @@ def _lead(runner: Runner, sched: Scheduler, grammars: Grammars, group, cmd_q, ev
         t0 = time.perf_counter()
         with Ledger() if profile else _NoLedger() as ledger:
             if group is not None:
-                _broadcast(plan, group)
+                wire.broadcast(plan, group, dev)
             events, prompt, failed = run_step(runner, sched, plan)
         step_s = time.perf_counter() - t0
         for sid, why in failed:
@@ -289,7 +296,7 @@ def _stats(sched: Scheduler) -> dict[str, Any]:
 def _follow(runner: Runner, group) -> None:
     """Ranks > 0: run whatever rank 0 broadcasts until it says stop."""
     while True:
-        plan = _broadcast(None, group)
+        plan = wire.broadcast(None, group, runner.cache.device)
         if plan.stop:
             return
         try:
@@ -300,30 +307,41 @@ def _follow(runner: Runner, group) -> None:
 
 
 def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
-    """Entry point of TP worker ``rank`` (a spawned process)."""
+    """Entry point of TP worker ``rank``, a process the server spawned: it gets torchrun's
+    environment from here, then runs :func:`run_rank`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(cfg.tp), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(cfg.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from ..affinity import pin
+    pin(rank, cfg.tp)  # before loading: the weights land in this rank's NUMA node
+    run_rank(cfg, cmd_q, evt_q)
+
+
+def run_rank(cfg: EngineConfig, cmd_q, evt_q) -> None:
+    """One TP rank of the engine, on the ranks of the launcher's environment (a spawned worker or
+    a torchrun process). Rank 0 serves ``cmd_q`` / ``evt_q``; the other ranks follow it (their
+    queues are unused: ``None`` under torchrun, where a failure is this process's exit)."""
     from .. import failure
     from ..checkpoint.source import build_model, load_tokenizer, resolve
-    from ..affinity import pin
-    from ..mesh import Mesh
-    pin(rank, cfg.tp)  # before loading: the weights land in this rank's NUMA node
+    from ..mesh import Mesh, launch_env, pick_dtype
+    rank = launch_env().rank
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    failure.install(rank, evt_q.put)  # every rank reports its phase and its error to the server
+    if evt_q is not None:  # every rank reports its phase and its error to the server
+        failure.install(rank, evt_q.put)
     try:
         with torch.inference_mode(), failure.phase("start"):
             t0 = time.perf_counter()
-            mesh = Mesh.init(tp=cfg.tp, backend="gloo", timeout_s=7 * 86400.0)
+            mesh = Mesh.init(tp=cfg.tp, device=cfg.device, timeout_s=7 * 86400.0)
             source = resolve(cfg.model)
-            model = build_model(source, group=mesh.tp_group, dtype=getattr(torch, cfg.dtype),
-                                device=mesh.device).eval()
+            model = build_model(source, group=mesh.tp_group, device=mesh.device,
+                                dtype=pick_dtype(cfg.dtype, mesh.device)).eval()
             context = source.config.max_position_embeddings
             with failure.phase("allocate KV cache"):
                 cache = PagedKVCache(model, cfg.num_blocks(context), cfg.block_size)
             runner = Runner(model, mesh.tp_group, cache,
-                            options=StepOptions(compile=cfg.compile, max_seqs=cfg.max_seqs))
+                            options=StepOptions(compile=cfg.compile, max_seqs=cfg.max_seqs,
+                                                cuda_graphs=cfg.cuda_graphs))
             t1 = time.perf_counter()
             if rank == 0 and cfg.compile:
                 print(f"shardwise serve: compiling the decode step for batch buckets "
@@ -332,6 +350,7 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
             with failure.phase("compile decode steps"):
                 runner.step.warmup()
             compile_s = time.perf_counter() - t1
+            pids = _pids(mesh.tp_group)
             if rank != 0:
                 with failure.phase("serve"):
                     _follow(runner, mesh.tp_group)
@@ -350,8 +369,9 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                                  "capacity": capacity,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
                                  "load_s": t1 - t0, "compile_s": compile_s,
-                                 "graphs": len(runner.step.buckets) if cfg.compile else 0,
-                                 "pid": os.getpid()}))
+                                 "graphs": runner.step.graph_count, "device": str(mesh.device),
+                                 "dtype": str(cache.dtype).removeprefix("torch."),
+                                 "pids": pids}))
             with failure.phase("serve"):
                 _lead(runner, sched, grammars, mesh.tp_group, cmd_q, evt_q, cfg.profile, context)
     except BaseException as exc:  # noqa: BLE001 - reported to the server (once); die non-zero
@@ -363,3 +383,12 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _pids(group) -> list[int]:
+    """The process ids of the TP ranks, in rank order (every rank calls this: a collective)."""
+    if group is None:
+        return [os.getpid()]
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, os.getpid(), group=group)
+    return out

@@ -86,7 +86,7 @@ class PagedKVCache:
         self.k = {int(i): torch.zeros(slots + 1, self.nkv * self.d, dtype=dtype, device=dev)
                   for i in model.model.layers}
         self.v = {i: torch.zeros_like(t) for i, t in self.k.items()}
-        self.device, self.long_after = dev, model.long_after
+        self.device, self.dtype, self.long_after = dev, dtype, model.long_after
         self.long_rope: torch.Tensor | None = None  # (1, T): the model's ``long_rope``
 
     @property

@@ -18,9 +18,10 @@ A *decode step* (every scheduled sequence feeds one token) is the function::
 Under ``torch.compile`` (``fullgraph=True``) ``B`` is static and ``L`` a symbolic dimension:
 one graph per batch bucket serves every width, so a server compiles at most
 ``len(batch_buckets(max_seqs))`` graphs, which :func:`batch_buckets` keeps within the budget
-(8). Widths stay bucketed all the same: a device that replays captured graphs (CUDA graphs)
-needs a small fixed set of static widths. Buckets compile lazily on first use, or all at once
-with :meth:`StaticStep.warmup`; inductor's on-disk cache makes the second start fast.
+(8). Widths stay bucketed all the same: on a CUDA device each ``(B, L)`` bucket is also captured as
+a CUDA graph (:mod:`.graphs`, with static input buffers) and replayed, so a step costs one launch
+instead of hundreds. Buckets compile (and capture) lazily on first use, or all batch buckets at
+once with :meth:`StaticStep.warmup`; inductor's on-disk cache makes the second start fast.
 
 A step with prefill chunks (*mixed*: prompts being fed, plus the decodes of the same step) runs
 eager as one flat row ``(1, T)`` (:meth:`PagedKVCache.attend`): its matmuls over T rows dominate
@@ -36,6 +37,7 @@ import torch
 
 from .. import kernels
 from ..models.attention import attention
+from .graphs import CudaGraphs
 from .kv import Chunk, PagedKVCache
 
 MIN_WIDTH = 64
@@ -89,15 +91,18 @@ class StepOptions:
     """How the engine runs its steps.
 
     ``compile``: decode steps through ``torch.compile`` (False: the same static-shape function,
-    eager). ``max_seqs``: the largest batch bucket. ``max_graphs``: the graph budget.
-    ``max_context``: the widest KV width (the model's context by default). ``freezing``:
-    inductor's freezing (weights folded in as constants, linears prepacked for oneDNN); off by
-    default: measured 0.90-0.96x the unfrozen decode speed (the decode products are
-    ``shardwise::linear``, which it does not prepack) and a 2-2.7x slower warm start (the
-    folding is redone at every start); benchmarks/RESULTS.md, issue 10.
+    eager). ``cuda_graphs``: on a CUDA device, capture each decode bucket as a CUDA graph and
+    replay it (compiled or eager alike; the CPU has no graphs to capture). ``max_seqs``: the
+    largest batch bucket. ``max_graphs``: the budget of compiled graphs. ``max_context``: the
+    widest KV width (the model's context by default). ``freezing``: inductor's freezing (weights
+    folded in as constants, linears prepacked for oneDNN); off by default: measured 0.90-0.96x
+    the unfrozen decode speed (the decode products are ``shardwise::linear``, which it does not
+    prepack) and a 2-2.7x slower warm start (the folding is redone at every start);
+    benchmarks/RESULTS.md, issue 10.
     """
 
     compile: bool = True
+    cuda_graphs: bool = True
     max_seqs: int = 32
     max_graphs: int = 8
     max_context: int | None = None
@@ -109,11 +114,12 @@ class StaticStep:
 
     def __init__(self, model, cache: PagedKVCache, options: StepOptions = StepOptions()) -> None:
         self.model, self.cache, self.options = model, cache, options
-        kernels.enable()  # before anything is traced: the decode products' kernel
+        self.device = cache.device
+        if self.device.type == "cpu":
+            kernels.enable()  # before anything is traced: the decode products' kernel
         self.buckets = batch_buckets(options.max_seqs, options.max_graphs)
         self.limit = min(options.max_context or model.config.max_position_embeddings,
                          cache.num_blocks * cache.block_size)
-        self.device = cache.device
         self._decode_fn = self._decode
         # The static decode reads every key of a row up to its length: no sliding windows, and
         # longrope's restart needs the flat step; such models run every step eager (flat).
@@ -124,6 +130,20 @@ class StaticStep:
                                             dynamic=False, options=_COMPILE_OPTIONS
                                             | {"freezing": options.freezing})
         self.graphs: set[int] = set()  # batch buckets run so far (compiled once each)
+        self.cuda = CudaGraphs(self._decode_fn, self.device, prepare=self._mark) \
+            if options.cuda_graphs and self.device.type == "cuda" and self.static else None
+
+    @property
+    def graph_count(self) -> int:
+        """Graphs ready: CUDA graphs captured, else compiled batch buckets (eager: 0)."""
+        if self.cuda is not None:
+            return len(self.cuda.graphs)
+        return len(self.graphs) if self.options.compile else 0
+
+    def _mark(self, static) -> None:
+        """The KV width is a symbolic dimension of the compiled graph."""
+        if self.options.compile:
+            torch._dynamo.mark_dynamic(static.table, 1)
 
     # ------------------------------------------------------------------ the graph
     def _decode(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
@@ -152,7 +172,11 @@ class StaticStep:
 
     # ------------------------------------------------------------------ inputs
     def decode_inputs(self, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, ...]:
-        """Static-shape inputs of a decode step (every chunk one token)."""
+        """Static-shape inputs of a decode step (every chunk one token), on the step's device."""
+        return tuple(t.to(self.device) for t in self.host_inputs(chunks))
+
+    def host_inputs(self, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, ...]:
+        """:meth:`decode_inputs` on the CPU: ``ids, pos, slots (B,), table (B, L), lens (B,)``."""
         n = len(chunks)
         B = next((b for b in self.buckets if b >= n), None)
         if B is None:
@@ -173,8 +197,7 @@ class StaticStep:
         pos = torch.tensor([c.start for c in chunks] + [0] * (B - n), dtype=torch.long)
         slots = table[torch.arange(B), (pos).clamp(max=L - 1)].clone()
         slots[n:] = null
-        dev = self.device
-        return tuple(t.to(dev) for t in (ids, pos, slots, table, lens))
+        return ids, pos, slots, table, lens
 
     # ------------------------------------------------------------------ running
     def __call__(self, chunks: Sequence[Chunk],
@@ -185,10 +208,14 @@ class StaticStep:
         if rows is None:
             rows = [(i, len(c.tokens) - 1) for i, c in enumerate(chunks) if c.sample]
         if self.static and chunks and all(len(c.tokens) == 1 for c in chunks):
-            args = self.decode_inputs(chunks)
-            self.graphs.add(args[0].shape[0])
-            torch._dynamo.mark_dynamic(args[3], 1)
-            logits = self._decode_fn(*args)                                    # (B, V / t)
+            host = self.host_inputs(chunks)
+            self.graphs.add(host[0].shape[0])
+            if self.cuda is not None and self.cuda.fits(host[3].shape[1]):
+                logits = self.cuda.run(*host)                                  # (B, V / t)
+            else:
+                args = tuple(t.to(self.device) for t in host)
+                torch._dynamo.mark_dynamic(args[3], 1)
+                logits = self._decode_fn(*args)                                # (B, V / t)
             return logits[[i for i, _ in rows]]
         ids, pos, last = self.cache.prepare(list(chunks))
         flat = [last[i] + 1 - len(chunks[i].tokens) + j for i, j in rows]
@@ -196,8 +223,10 @@ class StaticStep:
                           long_rope=self.cache.long_rope)[0]
 
     def warmup(self) -> None:
-        """Compile (or load from the cache) every batch bucket's graph now (eager: nothing)."""
-        if not (self.options.compile and self.static):
+        """Compile (or load from the cache) every batch bucket's graph now, and on CUDA capture
+        each at the narrowest KV width (eager on the CPU, or a model the static step does not
+        serve: nothing)."""
+        if not self.static or (not self.options.compile and self.cuda is None):
             return
         for B in self.buckets:
             chunks = [Chunk(-1, [0], 0, [0], True) for _ in range(B)]
