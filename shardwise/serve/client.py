@@ -39,9 +39,9 @@ class EngineClient:
         self._cmd, self._evt = ctx.Queue(), ctx.Queue()
         port = free_port()
         self.procs = [ctx.Process(target=worker_main, args=(r, cfg, port, self._cmd, self._evt),
-                                  daemon=True, name=f"shardwise-tp{r}") for r in range(cfg.tp)]
+                                  daemon=True, name=f"shardwise-tp{r}") for r in range(cfg.world)]
         self.info: dict[str, Any] = {}
-        self.phases = ["start"] * cfg.tp
+        self.phases = ["start"] * cfg.world
         self.dead: str | None = None
         self.stopping = False
         self._ids = itertools.count(1)

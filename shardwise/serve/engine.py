@@ -8,6 +8,13 @@ gives every rank the same tokens. Rank 0 talks to the server process through two
 commands in (``add``, ``cancel``, ``stop``), events out (``ready``, ``step``, ``stats``,
 ``fail``, ``error``).
 
+Expert parallelism (``ep > 1``): the ``tp x ep`` ranks form ``ep`` TP groups that run different
+sequences (sequence ``i`` on group ``i mod ep``, where its KV cache lives) and exchange tokens in
+every MoE layer (:mod:`shardwise.models.moe`); the plan goes to every rank, a group without a
+sequence in a step still runs the model on no tokens (its all-to-alls take part), and the
+groups' tokens are gathered on rank 0 (``all_gather_object`` over the EP group of TP rank 0). A
+step that raises there is fatal: the other groups would wait for it in an all-to-all.
+
 One request never takes the engine down: rank 0 refuses a request it cannot run before it is
 scheduled (:func:`.admit.admission_error`, a ``fail`` event with status 400), and a step that
 raises on every rank (the same plan runs the same code everywhere) fails only the sequence that
@@ -41,6 +48,8 @@ from .scheduler import SamplerSpec, Scheduler, Sequence, StepPlan
 class EngineConfig:
     model: str
     tp: int = 1
+    ep: int = 1                       # TP groups side by side splitting the experts (MoE)
+    expert_tp: int | None = None      # ranks each expert spans in its TP group (default tp)
     kv_tokens: int | None = None      # cache size in tokens per rank (default: the context)
     block_size: int = 16
     max_seqs: int = 32
@@ -51,7 +60,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the option, before any worker starts."""
-        for name in ("tp", "block_size", "max_seqs", "max_batched_tokens"):
+        for name in ("tp", "ep", "block_size", "max_seqs", "max_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         for name in ("kv_tokens", "threads"):
@@ -65,24 +74,44 @@ class EngineConfig:
     def num_blocks(self, context: int) -> int:
         return blocks_for(self.kv_tokens or context, self.block_size)
 
+    @property
+    def world(self) -> int:
+        return self.tp * self.ep
+
 
 class Runner:
-    """One rank's model, cache and per-sequence samplers."""
+    """One rank's model, cache and per-sequence samplers; with ``ep`` > 1 the sequences of its
+    TP group (``ep_rank`` of ``ep``) and the EP group its results are gathered over."""
 
-    def __init__(self, model, group, cache: PagedKVCache) -> None:
+    def __init__(self, model, group, cache: PagedKVCache, *, ep: int = 1, ep_rank: int = 0,
+                 ep_group=None, tp_rank: int = 0) -> None:
         self.model, self.group, self.cache = model, group, cache
+        self.ep, self.ep_rank, self.ep_group, self.tp_rank = ep, ep_rank, ep_group, tp_rank
         self.head = model.lm_head
         self.samplers: dict[int, tuple[SamplerSpec, SamplingParams, torch.Generator]] = {}
 
     def execute(self, plan: StepPlan) -> tuple[dict[int, int], dict[int, Any]]:
         """Run one step. Returns seq id -> sampled token and seq id -> logprob entry
-        ``(logprob of the token, [(token, logprob), ...top k])`` for sequences that asked."""
+        ``(logprob of the token, [(token, logprob), ...top k])`` for sequences that asked (with
+        ``ep`` > 1: of every group's sequences, on TP rank 0)."""
         for sid in plan.drop:
             self.samplers.pop(sid, None)
         for sid, sp in plan.new.items():
             self.samplers[sid] = (sp, *make_sampler(sp))
-        ids, pos, last = self.cache.prepare(plan.chunks)
-        picked = [(c.seq_id, last[i]) for i, c in enumerate(plan.chunks) if c.sample]
+        if self.ep == 1:
+            return self._run(plan.chunks)
+        sampled, logprobs = self._run([c for c in plan.chunks if c.seq_id % self.ep == self.ep_rank])
+        if self.tp_rank == 0:  # every group's tokens to rank 0
+            box: list[Any] = [None] * self.ep
+            dist.all_gather_object(box, (sampled, logprobs), group=self.ep_group)
+            for s, lp in box:
+                sampled.update(s)
+                logprobs.update(lp)
+        return sampled, logprobs
+
+    def _run(self, chunks: list) -> tuple[dict[int, int], dict[int, Any]]:
+        ids, pos, last = self.cache.prepare(chunks)
+        picked = [(c.seq_id, last[i]) for i, c in enumerate(chunks) if c.sample]
         local = self.model(ids, pos, self.cache.attend, rows=[r for _, r in picked])[0]
         if not picked:
             return {}, {}
@@ -138,8 +167,8 @@ def run_step(runner: Runner, sched: Scheduler,
     try:
         sampled, logprobs = runner.execute(plan)
     except Exception as e:  # noqa: BLE001 - one request's failure, not the engine's...
-        if _comm_failure(e):
-            raise  # ...unless a peer died or the group broke: then it is fatal
+        if _comm_failure(e) or runner.ep > 1:
+            raise  # ...unless a peer died or the group broke (or EP groups wait): fatal
         trace = traceback.format_exc()
         failed = sched.fail_step(plan)
         print(f"shardwise engine: a step of {len(plan.chunks)} sequence(s) raised; "
@@ -221,35 +250,39 @@ def _follow(runner: Runner, group) -> None:
         try:
             runner.execute(plan)
         except Exception as e:  # noqa: BLE001 - rank 0 raised alike and decides what fails
-            if _comm_failure(e):
+            if _comm_failure(e) or runner.ep > 1:
                 raise
 
 
 def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
     """Entry point of TP worker ``rank`` (a spawned process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(cfg.tp), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(cfg.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(cfg.world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(cfg.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from .. import failure
     from ..checkpoint.source import build_model, resolve
     from ..launch import threads_per_rank
     from ..mesh import Mesh
-    torch.set_num_threads(cfg.threads or threads_per_rank(cfg.tp))
+    from ..models.moe import ExpertParallel
+    torch.set_num_threads(cfg.threads or threads_per_rank(cfg.world))
     failure.install(rank, evt_q.put)  # every rank reports its phase and its error to the server
     try:
         with torch.inference_mode(), failure.phase("start"):
             t0 = time.perf_counter()
-            mesh = Mesh.init(tp=cfg.tp, backend="gloo", timeout_s=7 * 86400.0)
+            mesh = Mesh.init(tp=cfg.tp, ep=cfg.ep, backend="gloo", timeout_s=7 * 86400.0)
             source = resolve(cfg.model)
             model = build_model(source, group=mesh.tp_group, dtype=getattr(torch, cfg.dtype),
-                                device=mesh.device).eval()
+                                device=mesh.device, experts=ExpertParallel(
+                                    mesh.ep_group, cfg.expert_tp)).eval()
             context = source.config.max_position_embeddings
             with failure.phase("allocate KV cache"):
                 cache = PagedKVCache(model, cfg.num_blocks(context), cfg.block_size)
-            runner = Runner(model, mesh.tp_group, cache)
+            runner = Runner(model, mesh.tp_group, cache, ep=cfg.ep, ep_rank=mesh.ep_rank,
+                            ep_group=mesh.ep_group, tp_rank=mesh.tp_rank)
+            plans = mesh.tp_group if cfg.ep == 1 else dist.group.WORLD  # who gets the plans
             if rank != 0:
                 with failure.phase("serve"):
-                    _follow(runner, mesh.tp_group)
+                    _follow(runner, plans)
                 return
             sched = Scheduler(cache.num_blocks, cfg.block_size, max_seqs=cfg.max_seqs,
                               max_batched_tokens=cfg.max_batched_tokens)
@@ -257,7 +290,7 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                                  "context": context, "kv_mib": cache.bytes / 2**20,
                                  "load_s": time.perf_counter() - t0, "pid": os.getpid()}))
             with failure.phase("serve"):
-                _lead(runner, sched, mesh.tp_group, cmd_q, evt_q, cfg.profile, context)
+                _lead(runner, sched, plans, cmd_q, evt_q, cfg.profile, context)
     except BaseException as exc:  # noqa: BLE001 - reported to the server (once); die non-zero
         failure.report(exc)
         raise

@@ -113,7 +113,7 @@ class PagedKVCache:
             else:
                 keys = torch.tensor(self._slots(c.blocks, 0, ctx), device=self.device)
                 self.prefills.append((off, n, keys, c.start))
-        self.slot_mapping = torch.tensor(slot, device=self.device)
+        self.slot_mapping = torch.tensor(slot, dtype=torch.long, device=self.device)
         if self.n_dec:
             width = max(dec_lens)
             table = torch.zeros(self.n_dec, width, dtype=torch.long)
@@ -124,7 +124,9 @@ class PagedKVCache:
             mask = torch.arange(width).unsqueeze(0) < lens                        # (n_dec, L)
             self.dec_mask = mask.view(self.n_dec, 1, 1, width).to(self.device)
         dev = self.device
-        return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), last)
+        # (1, T): T may be 0 (an EP group without a sequence this step still runs its layers)
+        return (torch.tensor([ids], dtype=torch.long, device=dev),
+                torch.tensor([pos], dtype=torch.long, device=dev), last)
 
     def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """(n, L) slots -> (n, nkv, L, d)."""
