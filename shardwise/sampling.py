@@ -10,6 +10,14 @@ Rank r holds logits of vocabulary rows ``[start, stop)`` (padding set to ``-inf`
   keeps its columns, so the sample is the same at any tp; then the parallel argmax above.
 * Top-k / top-p: the rows that need them gather their full logits (one row of V floats), filter,
   and use the same Gumbel noise.
+* A token mask (structured output): one packed bitmask per row over the *whole* vocabulary,
+  ``(n, ceil(V / 32))`` int32, bit ``v % 32`` of word ``v // 32`` set when token ``v`` is allowed
+  (llguidance's layout). Every rank unpacks the bits of its own slice and sets the logits of
+  disallowed tokens to ``-inf`` before anything else: the sampler stays vocabulary-parallel, and the
+  mask is a tensor input of the step (an all-ones row for unconstrained sequences), not control
+  flow.
+* Log-probabilities (:func:`parallel_logprobs`): each rank's log-sum-exp, chosen logit and top k of
+  its slice, exchanged in one gather of ``2 + 2k`` numbers per row and rank.
 """
 from __future__ import annotations
 
@@ -77,10 +85,34 @@ def _filter(row: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return row
 
 
+def mask_words(vocab: int) -> int:
+    """Int32 words of one packed token mask over ``vocab`` tokens."""
+    return (vocab + 31) // 32
+
+
+def unpack_mask(mask: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """The allowed tokens ``[start, start + width)`` of packed masks (n, words) -> (n, width) bool.
+    Columns beyond the last word (the padded vocabulary) read its last word: they are ``-inf``
+    already."""
+    idx = torch.arange(start, start + width, device=mask.device)
+    word = (idx // 32).clamp_(max=mask.shape[1] - 1)
+    bit = (idx % 32).to(mask.dtype)
+    return ((mask.index_select(1, word) >> bit) & 1).bool()           # (n, width)
+
+
+def apply_mask(local: torch.Tensor, mask: torch.Tensor | None, start: int) -> torch.Tensor:
+    """Local logits (n, V_local) with the tokens a packed mask (n, words) disallows at ``-inf``."""
+    if mask is None:
+        return local
+    return local.masked_fill(~unpack_mask(mask, start, local.shape[-1]), float("-inf"))
+
+
 def sample(local: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None], *, start: int, vocab: int,
-           group: ProcessGroup | None) -> torch.Tensor:
-    """Next token for each row of local logits (n, V_local); ``vocab`` is the real size."""
+           group: ProcessGroup | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token for each row of local logits (n, V_local); ``vocab`` is the real size;
+    ``mask`` (n, words) int32: the allowed tokens of each row, packed (see the module)."""
+    local = apply_mask(local, mask, start)
     n, width = local.shape
     z = local.double()
     filtered = [i for i, p in enumerate(params) if not p.greedy and (p.top_k or p.top_p < 1.0)]
@@ -103,3 +135,40 @@ def sample(local: torch.Tensor, params: list[SamplingParams],
             piece[:hi] = noise[start:start + hi]
             z[i] = z[i] / p.temperature + piece
     return parallel_argmax(z, start, group)
+
+
+def parallel_logprobs(local: torch.Tensor, tokens: torch.Tensor, k: int, *, start: int,
+                      vocab: int, group: ProcessGroup | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under ``softmax(z)`` from vocabulary-parallel logits (n, V_local).
+
+    Returns the log-probability of ``tokens`` (n,) and the top ``k``: values (n, k) and token ids
+    (n, k), ties by the lower id. ``log p_v = z_v - logsumexp(z)`` with
+    ``logsumexp(z) = logsumexp_r(logsumexp(z_r))`` over the ranks' slices; the chosen logit comes
+    from the rank that owns it. One gather of ``(n, 2 + 2k)`` per rank."""
+    n, width = local.shape
+    z = local.double()
+    hi = max(0, min(width, vocab - start))
+    z[:, hi:] = float("-inf")                                          # padded rows never count
+    lse = torch.logsumexp(z, dim=-1)                                   # (n,)
+    own = (tokens >= start) & (tokens < start + hi)
+    col = (tokens - start).clamp(0, max(0, width - 1))
+    chosen = torch.where(own, z.gather(1, col[:, None])[:, 0], float("-inf"))  # (n,)
+    kk = min(k, width)
+    top = z.topk(kk, dim=-1) if kk else None
+    vals = top.values if top is not None else z.new_empty(n, 0)
+    ids = (top.indices + start).double() if top is not None else z.new_empty(n, 0)
+    if kk < k:  # a slice narrower than k: pad with impossible entries
+        vals = torch.cat([vals, z.new_full((n, k - kk), float("-inf"))], dim=1)
+        ids = torch.cat([ids, z.new_full((n, k - kk), float(vocab))], dim=1)
+    mine = torch.cat([lse[:, None], chosen[:, None], vals, ids], dim=1)  # (n, 2 + 2k)
+    t = group_size(group)
+    every = gather_stacked(mine, group, t) if t > 1 else mine[None]      # (t, n, 2 + 2k)
+    total = torch.logsumexp(every[..., 0], dim=0)                        # (n,)
+    chosen = every[..., 1].max(dim=0).values - total
+    vals = every[..., 2:2 + k].permute(1, 0, 2).reshape(n, t * k)        # (n, t * k)
+    ids = every[..., 2 + k:].permute(1, 0, 2).reshape(n, t * k)          # (n, t * k)
+    order = torch.argsort(ids, dim=-1, stable=True)                      # lower id first...
+    vals, ids = vals.gather(1, order), ids.gather(1, order)
+    best = torch.argsort(vals, dim=-1, descending=True, stable=True)[:, :k]  # ...among ties
+    return chosen, vals.gather(1, best) - total[:, None], ids.gather(1, best).long()

@@ -16,7 +16,8 @@ from typing import Any, Callable, NoReturn
 
 EXTRAS = {  # importable name -> the extra that installs it
     "transformers": "hf", "safetensors": "hf", "gguf": "hf", "tokenizers": "hf",
-    "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "matplotlib": "bench",
+    "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "llguidance": "serve",
+    "matplotlib": "bench",
 }
 
 

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from shardwise.sampling import SamplingParams, _filter, gumbel, sample
+from shardwise.sampling import (SamplingParams, _filter, gumbel, mask_words, parallel_logprobs,
+                                sample)
 
 VOCAB = 50
 
@@ -47,6 +48,62 @@ def test_same_tokens_at_every_tp(pool):
     z = _logits()
     assert results[1][0][0][0] == 7 and results[1][0][0][0] == int(z[0].argmax())
     assert results[1][0][0][5] == int(z[5].argmax())
+
+
+def _masks(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed masks (n, words) int32 and the same as booleans (n, VOCAB): row i allows a random
+    set of tokens, row 0 exactly one, the last row everything (an unconstrained row)."""
+    g = torch.Generator().manual_seed(5)
+    allowed = torch.rand(n, VOCAB, generator=g) < 0.3
+    allowed[0] = False
+    allowed[0, 42] = True
+    allowed[-1] = True
+    bits = torch.zeros(n, 32 * mask_words(VOCAB), dtype=torch.int64)
+    bits[:, :VOCAB] = allowed.long()
+    words = (bits.view(n, -1, 32) << torch.arange(32)).sum(-1)            # (n, words) uint32
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32), allowed
+
+
+def masked_worker(tp, params):
+    from shardwise.layers import VocabParallelEmbedding
+    from shardwise.mesh import subgroup
+    group = subgroup(list(range(tp)))
+    if torch.distributed.get_rank() >= tp:
+        return None
+    emb = VocabParallelEmbedding(VOCAB, 1, group=group)
+    z = torch.nn.functional.pad(_logits(), (0, emb.partition.padded - VOCAB), value=float("-inf"))
+    local = z[:, emb.start:emb.stop]
+    packed, _ = _masks(len(params))
+    gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+    toks = sample(local, params, gens, start=emb.start, vocab=VOCAB, group=group, mask=packed)
+    chosen, vals, ids = parallel_logprobs(local, toks, 4, start=emb.start, vocab=VOCAB,
+                                          group=group)
+    return toks.tolist(), chosen.tolist(), vals.tolist(), ids.tolist()
+
+
+def test_masked_sampling_and_logprobs_at_every_tp(pool):
+    """Every rank masks its own slice; the tokens are the same at any tp, always allowed, and
+    the unmasked rows are those of plain sampling; log-probabilities equal the full softmax."""
+    params = PARAMS[:5] + [SamplingParams(temperature=0.9, seed=8)]
+    results = {}
+    for tp in (1, 2, 3, 4):
+        results[tp] = [r for r in pool.run(masked_worker, tp, params) if r]
+        assert all(r[0] == results[tp][0][0] for r in results[tp])
+    toks = results[1][0][0]
+    assert all(results[tp][0][0] == toks for tp in (2, 3, 4)), results
+    _, allowed = _masks(len(params))
+    assert toks[0] == 42 and all(allowed[i, t] for i, t in enumerate(toks))
+    gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+    assert toks[-1] == sample(_logits(), params, gens, start=0, vocab=VOCAB, group=None)[-1]
+    full = _logits().double().log_softmax(-1)
+    top = full.topk(4)
+    for tp in (1, 2, 3, 4):
+        _, chosen, vals, ids = results[tp][0]
+        want = full.gather(1, torch.tensor(toks)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(chosen, dtype=torch.float64), want, atol=1e-9)
+        assert ids[1:] == top.indices[1:].tolist()  # row 0 has a tie: the lower id first
+        assert ids[0][:2] == [7, 31]
+        assert torch.allclose(torch.tensor(vals, dtype=torch.float64), top.values, atol=1e-9)
 
 
 def test_sampling_follows_the_filtered_softmax():

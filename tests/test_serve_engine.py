@@ -9,7 +9,8 @@ import torch
 from shardwise.checkpoint.source import build_model, resolve
 from shardwise.models.cache import KVCache
 from shardwise.serve.engine import Runner
-from shardwise.serve.kv import BlockAllocator, PagedKVCache
+from shardwise.serve.blocks import BlockPool
+from shardwise.serve.kv import PagedKVCache
 from shardwise.serve.scheduler import SamplerSpec, Scheduler, Sequence
 from shardwise.serve.text import TextStream
 
@@ -52,8 +53,7 @@ def test_continuous_batching_matches_solo_with_chunks_and_preemption():
             for s in seqs[4:]:
                 sched.add(s)
         plan = sched.schedule()
-        sampled, _ = runner.execute(plan)
-        sched.update(plan, sampled)
+        sched.update(plan, runner.execute(plan).sampled)
         steps += 1
     assert not sched.has_work()
     assert sched.preemptions > 0
@@ -75,12 +75,12 @@ def test_cancel_frees_blocks_and_seeded_sampling_repeats():
         sched.add(b)
         for _ in range(4):
             plan = sched.schedule()
-            sched.update(plan, runner.execute(plan)[0])
+            sched.update(plan, runner.execute(plan).sampled)
         assert sched.alloc.num_used > 0
         assert sched.cancel(2) and not sched.cancel(99)
         while sched.has_work():
             plan = sched.schedule()
-            sched.update(plan, runner.execute(plan)[0])
+            sched.update(plan, runner.execute(plan).sampled)
         assert sched.alloc.num_free == 16
         outs.append(a.output)
     assert outs[0] == outs[1] and len(outs[0]) == 20
@@ -88,7 +88,7 @@ def test_cancel_frees_blocks_and_seeded_sampling_repeats():
 
 
 def test_allocator_and_text_stream():
-    a = BlockAllocator(4)
+    a = BlockPool(4, 8)
     got = a.allocate(3)
     assert len(set(got)) == 3 and a.allocate(2) is None and a.num_free == 1
     a.free(got)

@@ -86,10 +86,6 @@ def test_findings_through_the_openai_client(server, client, workers):
     a, b = (chat(client, seed=-(2**63), temperature=1.0) for _ in range(2))
     assert a.choices[0].message.content == b.choices[0].message.content
     unsupported = [
-        ("tools", dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])),
-        ("tool_choice", dict(tool_choice="required")),
-        ("response_format", dict(response_format={"type": "json_object"})),
-        ("n", dict(n=2)),
         ("presence_penalty", dict(presence_penalty=0.5)),
         ("messages[0].content[1]", dict(messages=[{"role": "user", "content": [
             {"type": "text", "text": "what is this?"},
@@ -99,11 +95,22 @@ def test_findings_through_the_openai_client(server, client, workers):
         with pytest.raises(openai.BadRequestError) as e:
             chat(client, **kw)
         assert e.value.param == param and e.value.code == "unsupported_parameter", param
-    for param, kw in (("echo", dict(echo=True)), ("prompt", dict(prompt=["a", "b"])),
-                      ("best_of", dict(best_of=2))):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, best_of=2)
+    assert e.value.param == "best_of"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    for param, kw in (("tool_choice", dict(tool_choice="required")),
+                      ("tool_choice", dict(tools=tools, tool_choice={
+                          "type": "function", "function": {"name": "g"}})),
+                      ("tools", dict(tools=tools * 2)),
+                      ("response_format", dict(response_format={"type": "json_schema",
+                                                                "json_schema": {
+                                                                    "name": "x", "schema": {
+                                                                        "type": "nonsense"}}})),
+                      ("n", dict(n=200))):
         with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model=MODEL, **{"prompt": "x", "max_tokens": 2, **kw})
-        assert e.value.param == param, param
+            chat(client, **kw)
+        assert e.value.param == param, (param, e.value.message)
     with pytest.raises(openai.BadRequestError) as e:  # a typo is not silently ignored
         chat(client, extra_body={"max_token": 3})
     assert e.value.param == "max_token"

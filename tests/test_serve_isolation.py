@@ -57,7 +57,7 @@ def test_a_failing_step_fails_only_its_request():
         sched.add(s)
     failed, isolated, steps = [], False, 0
     while sched.has_work() and steps < 100:
-        _, f = run_step(runner, sched, sched.schedule())
+        _, _, f = run_step(runner, sched, sched.schedule())
         isolated |= bool(sched.suspects)
         failed += f
         steps += 1
@@ -78,12 +78,12 @@ def test_a_refused_request_gets_its_error_alone():
 
     async def go():
         c = EngineClient(EngineConfig(model="tiny"))  # no worker started: events fed by hand
-        a, qa = c.submit([1, 2], SamplerSpec(), 2, [])
-        b, qb = c.submit([3, 4], SamplerSpec(), 2, [])
+        [(a, qa)] = c.submit([1, 2], [SamplerSpec()], 2, [])
+        [(b, qb)] = c.submit([3, 4], [SamplerSpec()], 2, [])
         c._deliver(("fail", a, 400, "prompt token id 300 is outside the vocabulary"))
         assert qa.get_nowait() == ("error", "prompt token id 300 is outside the vocabulary", 400,
                                    "invalid_value")
         assert qb.empty() and c.dead is None
-        c._deliver(("step", [(b, 7, "length", None)], {}))
+        c._deliver(("step", [(b, 7, "length", None)], [], {}))
         assert qb.get_nowait()[:3] == ("token", 7, "length")
     asyncio.run(go())

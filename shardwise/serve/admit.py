@@ -23,9 +23,10 @@ def make_sampler(spec: SamplerSpec) -> tuple[SamplingParams, torch.Generator]:
 
 
 def admission_error(seq: Sequence, *, vocab: int, context: int, num_blocks: int,
-                    block_size: int) -> str | None:
-    """Why ``seq`` cannot run on this engine, or ``None``."""
-    n = len(seq.prompt)
+                    block_size: int, max_seqs: int | None = None) -> str | None:
+    """Why ``seq`` (with its followers: the other samples of its prompt) cannot run on this
+    engine, or ``None``."""
+    n, samples = len(seq.prompt), 1 + len(seq.followers)
     if n == 0:
         return "the prompt is empty"
     bad = next((t for t in seq.prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
@@ -40,11 +41,19 @@ def admission_error(seq: Sequence, *, vocab: int, context: int, num_blocks: int,
     if need > num_blocks:
         return (f"{n} prompt + {seq.max_tokens} new tokens need {need} KV blocks but the cache "
                 f"has {num_blocks}")
-    k = seq.spec.logprobs
-    if k is not None and not (isinstance(k, int) and 0 <= k <= vocab):
-        return f"logprobs={k!r} must be in [0, {vocab}]"
-    try:
-        make_sampler(seq.spec)
-    except (ValueError, RuntimeError, TypeError, OverflowError) as e:
-        return f"invalid sampling parameters: {e}"
+    start = blocks_for(n + 1, block_size) + (samples - 1) * (n % block_size > 0)
+    if start > num_blocks:
+        return (f"n={samples} samples of a {n}-token prompt need {start} KV blocks to start but "
+                f"the cache has {num_blocks}")
+    if max_seqs is not None and samples > max_seqs:
+        return f"n={samples} samples exceed the {max_seqs} sequences a step runs (--max-seqs)"
+    for s in (seq, *seq.followers):
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(s.spec, name)
+            if k is not None and not (isinstance(k, int) and 0 <= k <= vocab):
+                return f"{name}={k!r} must be in [0, {vocab}]"
+        try:
+            make_sampler(s.spec)
+        except (ValueError, RuntimeError, TypeError, OverflowError) as e:
+            return f"invalid sampling parameters: {e}"
     return None

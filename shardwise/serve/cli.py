@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most requests in a step")
     parser.add_argument("--max-batched-tokens", type=int_range(1), default=256,
                         help="token budget of one step (prefill chunks fill what decodes leave)")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                        help="prefill every prompt in full (default: reuse the KV of full blocks "
+                             "that earlier prompts computed)")
     parser.add_argument("--max-queue", type=int_range(0), default=128,
                         help="requests that may wait beyond --max-seqs; more get 429")
     parser.add_argument("--max-prompt-tokens", type=int_range(1), default=None,
@@ -56,7 +59,8 @@ def engine_config(args: argparse.Namespace):
                         kv_tokens=args.kv_tokens,
                         block_size=args.block_size, max_seqs=args.max_seqs,
                         max_batched_tokens=args.max_batched_tokens, dtype=args.dtype,
-                        threads=args.threads, profile=args.profile)
+                        threads=args.threads, profile=args.profile,
+                        prefix_caching=args.prefix_cache)
 
 
 def check_experts(cfg, tp: int, ep: int, expert_tp: int | None) -> None:
@@ -99,6 +103,7 @@ def check(args: argparse.Namespace) -> None:
     the extras, the address."""
     require("fastapi", what="shardwise serve")
     require("uvicorn", what="shardwise serve")
+    require("llguidance", what="shardwise serve (structured output)")
     require("transformers", what="shardwise serve (the tokenizer)")
     from ..checkpoint.source import load_tokenizer, resolve
     from ..partition import HeadLayout

@@ -9,8 +9,9 @@ rank also posts its phase and, on an exception, its :class:`~shardwise.failure.F
 event queue, so a failure on any rank names that rank, its phase and its error.
 A request the engine refuses or fails on its own (a ``fail`` event) gets its error alone.
 
-A request's queue receives ``("token", tok, finish_reason, logprobs, time)`` items, then ends, or
-one ``("error", message, status, code)``.
+A sequence's queue receives ``("prompt", entries)`` items (the prompt's log-probabilities, when
+asked), ``("token", tok, finish_reason, logprobs, time)`` items, then ends; or one
+``("error", message, status, code)``.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Any, Callable
 from ..failure import Failure
 from ..launch import PEER_WAIT_S, free_port
 from .engine import EngineConfig, worker_main
-from .scheduler import SamplerSpec
+from .scheduler import Request, SamplerSpec
 
 
 class EngineDead(RuntimeError):
@@ -142,6 +143,10 @@ class EngineClient:
                               "invalid_value" if status < 500 else "engine_error"))
             return
         if msg[0] == "step":
+            for sid, entries in msg[2]:
+                q = self._streams.get(sid)
+                if q is not None:
+                    q.put_nowait(("prompt", entries))
             for sid, tok, reason, lp in msg[1]:
                 q = self._streams.get(sid)
                 if q is not None:
@@ -163,15 +168,18 @@ class EngineClient:
             self.on_dead(reason)
 
     # ------------------------------------------------------------------ requests
-    def submit(self, prompt: list[int], spec: SamplerSpec, max_tokens: int,
-               eos_ids: list[int]) -> tuple[int, asyncio.Queue]:
+    def submit(self, prompt: list[int], specs: list[SamplerSpec], max_tokens: int,
+               eos_ids: list[int], *, grammar: str | None = None
+               ) -> list[tuple[int, asyncio.Queue]]:
+        """Submit ``len(specs)`` samples of one prompt (they share its prefill); returns each
+        sample's sequence id and queue."""
         if self.dead:
             raise EngineDead(self.dead)
-        sid = next(self._ids)
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[sid] = q
-        self._cmd.put(("add", sid, prompt, spec, max_tokens, eos_ids))
-        return sid, q
+        out = [(next(self._ids), asyncio.Queue()) for _ in specs]
+        self._streams.update(out)
+        self._cmd.put(("add", Request([sid for sid, _ in out], list(prompt), list(specs),
+                                      max_tokens, list(eos_ids), grammar)))
+        return out
 
     def cancel(self, sid: int) -> None:
         if self._streams.pop(sid, None) is not None and not self.dead:

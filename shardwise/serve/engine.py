@@ -9,11 +9,13 @@ commands in (``add``, ``cancel``, ``stop``), events out (``ready``, ``step``, ``
 ``fail``, ``error``).
 
 Expert parallelism (``ep > 1``): the ``tp x ep`` ranks form ``ep`` TP groups that run different
-sequences (sequence ``i`` on group ``i mod ep``, where its KV cache lives) and exchange tokens in
-every MoE layer (:mod:`shardwise.models.moe`); the plan goes to every rank, a group without a
-sequence in a step still runs the model on no tokens (its all-to-alls take part), and the
-groups' tokens are gathered on rank 0 (``all_gather_object`` over the EP group of TP rank 0). A
-step that raises there is fatal: the other groups would wait for it in an all-to-all.
+sequences and exchange tokens in every MoE layer (:mod:`shardwise.models.moe`). Rank 0 puts each
+new sequence on the group running the fewest (:class:`Groups`; forked samples stay with their
+leader, whose KV they share) and the plan goes to every rank; each group runs its chunks, a group
+without any in a step still runs the model on no tokens (its all-to-alls take part), and the
+groups' results are gathered on rank 0 (``all_gather_object`` over the EP group of TP rank 0).
+Each group keeps its sequences' KV in its own cache, so prefix caching (shared blocks) is off. A
+step that raises is fatal there: the other groups would wait for it in an all-to-all.
 
 One request never takes the engine down: rank 0 refuses a request it cannot run before it is
 scheduled (:func:`.admit.admission_error`, a ``fail`` event with status 400), and a step that
@@ -30,18 +32,19 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..comm import Ledger, all_gather_last
-from ..sampling import SamplingParams, sample
+from ..comm import Ledger
+from ..sampling import SamplingParams, mask_words, parallel_logprobs, sample
 from ..shm import PeerError
 from .admit import admission_error, make_sampler
+from .grammar import Grammars
 from .kv import PagedKVCache, blocks_for
-from .scheduler import SamplerSpec, Scheduler, Sequence, StepPlan
+from .scheduler import Request, SamplerSpec, Scheduler, Sequence, StepPlan
 
 
 @dataclass
@@ -56,6 +59,7 @@ class EngineConfig:
     max_batched_tokens: int = 256
     dtype: str = "float32"
     threads: int | None = None        # torch threads per rank (default max(1, cores // tp))
+    prefix_caching: bool = True       # reuse the KV of full blocks of earlier prompts
     profile: bool = False             # time collectives in each step (the Ledger)
 
     def __post_init__(self) -> None:
@@ -67,6 +71,8 @@ class EngineConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1 "
                                  "(or left out for the default)")
+        if self.ep > 1:  # each TP group holds its own sequences' KV: no shared prefix blocks
+            self.prefix_caching = False
         if self.kv_tokens is not None and self.kv_tokens < self.block_size:
             raise ValueError(f"--kv-tokens={self.kv_tokens} is less than one block of "
                              f"--block-size={self.block_size} tokens")
@@ -79,6 +85,14 @@ class EngineConfig:
         return self.tp * self.ep
 
 
+@dataclass
+class StepResult:
+    """What one step gives back: sampled tokens, their log-probabilities, prompt ones."""
+    sampled: dict[int, int] = field(default_factory=dict)
+    logprobs: dict[int, Any] = field(default_factory=dict)  # id -> (logprob, [(tok, lp), ...])
+    prompt: dict[int, list] = field(default_factory=dict)   # id -> [(tok, lp, [(tok, lp)])]
+
+
 class Runner:
     """One rank's model, cache and per-sequence samplers; with ``ep`` > 1 the sequences of its
     TP group (``ep_rank`` of ``ep``) and the EP group its results are gathered over."""
@@ -88,48 +102,109 @@ class Runner:
         self.model, self.group, self.cache = model, group, cache
         self.ep, self.ep_rank, self.ep_group, self.tp_rank = ep, ep_rank, ep_group, tp_rank
         self.head = model.lm_head
+        self.vocab = self.head.num_embeddings
         self.samplers: dict[int, tuple[SamplerSpec, SamplingParams, torch.Generator]] = {}
 
-    def execute(self, plan: StepPlan) -> tuple[dict[int, int], dict[int, Any]]:
-        """Run one step. Returns seq id -> sampled token and seq id -> logprob entry
-        ``(logprob of the token, [(token, logprob), ...top k])`` for sequences that asked (with
-        ``ep`` > 1: of every group's sequences, on TP rank 0)."""
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step: the forward of every chunk, the KV copies of forked sequences, then
+        sampling (with the plan's token masks) and the log-probabilities asked for. With
+        ``ep`` > 1 this rank runs its group's chunks; TP rank 0 returns every group's results."""
         for sid in plan.drop:
             self.samplers.pop(sid, None)
         for sid, sp in plan.new.items():
             self.samplers[sid] = (sp, *make_sampler(sp))
         if self.ep == 1:
-            return self._run(plan.chunks)
-        sampled, logprobs = self._run([c for c in plan.chunks if c.seq_id % self.ep == self.ep_rank])
-        if self.tp_rank == 0:  # every group's tokens to rank 0
+            return self._run(plan, plan.chunks)
+        out = self._run(plan, [c for c in plan.chunks if c.group == self.ep_rank])
+        if self.tp_rank == 0:  # every group's results to rank 0
             box: list[Any] = [None] * self.ep
-            dist.all_gather_object(box, (sampled, logprobs), group=self.ep_group)
-            for s, lp in box:
-                sampled.update(s)
-                logprobs.update(lp)
-        return sampled, logprobs
+            dist.all_gather_object(box, out, group=self.ep_group)
+            for r in box:
+                out.sampled.update(r.sampled)
+                out.logprobs.update(r.logprobs)
+                out.prompt.update(r.prompt)
+        return out
 
-    def _run(self, chunks: list) -> tuple[dict[int, int], dict[int, Any]]:
+    def _run(self, plan: StepPlan, chunks: list) -> StepResult:
         ids, pos, last = self.cache.prepare(chunks)
-        picked = [(c.seq_id, last[i]) for i, c in enumerate(chunks) if c.sample]
-        local = self.model(ids, pos, self.cache.attend, rows=[r for _, r in picked])[0]
+        picked: list[tuple[int, int]] = []          # (seq id, row of its logits)
+        spans: list[tuple[int, int, list[int]]] = []  # prompt logprobs: (seq id, row, targets)
+        for i, c in enumerate(chunks):
+            if c.targets:
+                spans.append((c.seq_id, last[i] + 1 - len(c.tokens), c.targets))
+            if c.sample:
+                picked += [(sid, last[i]) for sid in (c.seq_id, *c.forks)]
+        rows = [r for _, r in picked] + [r + j for _, r, t in spans for j in range(len(t))]
+        local = self.model(ids, pos, self.cache.attend, rows=rows)[0]    # (len(rows), V_local)
+        self.cache.copy_blocks(plan.copies)
+        out, n = StepResult(), len(picked)
+        if spans:
+            out.prompt = self._prompt_logprobs(local[n:], spans)
         if not picked:
-            return {}, {}
+            return out
         samp = [self.samplers[sid] for sid, _ in picked]
-        toks = sample(local, [s[1] for s in samp], [s[2] for s in samp], start=self.head.start,
-                      vocab=self.head.num_embeddings, group=self.group).tolist()
-        sampled = {sid: t for (sid, _), t in zip(picked, toks)}
+        toks = sample(local[:n], [s[1] for s in samp], [s[2] for s in samp],
+                      start=self.head.start, vocab=self.vocab, group=self.group,
+                      mask=self._masks(plan.masks, [sid for sid, _ in picked]))
+        out.sampled = {sid: t for (sid, _), t in zip(picked, toks.tolist())}
         want = [i for i, s in enumerate(samp) if s[0].logprobs is not None]
-        logprobs: dict[int, Any] = {}
         if want:
-            full = all_gather_last(local[want].contiguous(), self.group)
-            lp = full[:, :self.head.num_embeddings].float().log_softmax(-1)
+            k = max(samp[i][0].logprobs or 0 for i in want)
+            chosen, vals, top = parallel_logprobs(local[want], toks[want], k, start=self.head.start,
+                                                  vocab=self.vocab, group=self.group)
             for row, i in enumerate(want):
-                k = samp[i][0].logprobs or 0
-                top = lp[row].topk(k) if k else None
-                logprobs[picked[i][0]] = (float(lp[row, toks[i]]), [] if top is None else
-                                          list(zip(top.indices.tolist(), top.values.tolist())))
-        return sampled, logprobs
+                ki = samp[i][0].logprobs or 0
+                out.logprobs[picked[i][0]] = (float(chosen[row]), list(zip(
+                    top[row, :ki].tolist(), vals[row, :ki].tolist())))
+        return out
+
+    def _masks(self, masks: dict[int, bytes], sids: list[int]) -> torch.Tensor | None:
+        """The packed token masks of the sampled rows (n, words) int32; all ones for rows
+        without a grammar; ``None`` when no row has one."""
+        if not masks:
+            return None
+        out = torch.full((len(sids), mask_words(self.vocab)), -1, dtype=torch.int32)
+        for i, sid in enumerate(sids):
+            if sid in masks:
+                out[i] = torch.frombuffer(bytearray(masks[sid]), dtype=torch.int32)
+        return out.to(self.cache.device)
+
+    def _prompt_logprobs(self, local: torch.Tensor, spans: list) -> dict[int, list]:
+        """Each prompt token's log-probability given the tokens before it, with the top k."""
+        targets = torch.tensor([t for _, _, ts in spans for t in ts], device=local.device)
+        k = max(self.samplers[sid][0].prompt_logprobs or 0 for sid, _, _ in spans)
+        chosen, vals, top = parallel_logprobs(local, targets, k, start=self.head.start,
+                                              vocab=self.vocab, group=self.group)
+        out, at = {}, 0
+        for sid, _, ts in spans:
+            ki = self.samplers[sid][0].prompt_logprobs or 0
+            out[sid] = [(t, float(chosen[at + j]), list(zip(top[at + j, :ki].tolist(),
+                                                            vals[at + j, :ki].tolist())))
+                        for j, t in enumerate(ts)]
+            at += len(ts)
+        return out
+
+
+class Groups:
+    """Rank 0 under expert parallelism: the TP group of every running sequence. A new sequence
+    goes to the group running the fewest; forked samples stay with their leader."""
+
+    def __init__(self, ep: int) -> None:
+        self.ep, self.of = ep, {}
+
+    def assign(self, plan: StepPlan) -> None:
+        for sid in plan.drop:
+            self.of.pop(sid, None)
+        load = [0] * self.ep
+        for g in self.of.values():
+            load[g] += 1
+        for c in plan.chunks:
+            if c.seq_id not in self.of:
+                self.of[c.seq_id] = min(range(self.ep), key=load.__getitem__)
+                load[self.of[c.seq_id]] += 1
+            c.group = self.of[c.seq_id]
+            for f in c.forks:
+                self.of[f] = c.group
 
 
 def _broadcast(plan: StepPlan | None, group) -> StepPlan:
@@ -159,13 +234,14 @@ def _comm_failure(e: BaseException) -> bool:
 
 
 def run_step(runner: Runner, sched: Scheduler,
-             plan: StepPlan) -> tuple[list[tuple], list[tuple[int, str]]]:
+             plan: StepPlan) -> tuple[list[tuple], list[tuple], list[tuple[int, str]]]:
     """Run ``plan`` and advance the scheduler. Returns the token events ``(seq id, token, finish
-    reason, logprobs)`` and the requests that failed ``(seq id, message)``. A step that raises
+    reason, logprobs)``, the prompt log-probabilities ``(seq id, entries)`` and the requests
+    that failed ``(seq id, message)``. A step that raises
     (on every rank alike) fails its only sequence, or isolates its sequences
     (:meth:`Scheduler.fail_step`); the traceback goes to stderr, its last line to the request."""
     try:
-        sampled, logprobs = runner.execute(plan)
+        res = runner.execute(plan)
     except Exception as e:  # noqa: BLE001 - one request's failure, not the engine's...
         if _comm_failure(e) or runner.ep > 1:
             raise  # ...unless a peer died or the group broke (or EP groups wait): fatal
@@ -175,27 +251,45 @@ def run_step(runner: Runner, sched: Scheduler,
               f"{'failing request ' + str(failed[0].id) if failed else 'retrying them one by one'}"
               f":\n{trace}", file=sys.stderr, flush=True)
         last = trace.strip().splitlines()[-1]
-        return [], [(s.id, f"the engine failed on this request: {last}") for s in failed]
-    return [(seq.id, tok, reason, logprobs.get(seq.id))
-            for seq, tok, reason in sched.update(plan, sampled)], []
+        return [], [], [(s.id, f"the engine failed on this request: {last}") for s in failed]
+    prompt = sched.prompt_logprobs(plan, res.prompt)  # before update() ends sequences
+    return [(seq.id, tok, reason, res.logprobs.get(seq.id))
+            for seq, tok, reason in sched.update(plan, res.sampled)], prompt, []
 
 
-def _lead(runner: Runner, sched: Scheduler, group, cmd_q, evt_q, profile: bool,
-          context: int) -> None:
+def _add(req: Request, sched: Scheduler, grammars: Grammars, *, vocab: int,
+         context: int) -> str | None:
+    """Queue a submission's sequences (leader and followers); or why it cannot run."""
+    seqs = [Sequence(sid, list(req.prompt), spec, req.max_tokens, frozenset(req.eos_ids))
+            for sid, spec in zip(req.ids, req.specs)]
+    if not seqs:
+        return "a submission without sequences"
+    seqs[0].followers = seqs[1:]
+    why = admission_error(seqs[0], vocab=vocab, context=context, num_blocks=sched.alloc.num_blocks,
+                          block_size=sched.block_size, max_seqs=sched.max_seqs)
+    if why is None and req.grammar is not None:
+        try:
+            seqs[0].grammar = grammars.constraint(req.grammar)
+            for s in seqs[1:]:
+                s.grammar = seqs[0].grammar.copy()
+        except ValueError as e:  # GrammarError, or a tokenizer llguidance cannot read
+            why = f"the grammar cannot be used: {e}"
+    if why is None:
+        sched.add(seqs[0])
+    return why
+
+
+def _lead(runner: Runner, sched: Scheduler, grammars: Grammars, group, cmd_q, evt_q,
+          profile: bool, context: int) -> None:
     """Rank 0: take commands, schedule, broadcast, run, report."""
     parent, stopping = os.getppid(), False
+    groups = Groups(runner.ep) if runner.ep > 1 else None
     while True:
         cmds = _drain(cmd_q, block=not sched.has_work())
         for cmd in cmds:
             if cmd[0] == "add":
-                _, sid, prompt, spec, max_tokens, eos = cmd
-                seq = Sequence(sid, list(prompt), spec, max_tokens, frozenset(eos))
-                why = admission_error(seq, vocab=runner.head.num_embeddings, context=context,
-                                      num_blocks=sched.alloc.num_blocks,
-                                      block_size=sched.block_size)
-                if why is None:
-                    sched.add(seq)
-                else:
+                why = _add(cmd[1], sched, grammars, vocab=runner.vocab, context=context)
+                for sid in cmd[1].ids if why else ():
                     evt_q.put(("fail", sid, 400, why))
             elif cmd[0] == "cancel":
                 sched.cancel(cmd[1])
@@ -213,18 +307,20 @@ def _lead(runner: Runner, sched: Scheduler, group, cmd_q, evt_q, profile: bool,
         if not plan.chunks:
             time.sleep(0.005)
             continue
+        if groups is not None:
+            groups.assign(plan)
         t0 = time.perf_counter()
         with Ledger() if profile else _NoLedger() as ledger:
             if group is not None:
                 _broadcast(plan, group)
-            events, failed = run_step(runner, sched, plan)
+            events, prompt, failed = run_step(runner, sched, plan)
         step_s = time.perf_counter() - t0
         for sid, why in failed:
             evt_q.put(("fail", sid, 500, why))
         stats = _stats(sched)
         stats.update(step_s=step_s, step_tokens=sum(len(c.tokens) for c in plan.chunks),
                      step_seqs=len(plan.chunks), comm_s=getattr(ledger, "seconds", 0.0))
-        evt_q.put(("step", events, stats))
+        evt_q.put(("step", events, prompt, stats))
 
 
 class _NoLedger:
@@ -238,7 +334,9 @@ class _NoLedger:
 def _stats(sched: Scheduler) -> dict[str, Any]:
     return {"waiting": len(sched.waiting), "running": len(sched.running),
             "blocks_used": sched.alloc.num_used, "blocks_free": sched.alloc.num_free,
-            "preemptions": sched.preemptions}
+            "blocks_cached": sched.alloc.num_cached, "preemptions": sched.preemptions,
+            "prefix_hit_tokens": sched.hit_tokens, "prefix_query_tokens": sched.query_tokens,
+            "prefill_tokens": sched.prefill_tokens, "evictions": sched.alloc.evictions}
 
 
 def _follow(runner: Runner, group) -> None:
@@ -260,7 +358,7 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(cfg.world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(cfg.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from .. import failure
-    from ..checkpoint.source import build_model, resolve
+    from ..checkpoint.source import build_model, load_tokenizer, resolve
     from ..launch import threads_per_rank
     from ..mesh import Mesh
     from ..models.moe import ExpertParallel
@@ -285,12 +383,17 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                     _follow(runner, plans)
                 return
             sched = Scheduler(cache.num_blocks, cfg.block_size, max_seqs=cfg.max_seqs,
-                              max_batched_tokens=cfg.max_batched_tokens)
+                              max_batched_tokens=cfg.max_batched_tokens,
+                              prefix_caching=cfg.prefix_caching)
+            grammars = Grammars(lambda: load_tokenizer(source), vocab=runner.vocab,
+                                eos_ids=source.config.eos_ids)
+            if source.tokenizer is not None:
+                grammars.warm()
             evt_q.put(("ready", {"num_blocks": cache.num_blocks, "block_size": cfg.block_size,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
                                  "load_s": time.perf_counter() - t0, "pid": os.getpid()}))
             with failure.phase("serve"):
-                _lead(runner, sched, plans, cmd_q, evt_q, cfg.profile, context)
+                _lead(runner, sched, grammars, plans, cmd_q, evt_q, cfg.profile, context)
     except BaseException as exc:  # noqa: BLE001 - reported to the server (once); die non-zero
         failure.report(exc)
         raise

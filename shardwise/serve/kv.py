@@ -3,12 +3,12 @@
 Every rank holds, per layer, two tensors of ``num_blocks * block_size`` slots, each slot the keys
 (or values) of *this rank's* KV heads for one token: ``(slots, nkv_local * head_dim)``. A sequence
 owns a list of blocks (its *block table*); its token at position ``p`` lives in slot
-``table[p // block_size] * block_size + p % block_size``. Only rank 0 allocates
-(:class:`BlockAllocator`); the other ranks receive the tables in each step's plan.
+``table[p // block_size] * block_size + p % block_size``.
 
-One engine step runs every scheduled sequence's new tokens as one flat row ``(1, T)``: decodes
-first (one token each), then prefill chunks. :meth:`PagedKVCache.attend` writes the step's k/v into
-their slots, then attends
+Rank 0 decides which block ids a sequence uses (:mod:`.blocks`); the other ranks receive the
+tables in each step's plan. One engine step runs every scheduled sequence's new tokens as one flat
+row ``(1, T)``: decodes first (one token each), then prefill chunks. :meth:`PagedKVCache.attend`
+writes the step's k/v into their slots, then attends
 
 * all decodes at once: keys gathered into ``(n_dec, nkv, L_max, d)`` with a padding mask; with a
   regular GQA layout the ``g`` query heads sharing a KV head are the "query sequence" of one SDPA
@@ -17,39 +17,12 @@ their slots, then attends
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..models.llama import LlamaForCausalLM
-
-
-class BlockAllocator:
-    """Free list of block ids (rank 0 only)."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def allocate(self, n: int) -> list[int] | None:
-        """``n`` blocks, or ``None`` (and nothing taken) when fewer are free."""
-        if n > len(self._free):
-            return None
-        out = self._free[len(self._free) - n:]
-        del self._free[len(self._free) - n:]
-        return out
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
 
 
 @dataclass
@@ -60,6 +33,9 @@ class Chunk:
     start: int
     blocks: list[int]
     sample: bool  # the chunk ends the known tokens: sample the next one
+    forks: list[int] = field(default_factory=list)  # more sequences sampled from the last row
+    targets: list[int] | None = None  # prompt logprobs: the prompt tokens its rows predict
+    group: int = 0  # expert parallelism: the TP group that runs it (and holds its KV)
 
 
 def blocks_for(n_tokens: int, block_size: int) -> int:
@@ -127,6 +103,16 @@ class PagedKVCache:
         # (1, T): T may be 0 (an EP group without a sequence this step still runs its layers)
         return (torch.tensor([ids], dtype=torch.long, device=dev),
                 torch.tensor([pos], dtype=torch.long, device=dev), last)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the KV of block ``src`` into block ``dst`` for each pair, in every layer."""
+        if not pairs:
+            return
+        bs = self.block_size
+        src = torch.tensor([s * bs + i for s, _ in pairs for i in range(bs)], device=self.device)
+        dst = torch.tensor([d * bs + i for _, d in pairs for i in range(bs)], device=self.device)
+        for cache in (*self.k.values(), *self.v.values()):
+            cache.index_copy_(0, dst, cache.index_select(0, src))
 
     def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """(n, L) slots -> (n, nkv, L, d)."""

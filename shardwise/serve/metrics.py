@@ -1,7 +1,9 @@
 """Server metrics in the Prometheus text format (names prefixed ``shardwise_``).
 
-Gauges mirror the engine's last report (requests waiting and running, KV blocks used and free);
-counters and histograms are kept by the server as tokens stream out.
+Gauges mirror the engine's last report (requests waiting and running, KV blocks used, free and
+cached, the prefix cache's hit ratio); the engine's cumulative counts (prefix-cache hits, prefill
+tokens, preemptions) are taken as they are reported; the other counters and the histograms are
+kept by the server as tokens stream out.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ GAUGES = {
     "kv_blocks_free": "KV cache blocks free.",
     "kv_blocks_total": "KV cache blocks (per rank).",
     "requests_in_flight": "Requests accepted by the server and not yet finished.",
+    "kv_blocks_cached": "KV cache blocks registered in the prefix cache (held or evictable).",
+    "prefix_cache_hit_ratio": "Prompt tokens served from the prefix cache / prompt tokens "
+                              "admitted, since the start.",
 }
 COUNTERS = {
     "prompt_tokens_total": "Prompt tokens of admitted requests.",
@@ -51,6 +56,11 @@ COUNTERS = {
     "engine_step_seconds_total": "Wall time of engine steps.",
     "engine_comm_seconds_total": "Time rank 0 spent in collectives (with --profile).",
     "preemptions_total": "Sequences preempted for lack of KV blocks (recomputed later).",
+    "prefix_cache_hit_tokens_total": "Prompt tokens whose KV came from the prefix cache.",
+    "prefix_cache_query_tokens_total": "Prompt tokens of sequences admitted (cache looked up).",
+    "prefix_cache_evictions_total": "Cached blocks evicted to make room.",
+    "prefill_tokens_total": "Prompt tokens run through the model (the rest came from the cache "
+                            "or a forked sample).",
 }
 
 
@@ -81,6 +91,13 @@ class Metrics:
             self.gauges["kv_blocks_used"] = stats["blocks_used"]
             self.gauges["kv_blocks_free"] = stats["blocks_free"]
             self.counters["preemptions_total"][""] = stats["preemptions"]
+            self.gauges["kv_blocks_cached"] = stats.get("blocks_cached", 0)
+            hit, query = stats.get("prefix_hit_tokens", 0), stats.get("prefix_query_tokens", 0)
+            self.counters["prefix_cache_hit_tokens_total"][""] = hit
+            self.counters["prefix_cache_query_tokens_total"][""] = query
+            self.counters["prefill_tokens_total"][""] = stats.get("prefill_tokens", 0)
+            self.counters["prefix_cache_evictions_total"][""] = stats.get("evictions", 0)
+            self.gauges["prefix_cache_hit_ratio"] = hit / query if query else 0.0
             if "step_s" in stats:
                 self.step.observe(stats["step_s"])
                 c = self.counters

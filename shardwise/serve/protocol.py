@@ -7,9 +7,10 @@ unknown fields are a 400 naming the field, as OpenAI's API answers ("Unrecognize
 argument"). Every problem becomes :class:`APIError`, rendered as
 ``{"error": {"message", "type", "param", "code"}}``.
 
-Fields that OpenAI defines but shardwise does not implement yet (``tools``, ``response_format``,
-``n > 1``, ``echo``, batched prompts, ...) exist here with their real OpenAI types; each has one
-explicit rejection in :func:`reject_unsupported`, so implementing a feature removes one line.
+Fields that OpenAI defines but shardwise does not implement (penalties, ``logit_bias``,
+``best_of``, ``suffix``, non-text message parts) exist here with their real OpenAI types; each has
+one explicit rejection in :func:`reject_unsupported`, so implementing a feature removes one line.
+:func:`check_tools` checks what the types cannot say about ``tools`` and ``tool_choice``.
 """
 from __future__ import annotations
 
@@ -254,44 +255,39 @@ def _unsupported(param: str, message: str) -> APIError:
 def reject_unsupported(req: ChatRequest | CompletionRequest) -> None:
     """A 400 naming the field for every OpenAI feature not implemented yet; one check each."""
     checks: list[tuple[bool, str, str]] = [
-        (req.n > 1, "n", f"n={req.n}: one choice per request is supported; send separate "
-         "requests"),
         (bool(req.presence_penalty), "presence_penalty", "penalties are not supported (use 0)"),
         (bool(req.frequency_penalty), "frequency_penalty", "penalties are not supported (use 0)"),
         (bool(req.logit_bias), "logit_bias", "logit_bias is not supported"),
     ]
     if isinstance(req, ChatRequest):
-        checks += [
-            (req.tools is not None, "tools", "tool calls are not supported yet"),
-            (req.tool_choice not in (None, "none"), "tool_choice",
-             "tool calls are not supported yet"),
-            (req.response_format is not None and req.response_format.type != "text",
-             "response_format", "structured output (json_object, json_schema) is not "
-             "supported yet"),
-        ]
         for i, m in enumerate(req.messages):
-            checks += [
-                (m.role == "tool", f"messages[{i}].role", "tool results are not supported yet"),
-                (getattr(m, "tool_calls", None) is not None, f"messages[{i}].tool_calls",
-                 "tool calls are not supported yet"),
-            ]
             if isinstance(m.content, list):
                 checks += [(p.type not in ("text", "refusal"), f"messages[{i}].content[{j}]",
                             f"{p.type} parts are not supported: this model reads text only")
                            for j, p in enumerate(m.content)]
     else:
-        p = req.prompt
         checks += [
-            (req.echo, "echo", "echo is not supported yet"),
             (req.best_of is not None and req.best_of > 1, "best_of",
-             f"best_of={req.best_of}: one completion per request is supported"),
+             f"best_of={req.best_of}: use n={req.best_of} and choose among the choices"),
             (req.suffix is not None, "suffix", "suffix (insertion) is not supported"),
-            (isinstance(p, list) and len(p) > 1 and not isinstance(p[0], int), "prompt",
-             f"{len(p)} prompts in one request: one prompt per request is supported yet"),
         ]
     for bad, param, message in checks:
         if bad:
             raise _unsupported(param, message)
+
+
+def check_tools(req: ChatRequest) -> None:
+    """``tool_choice`` needs ``tools`` and must name one of them; tool names are unique."""
+    names = [t.function.name for t in req.tools or []]
+    choice = req.tool_choice
+    if choice not in (None, "none") and not names:
+        raise APIError(400, "tool_choice: give tools to choose from", param="tool_choice")
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise APIError(400, f"tools: the function name {dup!r} is given twice", param="tools")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise APIError(400, f"tool_choice: the function {choice.function.name!r} is not among "
+                       f"the tools ({', '.join(names)})", param="tool_choice")
 
 
 def _models_in(tp: Any) -> list[type[BaseModel]]:

@@ -1,22 +1,23 @@
-"""One request's life after it is accepted: submit to the engine, detokenize, answer.
+"""One request's life after it is accepted: submit its sequences, detokenize, hand on the text.
 
-:func:`generate` submits and yields :class:`Piece` s of text as tokens come back (stop strings
-applied); :func:`collect` builds the JSON answer, :func:`sse` the server-sent events. The request's
+A request has one or more *choices*: ``n`` samples of each of its prompts (several prompts in
+``/v1/completions``). :func:`submit` gives the engine one submission per prompt, whose ``n``
+samples share one prefill; :func:`pieces` yields one choice's :class:`Piece` s of text as its
+tokens come back (stop strings applied); :func:`merged` interleaves the choices. The request's
 slot among the in-flight requests is released exactly once (:class:`Slot`), whether it finished,
-failed, or its client went away at any moment: a cancelled request's KV blocks are freed at once.
+failed, or its client went away at any moment: a cancelled choice's KV blocks are freed at once.
+:mod:`.answer` turns the pieces into OpenAI's JSON and server-sent events.
 """
 from __future__ import annotations
 
-import json
+import asyncio
 import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from starlette.responses import StreamingResponse
-
 from .client import EngineDead
-from .protocol import APIError, stop_list
+from .protocol import INT64_MIN, APIError, stop_list
 from .scheduler import SamplerSpec
 from .text import TextStream
 
@@ -30,6 +31,7 @@ class Piece:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]]
     finish: str | None
     tokens: int                        # generated so far
+    prompt: list | None = None         # the prompt's log-probability entries (first piece only)
 
 
 class Slot:
@@ -44,25 +46,41 @@ class Slot:
             self._on_release(self.finish)
 
 
-def sampler_spec(req: Any, logprobs: int | None) -> SamplerSpec:
+def sampler_specs(req: Any, n: int, logprobs: int | None,
+                  prompt_logprobs: int | None) -> list[SamplerSpec]:
+    """The samplers of ``n`` samples: sample ``j`` draws with ``seed + j`` (wrapped to int64)."""
     seed = req.seed if req.seed is not None else random.getrandbits(63)
-    return SamplerSpec(temperature=1.0 if req.temperature is None else req.temperature,
-                       top_k=max(0, req.top_k or 0), top_p=1.0 if req.top_p is None else req.top_p,
-                       seed=seed, logprobs=logprobs)
+    return [SamplerSpec(temperature=1.0 if req.temperature is None else req.temperature,
+                        top_k=max(0, req.top_k or 0),
+                        top_p=1.0 if req.top_p is None else req.top_p,
+                        seed=(seed + j - INT64_MIN) % 2**64 + INT64_MIN, logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs) for j in range(n)]
 
 
-async def generate(st: "ServerState", prompt: list[int], req: Any, max_tokens: int,
-                   logprobs: int | None) -> AsyncIterator[Piece]:
-    """Submit one request and yield its text as it is produced."""
-    arrived = time.perf_counter()
+def submit(st: "ServerState", prompts: list[list[int]], req: Any, max_tokens: list[int], *,
+           n: int, logprobs: int | None, prompt_logprobs: int | None,
+           grammar: str | None) -> list[tuple[int, asyncio.Queue]]:
+    """Submit every prompt with its ``n`` samples; returns the choices' (sequence id, queue), in
+    choice order (prompt-major)."""
+    specs = sampler_specs(req, n, logprobs, prompt_logprobs)
+    out: list[tuple[int, asyncio.Queue]] = []
     try:
-        sid, q = st.engine.submit(prompt, sampler_spec(req, logprobs), max_tokens,
-                                  [] if req.ignore_eos else st.eos_ids)
+        for p, m in zip(prompts, max_tokens):
+            out += st.engine.submit(p, specs, m, [] if req.ignore_eos else st.eos_ids,
+                                    grammar=grammar)
     except EngineDead as e:  # died between the check and the submission
+        for sid, _ in out:
+            st.engine.cancel(sid)
         raise APIError(503, f"the model workers failed: {str(e).splitlines()[0]}",
                        type="service_unavailable", code="worker_died") from None
-    st.metrics.inc("prompt_tokens_total", len(prompt))
-    text, n, last = TextStream(st.tokenizer, stop_list(req.stop)), 0, None
+    st.metrics.inc("prompt_tokens_total", sum(len(p) for p in prompts))
+    return out
+
+
+async def pieces(st: "ServerState", sid: int, q: asyncio.Queue, req: Any) -> AsyncIterator[Piece]:
+    """One choice's text as it is produced."""
+    arrived = time.perf_counter()
+    text, n, last, prompt = TextStream(st.tokenizer, stop_list(req.stop)), 0, None, None
     try:
         while True:
             item = await q.get()
@@ -72,125 +90,65 @@ async def generate(st: "ServerState", prompt: list[int], req: Any, max_tokens: i
                     "service_unavailable" if status == 503 else "server_error"
                 raise APIError(status, f"the model workers failed: {why.splitlines()[0]}"
                                if code == "worker_died" else why, type=kind, code=code)
+            if item[0] == "prompt":
+                prompt = (prompt or []) + item[1]
+                continue
             _, tok, reason, lp, at = item
             if last is None:
                 st.metrics.ttft.observe(at - arrived)
             else:
                 st.metrics.itl.observe(at - last)
             last = at
-            if reason == "stop":  # end of sequence token
-                yield Piece(text.flush(), [], "stop", n)
+            if reason == "stop" and not req.ignore_eos and tok in st.eos_ids:  # end of sequence
+                yield Piece(text.flush(), [], "stop", n, prompt)
                 break
             n += 1
             st.metrics.inc("generation_tokens_total")
             delta, stopped = text.add(tok)
             lps = [(tok, lp[0], lp[1])] if lp is not None else []
-            if stopped or reason == "length":
-                yield Piece(delta + text.flush(), lps, "stop" if stopped else "length", n)
+            if stopped or reason is not None:
+                yield Piece(delta + text.flush(), lps, "stop" if stopped else reason, n, prompt)
                 break
-            if delta or lps:
-                yield Piece(delta, lps, None, n)
+            if delta or lps or prompt:
+                yield Piece(delta, lps, None, n, prompt)
+                prompt = None
     finally:
         st.engine.cancel(sid)  # no-op when the engine already finished it
 
 
-def _tok(st: "ServerState", t: int) -> str:
-    return st.tokenizer.decode([t])
-
-
-def _chat_logprobs(st: "ServerState", items: list) -> dict:
-    def one(t: int, lp: float) -> dict:
-        s = _tok(st, t)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]}
-                        for t, lp, top in items]}
-
-
-def _completion_logprobs(st: "ServerState", items: list, offset: int) -> dict:
-    toks = [_tok(st, t) for t, _, _ in items]
-    offsets, pos = [], offset
-    for s in toks:
-        offsets.append(pos)
-        pos += len(s)
-    return {"tokens": toks, "token_logprobs": [lp for _, lp, _ in items],
-            "top_logprobs": [{_tok(st, a): b for a, b in top} for _, _, top in items],
-            "text_offset": offsets}
-
-
-def usage(n_prompt: int, n: int) -> dict:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
-
-
-async def collect(st: "ServerState", gen: AsyncIterator[Piece], head: dict, chat: bool,
-                  n_prompt: int, logprobs: int | None, slot: Slot) -> dict:
-    text, items, piece = [], [], None
-    async for piece in gen:
-        text.append(piece.text)
-        items += piece.logprobs
-    assert piece is not None
-    slot.finish = piece.finish
-    out = "".join(text)
-    lp = None
-    if logprobs is not None:
-        lp = _chat_logprobs(st, items) if chat else _completion_logprobs(st, items, 0)
-    choice: dict[str, Any] = {"index": 0, "logprobs": lp, "finish_reason": piece.finish}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": out}
-    else:
-        choice["text"] = out
-    return {**head, "object": "chat.completion" if chat else "text_completion",
-            "choices": [choice], "usage": usage(n_prompt, piece.tokens)}
-
-
-async def sse(st: "ServerState", gen: AsyncIterator[Piece], first: Piece, head: dict, chat: bool,
-              req: Any, n_prompt: int, logprobs: int | None, slot: Slot) -> AsyncIterator[str]:
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    n, offset = 0, 0
-
-    def chunk(piece: Piece, delta: dict) -> str:
-        nonlocal offset
-        lp = None
-        if logprobs is not None and piece.logprobs:
-            lp = _chat_logprobs(st, piece.logprobs) if chat else \
-                _completion_logprobs(st, piece.logprobs, offset)
-        offset += len(piece.text)
-        c: dict[str, Any] = {"index": 0, "logprobs": lp, "finish_reason": piece.finish}
-        c.update({"delta": delta} if chat else {"text": piece.text})
-        out = {**head, "object": obj, "choices": [c]}
-        if piece.finish:
-            out["usage"] = usage(n_prompt, piece.tokens)
-        return f"data: {json.dumps(out)}\n\n"
-
-    try:
-        if chat:
-            yield chunk(Piece("", [], None, 0), {"role": "assistant", "content": ""})
-        piece: Piece | None = first
-        while piece is not None:
-            yield chunk(piece, {"content": piece.text} if piece.text else {})
-            slot.finish, n = piece.finish, piece.tokens
-            piece = None if slot.finish else await gen.__anext__()
-        if req.stream_options is not None and req.stream_options.include_usage:
-            tail = {**head, "object": obj, "choices": [], "usage": usage(n_prompt, n)}
-            yield f"data: {json.dumps(tail)}\n\n"
-        yield "data: [DONE]\n\n"
-    except APIError as e:
-        yield f"data: {json.dumps(e.body())}\n\n"
-    finally:
-        await gen.aclose()  # a disconnect lands here: cancel the request, free its blocks
-        slot.release()
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events that release the request even when the client leaves before the
-    first chunk (an async generator never started runs no ``finally``)."""
-
-    def __init__(self, events: AsyncIterator[str], gen: AsyncIterator[Piece], slot: Slot) -> None:
-        super().__init__(events, media_type="text/event-stream")
-        self._gen, self._slot = gen, slot
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+async def merged(gens: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """``(choice index, piece)`` from several choices as they come; the first error ends all."""
+    if len(gens) == 1:
         try:
-            await super().__call__(scope, receive, send)
+            async for p in gens[0]:
+                yield 0, p
         finally:
-            await self._gen.aclose()  # type: ignore[attr-defined]
-            self._slot.release()
+            await gens[0].aclose()  # type: ignore[attr-defined]
+        return
+    box: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, g: AsyncIterator[Piece]) -> None:
+        try:
+            async for p in g:
+                await box.put((i, p, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the reader
+            await box.put((i, None, e))
+        finally:
+            await box.put((i, None, None))
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    open_ = len(gens)
+    try:
+        while open_:
+            i, p, err = await box.get()
+            if err is not None:
+                raise err
+            if p is None:
+                open_ -= 1
+                continue
+            yield i, p
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for g in gens:
+            await g.aclose()  # type: ignore[attr-defined]

@@ -12,16 +12,35 @@ A sequence's tokens are ``prompt + output``; ``cached`` of them have KV in the c
 feeds ``tokens[cached:cached + n]``. When a chunk reaches the last known token the step samples
 the next one.
 
+Prefix caching (:mod:`.blocks`): at admission a sequence takes the registered blocks of its longest
+cached prefix and starts with ``cached`` set past them; after every step the blocks its KV has
+filled are registered. A request that wants its prompt's log-probabilities (``echo``) looks
+nothing up: it needs the logits of every prompt position.
+
+Several samples of one prompt (``n > 1``) are one *leader* and its *followers*. Only the leader is
+queued and prefilled; its admission also reserves the followers' blocks (the leader's full prompt
+blocks, shared, and a block of their own for the partial last block). The step that ends the
+leader's prompt samples the followers too, from the same last row of logits, and copies the
+leader's partial block into theirs after the forward (:attr:`StepPlan.copies`); from then on
+each follower is an ordinary sequence. ``n`` samples cost one prefill.
+
+Structured output: a sequence with a grammar (:class:`.grammar.Constraint`) gets its token mask in
+every plan that samples it (:attr:`StepPlan.masks`), and a sampled token advances its grammar; a
+complete grammar finishes the sequence ("stop").
+
 A step that raises (on every rank alike: the same plan, the same code) fails no request blindly:
 when it ran one sequence, that sequence fails; otherwise its sequences become *suspects* and run
 one per step until each has either succeeded alone (and rejoins the batch) or failed alone.
 """
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
-from .kv import BlockAllocator, Chunk, blocks_for
+from .blocks import BlockPool, extend_hashes
+from .kv import Chunk, blocks_for
 
 
 @dataclass
@@ -32,6 +51,18 @@ class SamplerSpec:
     top_p: float = 1.0
     seed: int = 0
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+
+
+@dataclass
+class Request:
+    """One submission to the engine: a prompt and its ``n`` samples (ids and samplers)."""
+    ids: list[int]
+    prompt: list[int]
+    specs: list[SamplerSpec]
+    max_tokens: int
+    eos_ids: list[int]
+    grammar: str | None = None   # an llguidance grammar (:mod:`.grammar`) for every sample
 
 
 @dataclass
@@ -45,6 +76,12 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     cached: int = 0
     registered: bool = False  # the workers hold its sampler
+    grammar: Any = None       # its structured-output constraint (rank 0)
+    followers: list["Sequence"] = field(default_factory=list)  # n > 1: forked after prefill
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks
+    indexed: int = 0          # leading blocks registered in the prefix cache
+    reused: int = 0           # tokens taken from the prefix cache at its last admission
+    lp_done: int = 1          # prompt positions whose log-probabilities were reported
 
     @property
     def tokens(self) -> list[int]:
@@ -61,49 +98,67 @@ class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     new: dict[int, SamplerSpec] = field(default_factory=dict)
     drop: list[int] = field(default_factory=list)
+    masks: dict[int, bytes] = field(default_factory=dict)  # seq id -> packed allowed tokens
+    copies: list[tuple[int, int]] = field(default_factory=list)  # after the forward: src -> dst
     stop: bool = False
 
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, *, max_seqs: int = 32,
-                 max_batched_tokens: int = 256) -> None:
-        self.alloc = BlockAllocator(num_blocks)
+                 max_batched_tokens: int = 256, prefix_caching: bool = True) -> None:
+        self.alloc = BlockPool(num_blocks, block_size, caching=prefix_caching)
         self.block_size, self.max_seqs, self.budget = block_size, max_seqs, max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._drop: list[int] = []
         self.preemptions = 0
         self.suspects: set[int] = set()  # sequences of a failed step, retried one per step
+        self.hit_tokens = 0      # prompt tokens taken from the prefix cache at admission
+        self.query_tokens = 0    # prompt tokens of admitted sequences
+        self.prefill_tokens = 0  # prompt tokens that ran through the model
 
     # ------------------------------------------------------------------ requests in and out
     def add(self, seq: Sequence) -> None:
+        """Queue ``seq`` (with its ``followers``, the other samples of its prompt)."""
         self.waiting.append(seq)
 
     def cancel(self, seq_id: int) -> bool:
-        for s in self.waiting:
-            if s.id == seq_id:
-                self.waiting.remove(s)
-                self._release(s)
-                return True
-        for s in self.running:
-            if s.id == seq_id:
-                self.running.remove(s)
-                self._release(s)
-                return True
+        for queue_ in (self.waiting, self.running):
+            for s in queue_:
+                if s.id == seq_id:
+                    queue_.remove(s)
+                    self._release(s)
+                    return True
+                for f in s.followers:
+                    if f.id == seq_id:
+                        s.followers.remove(f)
+                        self._release(f)
+                        return True
         return False
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> list[Sequence]:
+        """Give back ``seq``'s blocks and sampler, and those of its unforked followers."""
         self.suspects.discard(seq.id)
         self.alloc.free(seq.blocks)
         seq.blocks = []
         if seq.registered:
             self._drop.append(seq.id)
             seq.registered = False
+        gone = seq.followers
+        seq.followers = []
+        for f in gone:
+            self._release(f)
+        return gone
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # ------------------------------------------------------------------ one step
+    @property
+    def seats(self) -> int:
+        """Sequences running or reserved to run (unforked followers)."""
+        return sum(1 + len(s.followers) for s in self.running)
+
+    # ------------------------------------------------------------------ blocks
     def _grow(self, seq: Sequence, n_tokens: int) -> bool:
         need = blocks_for(n_tokens, self.block_size) - len(seq.blocks)
         if need <= 0:
@@ -114,13 +169,55 @@ class Scheduler:
         seq.blocks += got
         return True
 
+    def _admit(self, seq: Sequence) -> bool:
+        """Take the cached prefix and the blocks of ``seq`` (and its followers'); or nothing."""
+        bs, n = self.block_size, len(seq.tokens)
+        if self.alloc.caching and seq.spec.prompt_logprobs is None:
+            extend_hashes(seq.hashes, seq.tokens, n - 1, bs)
+            seq.blocks = self.alloc.lookup(seq.hashes, seq.tokens, limit=n - 1)
+        seq.cached = seq.reused = len(seq.blocks) * bs
+        seq.indexed = len(seq.blocks)
+        if self._grow(seq, n + 1) and self._reserve_followers(seq):
+            self.hit_tokens += seq.reused
+            self.query_tokens += n
+            return True
+        self.alloc.free(seq.blocks)
+        seq.blocks, seq.cached, seq.reused, seq.indexed = [], 0, 0, 0
+        return False
+
+    def _reserve_followers(self, leader: Sequence) -> bool:
+        """Followers share the leader's full prompt blocks and own a block for the rest."""
+        full, part = divmod(len(leader.prompt), self.block_size)
+        for i, f in enumerate(leader.followers):
+            own = self.alloc.allocate(1) if part else []
+            if own is None:
+                for g in leader.followers[:i]:
+                    self.alloc.free(g.blocks)
+                    g.blocks = []
+                return False
+            f.blocks = self.alloc.share(leader.blocks[:full]) + own
+        return True
+
+    def _index(self, seq: Sequence) -> None:
+        """Register the blocks ``seq``'s KV has filled in the prefix cache."""
+        end = seq.cached // self.block_size
+        if self.alloc.caching and end > seq.indexed:
+            extend_hashes(seq.hashes, seq.tokens, seq.cached, self.block_size)
+            self.alloc.register(seq.blocks[:end], seq.hashes[:end], seq.tokens,
+                                start=seq.indexed)
+            seq.indexed = end
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.alloc.free(seq.blocks)
-        seq.blocks, seq.cached = [], 0
+        seq.blocks, seq.cached, seq.indexed = [], 0, 0
+        for f in seq.followers:  # reserved again with the leader
+            self.alloc.free(f.blocks)
+            f.blocks = []
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
+    # ------------------------------------------------------------------ one step
     def schedule(self) -> StepPlan:
         self.suspects &= {s.id for s in self.running}  # preempted suspects rejoin as others do
         if self.suspects:
@@ -152,9 +249,9 @@ class Scheduler:
             n = min(seq.pending, budget)
             picked.append((seq, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if not self._grow(seq, len(seq.tokens) + 1):
+            if self.seats + 1 + len(seq.followers) > self.max_seqs or not self._admit(seq):
                 break
             self.waiting.popleft()
             self.running.append(seq)
@@ -168,17 +265,29 @@ class Scheduler:
         for seq, n in picked:
             if seq not in self.running:
                 continue
-            if not seq.registered:
-                plan.new[seq.id] = seq.spec
-                seq.registered = True
-            toks = seq.tokens[seq.cached:seq.cached + n]
-            plan.chunks.append(Chunk(seq.id, toks, seq.cached, list(seq.blocks),
-                                     sample=seq.cached + n == len(seq.prompt) + len(seq.output)))
+            c = Chunk(seq.id, seq.tokens[seq.cached:seq.cached + n], seq.cached, list(seq.blocks),
+                      sample=seq.cached + n == len(seq.tokens))
+            if seq.spec.prompt_logprobs is not None and seq.cached + 1 < len(seq.prompt):
+                c.targets = seq.prompt[seq.cached + 1:seq.cached + n + 1]
+            samplers = [seq] + (seq.followers if c.sample else [])
+            c.forks = [f.id for f in samplers[1:]]
+            part = len(seq.prompt) % self.block_size
+            for s in samplers:
+                if not s.registered:
+                    plan.new[s.id] = s.spec
+                    s.registered = True
+                if c.sample and s.grammar is not None:
+                    plan.masks[s.id] = s.grammar.mask()
+                if s is not seq and part:
+                    plan.copies.append((seq.blocks[len(seq.prompt) // self.block_size],
+                                        s.blocks[-1]))
+            plan.chunks.append(c)
         plan.chunks.sort(key=lambda c: len(c.tokens) > 1)  # decodes first, stable
         plan.drop, self._drop = self._drop, []
         return plan
 
-    def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[tuple[Sequence, int, str | None]]:
+    def update(self, plan: StepPlan,
+               sampled: dict[int, int]) -> list[tuple[Sequence, int, str | None]]:
         """Advance after a step; ``sampled`` maps seq id -> new token. Returns
         ``(seq, token, finish_reason)`` for every sampled token (finished ones released)."""
         by_id = {s.id: s for s in self.running}
@@ -189,30 +298,76 @@ class Scheduler:
             seq = by_id.get(c.seq_id)
             if seq is None:
                 continue
+            self.prefill_tokens += max(0, min(len(seq.prompt), c.start + len(c.tokens)) - c.start)
             seq.cached = c.start + len(c.tokens)
+            self._index(seq)
             if c.seq_id not in sampled:
                 continue
-            tok = sampled[c.seq_id]
-            reason = None
-            if tok in seq.eos_ids:
+            group = [seq]
+            if c.forks:
+                group += self._fork(seq, c.forks)
+            out += [(s, sampled[s.id], self._take(s, sampled[s.id])) for s in group]
+        return out
+
+    def _fork(self, leader: Sequence, ids: list[int]) -> list[Sequence]:
+        """The followers sampled with the leader's last prompt row become running sequences."""
+        forked = [f for f in leader.followers if f.id in ids]
+        leader.followers = [f for f in leader.followers if f.id not in ids]
+        full = len(leader.prompt) // self.block_size
+        at = self.running.index(leader) + 1
+        for f in forked:
+            f.cached, f.hashes, f.indexed = leader.cached, leader.hashes[:full], full
+        self.running[at:at] = forked
+        return forked
+
+    def _take(self, seq: Sequence, tok: int) -> str | None:
+        """Append a sampled token; returns the finish reason (and releases) when it ends."""
+        reason = None
+        if tok in seq.eos_ids:
+            reason = "stop"
+        else:
+            seq.output.append(tok)
+            if seq.grammar is not None and self._complete(seq, tok):
                 reason = "stop"
-            else:
-                seq.output.append(tok)
-                if len(seq.output) >= seq.max_tokens:
-                    reason = "length"
-            if reason:
-                self.running.remove(seq)
-                self._release(seq)
-            out.append((seq, tok, reason))
+            elif len(seq.output) >= seq.max_tokens:
+                reason = "length"
+        if reason:
+            self.running.remove(seq)
+            self._release(seq)
+        return reason
+
+    @staticmethod
+    def _complete(seq: Sequence, tok: int) -> bool:
+        try:
+            return seq.grammar.advance(tok)
+        except ValueError as e:  # cannot happen: the mask allowed the token
+            print(f"shardwise engine: sequence {seq.id}: {e}", file=sys.stderr, flush=True)
+            return True
+
+    def prompt_logprobs(self, plan: StepPlan, found: dict[int, list]) -> list[tuple[int, list]]:
+        """``(seq id, entries)`` of the prompt log-probabilities a step computed (entry i is
+        for prompt position ``chunk.start + 1 + i``), for the sequence and its unforked
+        followers, without those reported before a preemption made the sequence recompute
+        them."""
+        out = []
+        for c in plan.chunks:
+            seq = next((s for s in self.running if s.id == c.seq_id), None)
+            entries = found.get(c.seq_id)
+            if seq is None or not entries:
+                continue
+            fresh = entries[max(0, seq.lp_done - (c.start + 1)):]
+            seq.lp_done = max(seq.lp_done, c.start + 1 + len(entries))
+            if fresh:
+                out += [(s.id, fresh) for s in (seq, *seq.followers)]
         return out
 
     def fail_step(self, plan: StepPlan) -> list[Sequence]:
         """A step raised: returns the sequences that fail now (released) -- the step's only
-        sequence -- or none, making the step's sequences suspects to retry one by one."""
+        sequence and its unforked followers -- or none, making the step's sequences suspects to
+        retry one by one."""
         seqs = [s for s in self.running if any(c.seq_id == s.id for c in plan.chunks)]
         if len(seqs) != 1:
             self.suspects |= {s.id for s in seqs}
             return []
         self.running.remove(seqs[0])
-        self._release(seqs[0])
-        return seqs
+        return seqs + self._release(seqs[0])

@@ -6,10 +6,12 @@ usage counts included), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (P
 
 Before a route runs, :class:`.guard.Guard` checks the API key and the body's size and nesting;
 then the body is validated against its model (a 400 naming the field otherwise), unsupported
-features are refused, the prompt is tokenized (in a thread: a long prompt does not stall the
-streams) and checked against the prompt limit, the context and the KV cache, and the request is
-handed to the engine (:mod:`.respond`). At most ``max_running + max_queue`` requests are in
-flight; beyond that, 429. Every error is an OpenAI error object, a 500 included.
+features are refused, the prompts are tokenized and the grammar of a structured answer is compiled
+(in a thread: a long prompt does not stall the streams), each prompt is checked against the prompt
+limit, the context and the KV cache, and the request's choices (``n`` samples of each prompt) are
+handed to the engine (:mod:`.respond`) and answered (:mod:`.answer`). At most
+``max_running + max_queue`` requests are in flight; beyond that, 429. Every error is an OpenAI
+error object, a 500 included.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,9 +31,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .client import EngineClient
 from .guard import Guard, ServeLimits
 from .metrics import Metrics
+from .answer import EventStream, Shape, collect, sse
+from .grammar import GrammarError, json_grammar, lark_json
 from .protocol import (APIError, ChatRequest, CompletionRequest, ErrorBody, check_lengths,
-                       message_text, reject_unsupported, validation_error)
-from .respond import EventStream, Slot, collect, generate, sse
+                       check_tools, message_text, reject_unsupported, validation_error)
+from .respond import Slot, merged, pieces, submit
+from .tools import chat_messages, tool_grammar
 
 
 @dataclass
@@ -50,26 +55,75 @@ class ServerState:
     server: Any = None                # the uvicorn.Server, to stop it when a worker dies
 
 
-def _prompt_ids(st: ServerState, req: ChatRequest | CompletionRequest) -> list[int]:
+MAX_CHOICES = 128  # n x prompts of one request
+
+
+@dataclass
+class Prepared:
+    """A request made ready for the engine: its prompts and what shapes its answer."""
+    prompts: list[list[int]]
+    echo: list[str] | None = None     # the prompts' text, when echoed
+    grammar: str | None = None
+
+
+def _chat_prompt(st: ServerState, req: ChatRequest) -> list[int]:
     tok = st.tokenizer
-    if isinstance(req, ChatRequest):
-        if not getattr(tok, "chat_template", None):
-            raise APIError(400, "this model has no chat template: use /v1/completions")
-        msgs = [{"role": m.role, "content": message_text(m)} for m in req.messages]
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, "this model has no chat template: use /v1/completions")
+    msgs, extra = chat_messages(req, tok, message_text)
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **extra)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _chat_grammar(req: ChatRequest) -> str | None:
+    """The grammar of the answer: the response format, tool calls, or both; 400 when it does not
+    compile."""
+    rf, param = req.response_format, "response_format"
+    try:
+        answer = None
+        if rf is not None and rf.type == "json_object":
+            answer = json_grammar(None)
+        elif rf is not None and rf.type == "json_schema":
+            answer = json_grammar(rf.json_schema.schema_, strict=bool(rf.json_schema.strict))
+        if req.tools and req.tool_choice != "none":
+            param = "tools"
+            item = None if answer is None else lark_json(
+                rf.json_schema.schema_ if rf.type == "json_schema" else None,
+                strict=rf.type != "json_schema" or bool(rf.json_schema.strict))
+            return tool_grammar(req, item)
+        return answer
+    except (GrammarError, TypeError, ValueError) as e:
+        raise APIError(400, f"{param}: the schema cannot be used for structured output: {e}",
+                       param=param, code="invalid_schema") from None
+
+
+def _completion_prompts(st: ServerState, req: CompletionRequest) -> Prepared:
     p = req.prompt
-    if isinstance(p, list) and isinstance(p[0], list):
-        p = p[0]  # one prompt of token ids (several are refused before)
-    if isinstance(p, list) and isinstance(p[0], int):
-        bad = next((t for t in p if t >= st.vocab), None)
+    batch = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+    prompts: list[list[int]] = []
+    for i, one in enumerate(batch):
+        if isinstance(one, str):
+            prompts.append(list(st.tokenizer(one)["input_ids"]))
+            continue
+        bad = next((t for t in one if t >= st.vocab), None)
         if bad is not None:
             raise APIError(400, f"prompt token id {bad} is outside the vocabulary: use ids in "
-                           f"[0, {st.vocab})", param="prompt", code="invalid_value")
-        return list(p)
-    if isinstance(p, list):
-        p = p[0]
-    return list(tok(p)["input_ids"])
+                           f"[0, {st.vocab})", param="prompt" if len(batch) == 1
+                           else f"prompt[{i}]", code="invalid_value")
+        prompts.append(list(one))
+    echo = None
+    if req.echo:  # the text of a prompt given as text, else its decoded tokens
+        echo = [one if isinstance(one, str) else st.tokenizer.decode(ids)
+                for one, ids in zip(batch, prompts)]
+    return Prepared(prompts, echo)
+
+
+def _prepare(st: ServerState, req: ChatRequest | CompletionRequest) -> Prepared:
+    """Tokenize (and compile the grammar): CPU work, run in a thread."""
+    if isinstance(req, ChatRequest):
+        check_tools(req)
+        return Prepared([_chat_prompt(st, req)], grammar=_chat_grammar(req))
+    return _completion_prompts(st, req)
 
 
 def _release(st: ServerState, finish: str | None) -> None:
@@ -78,7 +132,8 @@ def _release(st: ServerState, finish: str | None) -> None:
     st.metrics.inc("requests_total", label=finish or "cancelled")
 
 
-async def _handle(st: ServerState, req: ChatRequest | CompletionRequest, chat: bool) -> Response:
+def _take_slot(st: ServerState, req: ChatRequest | CompletionRequest) -> Slot:
+    """The request's place among those in flight, or the error that refuses it."""
     if req.model != st.name:
         raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                        f"{st.name!r}", param="model", code="model_not_found")
@@ -94,29 +149,55 @@ async def _handle(st: ServerState, req: ChatRequest | CompletionRequest, chat: b
                        code="queue_full")
     st.in_flight += 1
     st.metrics.set("requests_in_flight", st.in_flight)
-    slot, gen, handed_off = Slot(lambda finish: _release(st, finish)), None, False
+    return Slot(lambda finish: _release(st, finish))
+
+
+def _start(st: ServerState, req: ChatRequest | CompletionRequest, prep: Prepared,
+           chat: bool) -> tuple[AsyncIterator, Shape, list[int]]:
+    """Check the lengths, submit every choice; returns the merged pieces, the answer's shape and
+    the choices' sequence ids."""
+    n_choices = req.n * len(prep.prompts)
+    if n_choices > MAX_CHOICES:
+        raise APIError(400, f"n={req.n} x {len(prep.prompts)} prompts = {n_choices} choices; "
+                       f"one request may ask for at most {MAX_CHOICES}", param="n")
+    limit = req.max_completion_tokens if chat and req.max_completion_tokens is not None \
+        else req.max_tokens
+    max_tokens = [check_lengths(len(p), limit, context=st.context, capacity=st.capacity,
+                                max_prompt=st.limits.max_prompt_tokens or st.context - 1,
+                                prompt_param="messages" if chat else "prompt")
+                  for p in prep.prompts]
+    logprobs = (req.top_logprobs or 0 if req.logprobs else None) if chat else req.logprobs
+    seqs = submit(st, prep.prompts, req, max_tokens, n=req.n, logprobs=logprobs,
+                  prompt_logprobs=logprobs if prep.echo else None, grammar=prep.grammar)
+    echo = None if prep.echo is None else [(prep.echo[i // req.n], prep.prompts[i // req.n])
+                                           for i in range(n_choices)]
+    head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+            "created": int(time.time()), "model": st.name}
+    shape = Shape(chat=chat, head=head, n_prompt=sum(len(p) for p in prep.prompts),
+                  logprobs=logprobs, tools=chat and bool(req.tools) and req.tool_choice != "none",
+                  echo=echo, include_usage=req.stream_options is not None and
+                  req.stream_options.include_usage)
+    return merged([pieces(st, sid, q, req) for sid, q in seqs]), shape, [sid for sid, _ in seqs]
+
+
+async def _handle(st: ServerState, req: ChatRequest | CompletionRequest, chat: bool) -> Response:
+    slot, gen, handed_off, sids = _take_slot(st, req), None, False, []
     try:
-        prompt = await asyncio.to_thread(_prompt_ids, st, req)
-        max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens \
-            is not None else req.max_tokens
-        max_tokens = check_lengths(len(prompt), max_tokens, context=st.context,
-                                   capacity=st.capacity,
-                                   max_prompt=lim.max_prompt_tokens or st.context - 1,
-                                   prompt_param="messages" if chat else "prompt")
-        logprobs = (req.top_logprobs or 0 if req.logprobs else None) if chat else req.logprobs
-        gen = generate(st, prompt, req, max_tokens, logprobs)
-        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
-                "created": int(time.time()), "model": st.name}
+        prep = await asyncio.to_thread(_prepare, st, req)
+        gen, shape, sids = _start(st, req, prep, chat)
+        n_choices = len(sids)
         if req.stream:
             first = await gen.__anext__()  # errors before the first token get a status code
-            events = sse(st, gen, first, head, chat, req, len(prompt), logprobs, slot)
+            events = sse(st, gen, first, shape, n_choices, slot)
             handed_off = True
             return EventStream(events, gen, slot)
-        return JSONResponse(await collect(st, gen, head, chat, len(prompt), logprobs, slot))
+        return JSONResponse(await collect(st, gen, shape, n_choices, slot))
     finally:
         if not handed_off:
             if gen is not None:
                 await gen.aclose()
+            for sid in sids:  # choices never started have no generator to cancel them
+                st.engine.cancel(sid)
             slot.release()
 
 
