@@ -319,11 +319,14 @@ def _lead(runner: Runner, sched: Scheduler, grammars: Grammars, group, cmd_q, ev
             evt_q.put(("fail", sid, 500, why))
         stats = _stats(sched)
         stats.update(step_s=step_s, step_tokens=sum(len(c.tokens) for c in plan.chunks),
-                     step_seqs=len(plan.chunks), comm_s=getattr(ledger, "seconds", 0.0))
+                     step_seqs=len(plan.chunks), comm_s=ledger.seconds,
+                     collectives=ledger.counts() if profile else {})
         evt_q.put(("step", events, prompt, stats))
 
 
 class _NoLedger:
+    seconds = 0.0
+
     def __enter__(self) -> "_NoLedger":
         return self
 
