@@ -85,6 +85,8 @@ def run_generation(job: GenerateJob) -> dict:
     with phase("generate"), Ledger() as ledger:
         for step in range(p.max_tokens):
             start = time.perf_counter()
+            if cache.restart_for_long_rope(cache.length + ids.shape[1]):
+                ids = torch.tensor([job.prompt_ids + out_ids], device=mesh.device)
             logits = model(ids, cache.positions(1, ids.shape[1]), attend=cache.attend, rows=[-1])
             cache.advance(ids.shape[1])
             nxt = int(sample(logits[:, -1], [p], [gen], start=head.start,

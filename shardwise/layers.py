@@ -46,7 +46,7 @@ def _mark(p: nn.Parameter, pieces: list[Piece] | None = None, *, sp_partial: boo
     if pieces is not None:
         p.pieces = pieces
     if sp_partial:
-        p.sequence_parallel_partial = True  # grad is a partial sum over sequence shards
+        p.tp_partial_grad = True  # grad is a partial sum over sequence shards
 
 
 class _ColumnMatmul(torch.autograd.Function):
@@ -207,15 +207,18 @@ class ParallelLMHead(nn.Module):
     Owns its vocabulary partition (rows ``[start, stop)`` of ``V`` padded to a multiple of
     ``tp x pad_multiple``, the embedding's rule) and its weight ``lm_head.weight``; with
     ``tied_to`` it multiplies by that embedding's weight instead (same partition, checked).
-    Logits of padded rows are set to ``-inf`` so they never win an argmax or a softmax.
+    ``softcap`` caps every logit to ``c tanh(logit / c)`` (Gemma 2; element-wise, so each rank
+    caps its own slice and nothing is exchanged). Logits of padded rows are then set to ``-inf``
+    so they never win an argmax or a softmax.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, group: ProcessGroup | None,
                  pad_multiple: int = 1, tied_to: VocabParallelEmbedding | None = None,
-                 sequence_parallel: bool = False, dtype: torch.dtype | None = None,
+                 sequence_parallel: bool = False, softcap: float | None = None,
+                 dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.group, self.sequence_parallel = group, sequence_parallel
+        self.group, self.sequence_parallel, self.softcap = group, sequence_parallel, softcap
         weight = _vocab_rows(self, num_embeddings, embedding_dim, group, pad_multiple, dtype,
                              "meta" if tied_to is not None else device)
         self.valid = max(0, min(self.stop, self.num_embeddings) - self.start)
@@ -240,6 +243,8 @@ class ParallelLMHead(nn.Module):
             logits = _ColumnMatmul.apply(x, self.local_weight(), None, self.group)
         else:
             logits = F.linear(x, self.local_weight())
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         if self.valid < logits.shape[-1]:
             logits = logits.clone()
             logits[..., self.valid:] = float("-inf")
@@ -256,8 +261,9 @@ def gather_logits(local: torch.Tensor, head: ParallelLMHead) -> torch.Tensor:
 def finalize_grads(module: nn.Module, group: ProcessGroup | None) -> int:
     """Complete the gradients that backward leaves partial across the TP group, in one all-reduce:
 
-    * parameters replicated across TP whose gradient is a partial sum over sequence shards
-      (norm weights and row-parallel biases under sequence parallelism);
+    * parameters replicated across TP whose gradient is a partial sum over the ranks
+      (``tp_partial_grad``: norm weights and row-parallel biases under sequence parallelism,
+      per-head q/k norm weights, which each rank applies to its own heads only);
     * rows of KV heads held by several ranks (uneven or replicated head layouts), summed over the
       ranks that hold them (the others contribute zeros).
 
@@ -271,7 +277,7 @@ def finalize_grads(module: nn.Module, group: ProcessGroup | None) -> int:
         if hasattr(m, "grad_sync_items"):
             items.extend(m.grad_sync_items())
     for p in module.parameters():
-        if getattr(p, "sequence_parallel_partial", False):
+        if getattr(p, "tp_partial_grad", False):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             items.append((p.numel(), p.grad))

@@ -137,15 +137,18 @@ def seeded_normal(name: str, shape: tuple[int, ...], *, seed: int, std: float) -
 def init_weights(module: nn.Module, *, seed: int = 0, std: float = 0.02) -> None:
     """Initialise every parameter as the unsharded model would be, then keep the local rows.
 
-    Matrices and embeddings: N(0, std^2) (Llama's ``initializer_range``); vectors named like
-    norms: ones; other vectors (biases): zeros. Each full tensor is materialised once, on CPU.
+    Matrices and embeddings: N(0, std^2) (Llama's ``initializer_range``); vectors: the
+    parameter's ``init_fill`` (norm weights: 1, or 0 for Gemma's ``1 + w``), else zeros
+    (biases). Each full tensor is materialised once, on CPU.
     """
-    def read(name: str, shape: tuple, dim: int, start: int, stop: int) -> torch.Tensor:
-        if len(shape) >= 2:
-            full = seeded_normal(name, shape, seed=seed, std=std)
-        else:
-            full = torch.ones(shape) if "norm" in name else torch.zeros(shape)
-        return full.narrow(dim, start, stop - start) if full.dim() else full
-
     for path, p, _ in sharded_params(module):
+        fill = getattr(p, "init_fill", 0.0)
+
+        def read(name: str, shape: tuple, dim: int, start: int, stop: int) -> torch.Tensor:
+            if len(shape) >= 2:
+                full = seeded_normal(name, shape, seed=seed, std=std)
+            else:
+                full = torch.full(shape, fill)
+            return full.narrow(dim, start, stop - start) if full.dim() else full
+
         p.copy_(assemble_local(path, p, read).to(p.dtype))

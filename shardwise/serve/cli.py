@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     eos = sorted(set(source.config.eos_ids) | ({tokenizer.eos_token_id} - {None}))
     st = ServerState(name=source.name, engine=engine, tokenizer=tokenizer, eos_ids=eos,
-                     context=info["context"], capacity=info["num_blocks"] * info["block_size"],
+                     context=info["context"], capacity=info["capacity"],
                      vocab=source.config.vocab_size, limits=args.limits)
     app = create_app(st)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,

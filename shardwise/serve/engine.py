@@ -135,7 +135,8 @@ class Runner:
             if c.sample:
                 picked += [(sid, last[i]) for sid in (c.seq_id, *c.forks)]
         rows = [r for _, r in picked] + [r + j for _, r, t in spans for j in range(len(t))]
-        local = self.model(ids, pos, self.cache.attend, rows=rows)[0]    # (len(rows), V_local)
+        local = self.model(ids, pos, self.cache.attend, rows=rows,
+                           long_rope=self.cache.long_rope)[0]             # (len(rows), V_local)
         self.cache.copy_blocks(plan.copies)
         out, n = StepResult(), len(picked)
         if spans:
@@ -266,7 +267,8 @@ def _add(req: Request, sched: Scheduler, grammars: Grammars, *, vocab: int,
         return "a submission without sequences"
     seqs[0].followers = seqs[1:]
     why = admission_error(seqs[0], vocab=vocab, context=context, num_blocks=sched.alloc.num_blocks,
-                          block_size=sched.block_size, max_seqs=sched.max_seqs)
+                          block_size=sched.block_size, max_seqs=sched.max_seqs,
+                          need=sched.blocks_needed(len(req.prompt) + req.max_tokens))
     if why is None and req.grammar is not None:
         try:
             seqs[0].grammar = grammars.constraint(req.grammar)
@@ -387,12 +389,16 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
                 return
             sched = Scheduler(cache.num_blocks, cfg.block_size, max_seqs=cfg.max_seqs,
                               max_batched_tokens=cfg.max_batched_tokens,
-                              prefix_caching=cfg.prefix_caching)
+                              prefix_caching=cfg.prefix_caching, window=cache.window,
+                              long_after=cache.long_after)
+            capacity = context if sched.blocks_needed(context) <= cache.num_blocks \
+                else cache.num_blocks * cfg.block_size  # tokens one sequence can reach
             grammars = Grammars(lambda: load_tokenizer(source), vocab=runner.vocab,
                                 eos_ids=source.config.eos_ids)
             if source.tokenizer is not None:
                 grammars.warm()
             evt_q.put(("ready", {"num_blocks": cache.num_blocks, "block_size": cfg.block_size,
+                                 "capacity": capacity,
                                  "context": context, "kv_mib": cache.bytes / 2**20,
                                  "load_s": time.perf_counter() - t0, "pid": os.getpid()}))
             with failure.phase("serve"):

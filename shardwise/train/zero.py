@@ -62,7 +62,7 @@ class _Bucket:
 
 def deferred_params(model: nn.Module, mesh: Mesh) -> set[int]:
     """``id`` of every parameter whose gradient a collective completes after backward."""
-    out = {id(p) for p in model.parameters() if getattr(p, "sequence_parallel_partial", False)}
+    out = {id(p) for p in model.parameters() if getattr(p, "tp_partial_grad", False)}
     for block in moe_blocks(model):  # an expert no token chose has no gradient on this rank
         out |= {id(p) for p in block.experts.parameters()}
     for m in model.modules():
