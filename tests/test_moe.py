@@ -215,12 +215,19 @@ def test_model_equals_transformers_at_tp_ep_and_both(pool, hf_models, name):
         assert tuple(grads[n].shape) == tuple(shape), (n, grads[n].shape, shape)
         return grads[n].narrow(dim, start, stop - start)
 
+    layers = hf.config.num_hidden_layers
+    moe_layers = layers - len(getattr(hf.config, "mlp_only_layers", []))
+    per_layer = 2 + (name == "olmoe")  # attention and MLP; OLMoE's full-width q/k statistics
     extra = [(4, 1, 1), (2, 2, 1), (2, 2, "sp")] if name == "mixtral" else []
     for tp, ep, etp in LAYOUTS + extra:
         sp = etp == "sp"
         results = pool.run(model_case, path, tp, ep, ids, tgt, coef, None if sp else etp, sp)
         where = f"{name} tp={tp} ep={ep} expert_tp={etp}"
         for res in [r for r in results if r is not None]:
+            if not sp:  # per step: the embedding's all-reduce forward, the head's f backward
+                ar = {"all_reduce": 1 + per_layer * layers} if tp > 1 else {}
+                assert res["fwd"] == {**ar, **({"all_to_all": 3 * moe_layers} if ep > 1 else {})}
+                assert res["bwd"] == {**ar, **({"all_to_all": 2 * moe_layers} if ep > 1 else {})}
             a, b = res["rows"]
             torch.testing.assert_close(res["logits"], logits[a:b], atol=MODEL_ATOL, rtol=0,
                                        msg=lambda m: f"{where} logits: {m}")
