@@ -266,7 +266,7 @@ class MoEBlock(nn.Module):
         logits = F.linear(flat, self.gate.weight)                             # (T, E)
         probs, weights, experts = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob)
         if torch.is_grad_enabled():
-            self._record(logits, experts)
+            self._record(probs, experts)
         mine = self.dest[experts] >= 0                                        # (T, k)
         if self.layout.ep == 1:
             out = self._local(flat, weights.to(x.dtype), experts, mine, rc)
@@ -276,12 +276,12 @@ class MoEBlock(nn.Module):
         return comm.reduce_scatter_seq(out, self.group) if self.sequence_parallel \
             else comm.reduce_from_tp(out, self.group)
 
-    def _record(self, logits: torch.Tensor, experts: torch.Tensor) -> None:
+    def _record(self, probs: torch.Tensor, experts: torch.Tensor) -> None:
+        """The load-balancing statistics; their gradient enters scaled by 1 / t (replicated)."""
         t = group_size(self.group)
-        scaled = _ScaleGrad.apply(logits, 1.0 / t) if t > 1 else logits
-        probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
+        scaled = _ScaleGrad.apply(probs, 1.0 / t) if t > 1 else probs
         counts = torch.bincount(experts.reshape(-1), minlength=self.cfg.num_experts)
-        self.router_stats = RouterStats(probs.sum(0), counts.float(), logits.shape[0])
+        self.router_stats = RouterStats(scaled.sum(0), counts.float(), probs.shape[0])
 
     def _by_expert(self, experts: torch.Tensor, mine: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

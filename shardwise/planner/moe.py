@@ -33,8 +33,9 @@ Activations stored per layer and micro-batch (what the model saves; A = 2 under 
 
     per token     4 E (router probabilities, fp32) + 8 k (top-k indices)
                   + 4 k + 4 (the top-k renormalisation, when the family renormalises)
-    per row       A (2 h + 4 f/etp + 1) + 16     rows in, gate/up output, silu, product, the
-                                                 expert output and its weight; two int64 indices
+    per row       A (3 h + 4 f/etp + 1) + 16     rows in, gate/up output, silu, product, the
+                                                 expert output, its weight and their product
+                                                 (the scatter-add keeps it); two int64 indices
                   + 16 with ep > 1               the regrouping of the rows that arrived
     selective     the SwiGLU is rebuilt in backward: A 2 f/etp less per row
 """
@@ -99,7 +100,7 @@ def activation_bytes(m: ModelSpec, tokens: int, tp: int, ep: int, etp: int | Non
     """The MoE MLP's stored bytes for ``tokens`` tokens per TP group (module docstring)."""
     f = expert_width(m, tp, etp)
     per_token = 4 * m.experts + 8 * m.top_k + ((4 * m.top_k + 4) if normalize else 0)
-    per_row = a_bytes * (2 * m.hidden + 4 * f + 1) + 16 + (16 if ep > 1 else 0)
+    per_row = a_bytes * (3 * m.hidden + 4 * f + 1) + 16 + (16 if ep > 1 else 0)
     if recompute == "selective":
         per_row -= a_bytes * 2 * f
     return tokens * per_token + routed_rows(m, tokens, tp, etp) * per_row
