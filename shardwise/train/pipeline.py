@@ -13,6 +13,11 @@ averaged over DP by DDP:
   (:func:`average_grads`), because DDP wrapped in a PipelineStage trips an internal assert of
   torch 2.13's reducer when a step has more than one micro-batch.
 
+A mixture-of-experts model adds its load-balancing loss, ``router_aux_loss_coef x aux``, to every
+micro-batch's loss (:func:`shardwise.models.moe.load_balancing_loss`; with ``ep > 1`` each rank
+adds ``ep x`` its share, so that the mean over the EP group is the whole batch's), and DDP looks
+for unused parameters (an expert no token chose has no gradient).
+
 Under ZeRO (``zero`` 1 or 2) neither DDP nor :func:`average_grads` runs: the optimizer
 (:class:`~shardwise.train.zero.ZeroAdamW`) reduce-scatters the gradients itself, and the schedule
 leaves them summed over micro-batches (``scale_grads=False``) for it to average.
@@ -28,6 +33,7 @@ from torch import nn
 
 from ..loss import vocab_parallel_cross_entropy
 from ..mesh import Mesh
+from ..models.moe import load_balancing_loss, moe_blocks
 
 
 @torch.no_grad()
@@ -54,6 +60,7 @@ class StageRunner:
                                           enabled=bf16)
         self.wrapped: nn.Module = model
         self.zero = zero
+        self.moe = bool(moe_blocks(model))
         if mesh.dp > 1 and mesh.pp == 1 and not zero:
             from torch.nn.parallel import DistributedDataParallel as DDP
             import inspect
@@ -61,7 +68,7 @@ class StageRunner:
             quiet = ("forward_sync_buffers" if "forward_sync_buffers" in
                      inspect.signature(DDP.__init__).parameters else "broadcast_buffers")
             self.wrapped = DDP(model, process_group=mesh.dp_group, **{quiet: False},
-                               gradient_as_bucket_view=True,
+                               gradient_as_bucket_view=True, find_unused_parameters=self.moe,
                                device_ids=None if mesh.device.type == "cpu" else [mesh.device])
         self.schedule = None
         if mesh.pp > 1:
@@ -73,10 +80,15 @@ class StageRunner:
                                 scale_grads=not zero)
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of vocabulary-parallel logits ``(b, s, V/t)`` against ``(b, s)``."""
+        """Mean cross-entropy of vocabulary-parallel logits ``(b, s, V/t)`` against ``(b, s)``,
+        plus a mixture of experts' load-balancing loss (module docstring)."""
         head = self.model.lm_head
-        return vocab_parallel_cross_entropy(logits, target, group=self.mesh.tp_group,
+        loss = vocab_parallel_cross_entropy(logits, target, group=self.mesh.tp_group,
                                             vocab_start=head.start, vocab_size=head.num_embeddings)
+        if self.moe:
+            share, _ = load_balancing_loss(self.model, group=self.mesh.ep_group)
+            loss = loss + self.model.config.router_aux_loss_coef * self.mesh.ep * share
+        return loss
 
     def step(self, ids: torch.Tensor, targets: torch.Tensor) -> float | None:
         """``ids``, ``targets``: ``(A x b, s)``. Returns the mean micro-batch loss on the last
