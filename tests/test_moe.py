@@ -238,3 +238,38 @@ def test_model_equals_transformers_at_tp_ep_and_both(pool, hf_models, name):
                     local.pieces = pieces
                 torch.testing.assert_close(grad, assemble_local(n, local, read), atol=MODEL_ATOL,
                                            rtol=0, msg=lambda m: f"{where} grad {n}: {m}")
+
+
+def train_worker(cfgs, rows):
+    from shardwise.mesh import Mesh
+    from shardwise.train.loop import train_on_mesh
+    return [train_on_mesh(c, c.model, rows, Mesh.init(c.tp, c.pp, c.dp))["losses"] for c in cfgs]
+
+
+def test_moe_trains_to_the_one_process_losses(pool, hf_models, tmp_path):
+    """Mixtral (load-balancing loss in every micro-batch's loss, experts some micro-batches leave
+    idle) trains at tp=2 x dp=2 (two micro-batches) and tp=2 x dp=2 under ZeRO-2 to the
+    one-process losses (1e-4 per step, every step clipped); pp > 1 is refused with the reason."""
+    from shardwise.checkpoint.source import ModelSource
+    from shardwise.mesh import Mesh
+    from shardwise.models.config import LlamaConfig
+    from shardwise.train.config import TrainConfig
+    from shardwise.train.loop import train_on_mesh
+    path, _ = hf_models["mixtral"]
+    src = ModelSource("mixtral", LlamaConfig.from_hf(path), path, None)
+    rows = torch.randint(0, VOCAB, (8, SEQ + 1), generator=torch.Generator().manual_seed(4))
+
+    def cfg(name, tp=1, pp=1, dp=1, **kw):
+        return TrainConfig(model=src, tp=tp, pp=pp, dp=dp, global_batch=4, seq_len=SEQ, steps=3,
+                           lr=1e-2, warmup=1, max_grad_norm=0.05, save=False, progress=False,
+                           out_dir=str(tmp_path / name), **kw)
+    ref = train_on_mesh(cfg("ref"), src, rows, Mesh.init(1))
+    assert all(r["clip_coef"] < 1 for r in ref["records"])
+    layouts = {"tp2-dp2": cfg("tp2-dp2", 2, dp=2, micro_batch=1),
+               "tp2-dp2-zero2": cfg("tp2-dp2-zero2", 2, dp=2, zero=2)}
+    got = pool.run(train_worker, list(layouts.values()), rows)[0]
+    for name, losses in zip(layouts, got):
+        assert max(abs(a - b) for a, b in zip(ref["losses"], losses)) < MODEL_ATOL, (name, losses)
+    from shardwise.train.config import check_moe_pipeline
+    with pytest.raises(ValueError, match=r"pp=2 .* router_aux_loss_coef=0.02"):
+        check_moe_pipeline(src.config, 2)
