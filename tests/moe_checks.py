@@ -141,3 +141,43 @@ def _compare_grads(results: list[dict], ref: dict, tag: str, atol: float) -> Non
             torch.testing.assert_close(grad, assemble_local(name, local, read), atol=atol,
                                        rtol=0, msg=lambda m: f"grad {name} {tag}: {m}")
     assert held == set(ref["experts"]), f"{tag}: experts held {sorted(held)}"
+
+
+# ------------------------------------------------------------------------ whole models
+def model_case(path: str, tp: int, ep: int, ids: torch.Tensor, tgt: torch.Tensor, coef: float,
+               expert_tp: int | None = None, sp: bool = False) -> dict | None:
+    """Worker: the HF checkpoint at ``path`` over tp x ep ranks; EP group j runs rows
+    ``[j b, (j+1) b)`` of ``ids``. The scalar is ``sum of token CE + coef x aux share``; the
+    dense weights' gradients are summed over the EP group (as data parallelism would)."""
+    from shardwise.checkpoint.hf import load_weights
+    from shardwise.layers import gather_logits
+    from shardwise.loss import vocab_parallel_cross_entropy
+    from shardwise.models.config import LlamaConfig
+    from shardwise.models.llama import LlamaForCausalLM
+    member, tp_g, ep_g, j, _ = groups(tp, ep)
+    if not member:
+        return None
+    model = LlamaForCausalLM(LlamaConfig.from_hf(path), group=tp_g, sequence_parallel=sp,
+                             experts=ExpertParallel(ep_g, expert_tp))
+    load_weights(model, path)
+    b = ids.shape[0] // ep
+    ids, tgt = ids[j * b:(j + 1) * b], tgt[j * b:(j + 1) * b]
+    with comm.Ledger() as fwd:
+        local = model(ids)
+    head = model.lm_head
+    ce = vocab_parallel_cross_entropy(local, tgt, group=tp_g, vocab_start=head.start,
+                                      vocab_size=head.num_embeddings)
+    share, aux = load_balancing_loss(model, group=ep_g)
+    loss = ce * tgt.numel() + coef * share
+    with comm.Ledger() as bwd:
+        loss.backward()
+    finalize_grads(model, tp_g)
+    experts = {n for n, _ in model.named_parameters() if ".experts." in n}
+    grads = {}
+    for n, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if n not in experts and ep_g is not None:
+            dist.all_reduce(g, group=ep_g)
+        grads[n] = (g, getattr(p, "pieces", None))
+    return {"logits": gather_logits(local.detach(), head), "rows": (j * b, (j + 1) * b),
+            "aux": aux, "grads": grads, "fwd": fwd.counts(), "bwd": bwd.counts()}

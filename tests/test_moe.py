@@ -120,3 +120,156 @@ def test_block_sharded_equals_one_process(pool, case, tp, ep, fwd, bwd):
         assert res["fwd"] == fwd and res["bwd"] == bwd, (res["where"], res["fwd"], res["bwd"])
         # the aux loss pools its statistics over the EP group: one all-reduce per forward
         assert res["aux_calls"] == ({"all_reduce": 1} if ep > 1 else {})
+
+
+# ------------------------------------------------------------------------ whole models
+MODEL_ATOL = 1e-4
+VOCAB, SEQ = 97, 10
+BASE = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+            max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False,
+            output_router_logits=True)
+MODELS = {  # transformers class, settings (6 query heads over 2 KV heads: tp=4 replicates them)
+    "mixtral": ("MixtralConfig", dict(hidden_size=32, head_dim=8, intermediate_size=24,
+                                      num_local_experts=5, num_experts_per_tok=2,
+                                      router_aux_loss_coef=0.02)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=32, head_dim=8, intermediate_size=40,
+                                         moe_intermediate_size=12, num_experts=6,
+                                         num_experts_per_tok=3, norm_topk_prob=True,
+                                         num_hidden_layers=3, mlp_only_layers=[1])),
+    "olmoe": ("OlmoeConfig", dict(hidden_size=48, intermediate_size=16, num_experts=64,
+                                  num_experts_per_tok=8, clip_qkv=1.5)),  # OLMoE-shaped
+}
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """{family: (HF directory, transformers model)}: random weights, saved once."""
+    import transformers
+    out = {}
+    for i, (name, (cls, kw)) in enumerate(MODELS.items()):
+        torch.manual_seed(i)
+        cfg = getattr(transformers, cls)(**{**BASE, **kw})
+        cfg._experts_implementation = "eager"
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():  # norms away from 1 so that a misplaced one shows
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn_like(p) * 0.1)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out[name] = (str(path), model)
+    return out
+
+
+def _checkpoint_grads(name: str, hf) -> dict[str, torch.Tensor]:
+    """transformers' gradients under the checkpoint's names (per-expert tensors)."""
+    module = "block_sparse_moe" if name == "mixtral" else "mlp"
+    gate, up, down = ("w1", "w3", "w2") if name == "mixtral" else ("gate_proj", "up_proj",
+                                                                      "down_proj")
+    out = {}
+    for n, p in hf.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if n.endswith("experts.gate_up_proj"):
+            base = n[:-len("gate_up_proj")].replace(".mlp.", f".{module}.")
+            width = g.shape[1] // 2
+            for e in range(g.shape[0]):
+                out[f"{base}{e}.{gate}.weight"] = g[e, :width]
+                out[f"{base}{e}.{up}.weight"] = g[e, width:]
+        elif n.endswith("experts.down_proj"):
+            base = n[:-len("down_proj")].replace(".mlp.", f".{module}.")
+            for e in range(g.shape[0]):
+                out[f"{base}{e}.{down}.weight"] = g[e]
+        else:
+            out[n.replace(".mlp.gate.", f".{module}.gate.")] = g
+    return out
+
+
+def _reference(name, hf, ids, tgt):
+    hf.zero_grad()
+    out = hf(ids, output_router_logits=True)
+    ce = torch.nn.functional.cross_entropy(out.logits.view(-1, VOCAB), tgt.view(-1),
+                                           reduction="sum")
+    coef = hf.config.router_aux_loss_coef
+    (ce + coef * out.aux_loss).backward()
+    return out.logits.detach(), out.aux_loss.item(), _checkpoint_grads(name, hf), coef
+
+
+LAYOUTS = [(1, 1, None), (2, 1, None), (3, 1, None), (4, 1, None), (1, 2, None), (2, 2, None),
+           (1, 4, None)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_equals_transformers_at_tp_ep_and_both(pool, hf_models, name):
+    """Logits (1e-4), the load-balancing loss, every rank's gradient slice: tp 1-4 (tensor-
+    parallel experts), ep 2 and 4 (batch rows split over the EP groups), tp 2 x ep 2; for
+    Mixtral also whole experts within the TP group and sequence parallelism."""
+    from moe_checks import model_case
+    from shardwise.shards import assemble_local
+    path, hf = hf_models[name]
+    g = torch.Generator().manual_seed(3)
+    ids, tgt = torch.randint(0, VOCAB, (4, SEQ), generator=g), torch.randint(0, VOCAB, (4, SEQ),
+                                                                          generator=g)
+    logits, aux, grads, coef = _reference(name, hf, ids, tgt)
+
+    def read(n, shape, dim, start, stop):
+        assert tuple(grads[n].shape) == tuple(shape), (n, grads[n].shape, shape)
+        return grads[n].narrow(dim, start, stop - start)
+
+    layers = hf.config.num_hidden_layers
+    moe_layers = layers - len(getattr(hf.config, "mlp_only_layers", []))
+    per_layer = 2 + (name == "olmoe")  # attention and MLP; OLMoE's full-width q/k statistics
+    extra = [(4, 1, 1), (2, 2, 1), (2, 2, "sp")] if name == "mixtral" else []
+    for tp, ep, etp in LAYOUTS + extra:
+        sp = etp == "sp"
+        results = pool.run(model_case, path, tp, ep, ids, tgt, coef, None if sp else etp, sp)
+        where = f"{name} tp={tp} ep={ep} expert_tp={etp}"
+        for res in [r for r in results if r is not None]:
+            if not sp:  # per step: the embedding's all-reduce forward, the head's f backward
+                ar = {"all_reduce": 1 + per_layer * layers} if tp > 1 else {}
+                assert res["fwd"] == {**ar, **({"all_to_all": 3 * moe_layers} if ep > 1 else {})}
+                assert res["bwd"] == {**ar, **({"all_to_all": 2 * moe_layers} if ep > 1 else {})}
+            a, b = res["rows"]
+            torch.testing.assert_close(res["logits"], logits[a:b], atol=MODEL_ATOL, rtol=0,
+                                       msg=lambda m: f"{where} logits: {m}")
+            assert res["aux"] == pytest.approx(aux, rel=1e-5), where
+            for n, (grad, pieces) in res["grads"].items():
+                local = grad.clone()
+                if pieces:
+                    local.pieces = pieces
+                torch.testing.assert_close(grad, assemble_local(n, local, read), atol=MODEL_ATOL,
+                                           rtol=0, msg=lambda m: f"{where} grad {n}: {m}")
+
+
+def train_worker(cfgs, rows):
+    from shardwise.mesh import Mesh
+    from shardwise.train.loop import train_on_mesh
+    return [train_on_mesh(c, c.model, rows, Mesh.init(c.tp, c.pp, c.dp))["losses"] for c in cfgs]
+
+
+def test_moe_trains_to_the_one_process_losses(pool, hf_models, tmp_path):
+    """Mixtral (load-balancing loss in every micro-batch's loss, experts some micro-batches leave
+    idle) trains at tp=2 x dp=2 (two micro-batches) and tp=2 x dp=2 under ZeRO-2 to the
+    one-process losses (1e-4 per step, every step clipped); pp > 1 is refused with the reason."""
+    from shardwise.checkpoint.source import ModelSource
+    from shardwise.mesh import Mesh
+    from shardwise.models.config import LlamaConfig
+    from shardwise.train.config import TrainConfig
+    from shardwise.train.loop import train_on_mesh
+    path, _ = hf_models["mixtral"]
+    src = ModelSource("mixtral", LlamaConfig.from_hf(path), path, None)
+    rows = torch.randint(0, VOCAB, (8, SEQ + 1), generator=torch.Generator().manual_seed(4))
+
+    def cfg(name, tp=1, pp=1, dp=1, **kw):
+        return TrainConfig(model=src, tp=tp, pp=pp, dp=dp, global_batch=4, seq_len=SEQ, steps=3,
+                           lr=1e-2, warmup=1, max_grad_norm=0.05, save=False, progress=False,
+                           out_dir=str(tmp_path / name), **kw)
+    ref = train_on_mesh(cfg("ref"), src, rows, Mesh.init(1))
+    assert all(r["clip_coef"] < 1 for r in ref["records"])
+    layouts = {"tp2-dp2": cfg("tp2-dp2", 2, dp=2, micro_batch=1),
+               "tp2-dp2-zero2": cfg("tp2-dp2-zero2", 2, dp=2, zero=2)}
+    got = pool.run(train_worker, list(layouts.values()), rows)[0]
+    for name, losses in zip(layouts, got):
+        assert max(abs(a - b) for a, b in zip(ref["losses"], losses)) < MODEL_ATOL, (name, losses)
+    from shardwise.train.config import check_moe_pipeline
+    with pytest.raises(ValueError, match=r"pp=2 .* router_aux_loss_coef=0.02"):
+        check_moe_pipeline(src.config, 2)

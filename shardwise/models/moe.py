@@ -239,7 +239,7 @@ class MoEBlock(nn.Module):
         self.first = mine.start
         self.gate = _Weight(cfg.num_experts, cfg.hidden_size, None, dtype, device)
         if tp > 1:  # a partial sum over the TP group: completed by finalize_grads
-            self.gate.weight.sequence_parallel_partial = True
+            self.gate.weight.tp_partial_grad = True
         cols = self.layout.columns(r)
         self.experts = nn.ModuleDict({str(e): Expert(cfg, cols, dtype=dtype, device=device)
                                       for e in mine})
