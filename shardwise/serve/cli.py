@@ -71,7 +71,7 @@ def check_experts(cfg, tp: int, ep: int, expert_tp: int | None) -> None:
                          f"{cfg.model_type!r} has none")
     if cfg.num_experts:
         from ..models.moe import ExpertLayout
-        ExpertLayout(cfg.num_experts, cfg.moe_intermediate_size, tp, ep, expert_tp)
+        ExpertLayout(cfg.num_experts, cfg.expert_width, tp, ep, expert_tp)
 
 
 def _check_listen(host: str, port_: int) -> None:

@@ -165,8 +165,9 @@ class PagedKVCache:
         """The model's attention hook. q (1, nq, T, d); k, v (1, nkv, T, d) -> (1, nq, T, d)."""
         T = q.shape[2]
         kc, vc = self.k[layer], self.v[layer]
-        kc.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1).reshape(T, -1))
-        vc.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1).reshape(T, -1))
+        width = self.nkv * self.d  # T may be 0: an EP group without a sequence this step
+        kc.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1).reshape(T, width))  # (T, nkv d)
+        vc.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1).reshape(T, width))
         out = torch.empty_like(q)
         n, g = self.n_dec, self.group
         view = self.views[params.window]
