@@ -273,3 +273,14 @@ def test_moe_trains_to_the_one_process_losses(pool, hf_models, tmp_path):
     from shardwise.train.config import check_moe_pipeline
     with pytest.raises(ValueError, match=r"pp=2 .* router_aux_loss_coef=0.02"):
         check_moe_pipeline(src.config, 2)
+
+
+def test_verify_passes_on_moe_families(pool, hf_models):
+    """``shardwise verify`` at tp=3: every stage within tolerance, and the collectives as in
+    its theory (OLMoE: one all-reduce more per layer for its full-width q/k norm)."""
+    from shardwise.verify import verify
+    for name, (path, _) in hf_models.items():
+        rep = verify(path, 3, seq=SEQ, pool=pool)
+        assert rep.ok, (name, [(s.name, s.max_abs_diff, s.collectives) for s in rep.stages])
+        per_layer = rep.stages[1].collectives
+        assert per_layer == {"all_reduce": 3 if name == "olmoe" else 2}, (name, per_layer)
