@@ -260,7 +260,7 @@ def test_moe_trains_to_the_one_process_losses(pool, hf_models, tmp_path):
     rows = torch.randint(0, VOCAB, (8, SEQ + 1), generator=torch.Generator().manual_seed(4))
 
     def cfg(name, tp=1, pp=1, dp=1, **kw):
-        return TrainConfig(model=src, tp=tp, pp=pp, dp=dp, global_batch=4, seq_len=SEQ, steps=3,
+        return TrainConfig(model=src, tp=tp, pp=pp, dp=dp, global_batch=4, seq_len=SEQ, steps=2,
                            lr=1e-2, warmup=1, max_grad_norm=0.05, save=False, progress=False,
                            out_dir=str(tmp_path / name), **kw)
     ref = train_on_mesh(cfg("ref"), src, rows, Mesh.init(1))
