@@ -7,10 +7,11 @@ embedding, the hidden state after every decoder layer, the final logits -- it re
   unsharded one, and whether it exceeds ``atol + rtol * max|reference|``;
 * the collectives the stage issued on each rank (counted by :class:`~shardwise.comm.Ledger` between
   a forward pre-hook and a forward hook) against the theoretical count: per decoder layer two
-  all-reduces in forward (after ``o_proj`` and ``down_proj``), or with sequence parallelism two
-  all-gathers and two reduce-scatters (one of each per attention / MLP block); the embedding one
-  all-reduce (a reduce-scatter under sequence parallelism); the vocabulary-parallel head none (an
-  all-gather of the sequence under sequence parallelism);
+  all-reduces in forward (after ``o_proj`` and ``down_proj``, a mixture of experts' block too),
+  or with sequence parallelism two all-gathers and two reduce-scatters (one of each per
+  attention / MLP block), and for OLMoE one all-reduce more (its q/k norm spans all heads);
+  the embedding one all-reduce (a reduce-scatter under sequence parallelism); the
+  vocabulary-parallel head none (an all-gather of the sequence under sequence parallelism);
 * per rank: parameter bytes and peak RSS.
 
 The first stage over tolerance names where the sharded model departs from the unsharded one.
@@ -94,15 +95,21 @@ class Report:
         return out
 
 
-def expected_collectives(stage: str, tp: int, sequence_parallel: bool) -> dict[str, int]:
-    """Theoretical forward collectives of one stage on one rank (nothing at tp=1)."""
+def expected_collectives(stage: str, tp: int, sequence_parallel: bool, *,
+                         qk_norm_all: bool = False) -> dict[str, int]:
+    """Theoretical forward collectives of one stage on one rank (nothing at tp=1).
+    ``qk_norm_all``: the family's q/k norm spans all heads (OLMoE), one all-reduce more per
+    layer for its statistics."""
     if tp == 1:
         return {}
     if stage == "embed_tokens":
         return {"reduce_scatter": 1} if sequence_parallel else {"all_reduce": 1}
     if stage == "logits":
         return {"all_gather": 1} if sequence_parallel else {}
-    return {"all_gather": 2, "reduce_scatter": 2} if sequence_parallel else {"all_reduce": 2}
+    out = {"all_gather": 2, "reduce_scatter": 2} if sequence_parallel else {"all_reduce": 2}
+    if qk_norm_all:
+        out["all_reduce"] = out.get("all_reduce", 0) + 1
+    return out
 
 
 def _peak_rss_mib() -> float:
@@ -221,6 +228,8 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
     else:
         ref = run_rank(VerifyJob(model, 1, batch, seq, seed, device=device))
         results = _local(job, pool)
+    from .checkpoint.source import resolve
+    qk_all = resolve(model).config.arch.qk_norm_all
     stages, first = [], None
     for name, want in ref["outputs"].items():
         got = results[0]["outputs"][name]
@@ -233,7 +242,7 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
             diff = float("inf")
         scale = float(want[finite].abs().max()) if finite.any() else 0.0
         exceeds = not diff <= atol + rtol * scale
-        expected = expected_collectives(name, tp, sequence_parallel)
+        expected = expected_collectives(name, tp, sequence_parallel, qk_norm_all=qk_all)
         seen = results[0]["counts"].get(name, {})
         same = all(r["counts"].get(name, {}) == seen for r in results)
         stages.append(Stage(name, diff, scale, exceeds, seen, expected, same and seen == expected))

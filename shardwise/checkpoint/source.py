@@ -81,18 +81,21 @@ def load_tokenizer(source: ModelSource):
 
 def build_model(source: ModelSource, *, group=None, sequence_parallel: bool = False,
                 layers: range | None = None, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu", seed: int = 0):
+                device: torch.device | str = "cpu", seed: int = 0, experts=None):
     """The rank's shard of the model: loaded slice by slice, or random-initialised by seed
-    (the same full weights at any tp)."""
+    (the same full weights at any tp). ``experts``: where a mixture of experts' experts live
+    (:class:`~shardwise.models.moe.ExpertParallel`; default: split over the TP group)."""
     from ..failure import phase
     from ..models.llama import LlamaForCausalLM
+    from ..models.moe import ExpertParallel
     from ..shards import init_weights
     from .hf import load_weights
     from .sharded import load_model
 
     with phase("build"):
         model = LlamaForCausalLM(source.config, group=group, sequence_parallel=sequence_parallel,
-                                 layers=layers, dtype=dtype, device=device)
+                                 layers=layers, dtype=dtype, device=device,
+                                 experts=experts or ExpertParallel())
     if source.weights is None:
         with phase("init"):
             init_weights(model, seed=seed, std=source.config.initializer_range)

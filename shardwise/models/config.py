@@ -28,6 +28,13 @@ class LlamaConfig:
     window: every layer slides); ``query_pre_attn_scalar``: attention scale
     ``query_pre_attn_scalar^-1/2`` (``None``: ``head_dim``); ``attn_logit_softcapping`` /
     ``final_logit_softcapping``: ``c tanh(x / c)`` on attention scores / final logits.
+
+    Mixtures of experts (``arch.mlp == "moe"``): ``num_experts`` experts of width
+    ``moe_intermediate_size`` (``None``: ``intermediate_size``, Mixtral and OLMoE), each token
+    routed to ``num_experts_per_tok``; ``norm_topk_prob``: their probabilities renormalised to
+    sum 1 (Mixtral always); ``router_aux_loss_coef``: the load-balancing loss's weight in
+    training; ``mlp_only_layers`` and ``decoder_sparse_step`` (Qwen3-MoE): layers with a dense
+    MLP of ``intermediate_size`` instead; ``clip_qkv`` (OLMoE): q, k, v clamped to +-c.
     """
 
     vocab_size: int = 256
@@ -56,6 +63,14 @@ class LlamaConfig:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    clip_qkv: float | None = None
 
     def __post_init__(self) -> None:
         arch = arch_of(self.model_type)
@@ -75,6 +90,21 @@ class LlamaConfig:
                              f"{self.num_attention_heads} heads; give head_dim explicitly")
         self._check_window()
         self._check_rope()
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        moe = self.arch.mlp == "moe"
+        if moe != (self.num_experts > 0):
+            raise ValueError(f"model_type {self.model_type!r} "
+                             f"{'is' if moe else 'is not'} a mixture of experts but "
+                             f"num_experts={self.num_experts}")
+        if moe and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok}: each token needs "
+                             f"1 to {self.num_experts} experts")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1")
+        if self.clip_qkv is not None and (not self.arch.clip_qkv or self.clip_qkv <= 0):
+            raise ValueError(f"clip_qkv={self.clip_qkv}: only OLMoE clips, by a positive bound")
 
     def _check_window(self) -> None:
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -136,6 +166,16 @@ class LlamaConfig:
         return None
 
     @property
+    def expert_width(self) -> int:
+        """Columns of each expert's gate and up (rows of its down)."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def moe_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s MLP is the mixture of experts (Qwen3-MoE's rule for the others)."""
+        return self.num_experts > 0 and layer not in self.mlp_only_layers \
+            and (layer + 1) % self.decoder_sparse_step == 0
+
+    @property
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else [e] if isinstance(e, int) else list(e)
@@ -144,10 +184,13 @@ class LlamaConfig:
         h, i, d = self.hidden_size, self.intermediate_size, self.dim_per_head
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.attention_bias else 0)
-        attn += 2 * d if self.arch.qk_norm else 0
-        layer = attn + 3 * h * i + (4 if self.arch.sandwich_norms else 2) * h
+        attn += (q + kv if self.arch.qk_norm_all else 2 * d) if self.arch.qk_norm else 0
+        layer = attn + (4 if self.arch.sandwich_norms else 2) * h
+        moe = self.num_experts * (3 * h * self.expert_width + h)  # experts and the router
+        layers = sum(layer + (moe if self.moe_layer(n) else 3 * h * i)
+                     for n in range(self.num_hidden_layers))
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * layer + emb + h
+        return layers + emb + h
 
     # ------------------------------------------------------------------ Hugging Face config.json
     @classmethod

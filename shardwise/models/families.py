@@ -19,10 +19,17 @@ gemma3_text       Gemma 2 plus per-head q/k RMSNorm; a rope base of its own for 
                   (``rope_local_base_freq``); a window layer pattern of 5 local : 1 global
 phi3              checkpoint with fused ``qkv_proj`` and ``gate_up_proj`` tensors;
                   partial rotary; ``longrope`` scaling (Phi-3, Phi-3.5, Phi-4-mini)
+mixtral           mixture of experts (top-k, renormalised); the block is ``block_sparse_moe``
+                  with experts ``w1`` / ``w3`` / ``w2`` in the checkpoint; optional window
+qwen3_moe         Qwen3's per-head q/k norms; mixture of experts (``norm_topk_prob``), dense
+                  MLPs in ``mlp_only_layers`` and between ``decoder_sparse_step`` layers
+olmoe             q/k RMSNorm over all heads at once (statistics over the full width: one
+                  all-reduce more per attention under TP); ``clip_qkv``; mixture of experts
 ================  ====================================================================
 
 The MLP slot is pluggable: ``ArchSpec.mlp`` names an entry of
-:data:`shardwise.models.llama.MLPS` (``"gated"``: ``down(act(gate(x)) * up(x))``).
+:data:`shardwise.models.llama.MLPS` (``"gated"``: ``down(act(gate(x)) * up(x))``; ``"moe"``:
+:class:`shardwise.models.moe.MoEBlock`).
 """
 from __future__ import annotations
 
@@ -68,7 +75,14 @@ class ArchSpec:
     ``final_logit_softcapping`` (Gemma 3 only the latter: transformers' Gemma 3 never applies
     an attention soft-cap, and no released Gemma 3 sets one);
     ``mlp``: the MLP kind (a key of :data:`~shardwise.models.llama.MLPS`); ``defaults``:
-    transformers' values for the family's keys a config.json may omit."""
+    transformers' values for the family's keys a config.json may omit.
+
+    Mixtures of experts (``mlp="moe"``): ``mlp_module`` names the block in the checkpoint
+    (Mixtral: ``block_sparse_moe``); ``expert_names`` each expert's gate, up and down tensors;
+    ``router_norm``: the top-k probabilities renormalised by architecture (Mixtral), or ``None``
+    when ``norm_topk_prob`` decides; ``qk_norm_all``: the q/k norm spans all heads (OLMoE: one
+    weight of ``heads x head_dim``, statistics over the full width), not each head;
+    ``clip_qkv``: the family reads ``clip_qkv`` (q, k, v clamped to +-c after the norms)."""
 
     model_type: str
     hf_class: str
@@ -88,6 +102,11 @@ class ArchSpec:
     mlp: str = "gated"
     gguf: GGUFNames | None = None
     defaults: Mapping[str, object] = field(default_factory=dict)
+    mlp_module: str = "mlp"
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    router_norm: bool | None = None
+    qk_norm_all: bool = False
+    clip_qkv: bool = False
 
     def __post_init__(self) -> None:
         if self.window not in WINDOW_RULES:
@@ -156,3 +175,24 @@ register(ArchSpec("phi3", "Phi3ForCausalLM", fused_checkpoint=True, attention_bi
                             "num_key_value_heads": None, "bos_token_id": 1,
                             "eos_token_id": 32000, "pad_token_id": 32000,
                             "sliding_window": None}))
+
+_MOE = {"norm_topk_prob": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+        "decoder_sparse_step": 1, "mlp_only_layers": (), "moe_intermediate_size": None}
+register(ArchSpec("mixtral", "MixtralForCausalLM", attention_bias=False, window="all", mlp="moe",
+                  mlp_module="block_sparse_moe", expert_names=("w1", "w3", "w2"), router_norm=True,
+                  defaults={**_COMMON, **_MOE, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                            "max_position_embeddings": 4096 * 32, "num_key_value_heads": 8,
+                            "bos_token_id": 1, "eos_token_id": 2, "sliding_window": None,
+                            "num_local_experts": 8, "num_experts_per_tok": 2}))
+register(ArchSpec("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, mlp="moe",
+                  defaults={**_QWEN, **_MOE, "num_key_value_heads": 4, "head_dim": None,
+                            "attention_bias": False, "sliding_window": None,
+                            "num_local_experts": 128, "num_experts_per_tok": 8,
+                            "moe_intermediate_size": 768}))
+register(ArchSpec("olmoe", "OlmoeForCausalLM", qk_norm=True, qk_norm_all=True, clip_qkv=True,
+                  mlp="moe",
+                  defaults={**_COMMON, **_MOE, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                            "num_key_value_heads": None, "bos_token_id": None,
+                            "eos_token_id": 50279, "pad_token_id": 1, "attention_bias": False,
+                            "router_aux_loss_coef": 0.01, "num_experts": 64,
+                            "num_experts_per_tok": 8, "clip_qkv": None}))

@@ -19,6 +19,9 @@ sliding window         ``sliding_window`` (+ Qwen's       the same, plus ``layer
                        ``sliding_window_pattern``)
 activation             ``hidden_act`` (Gemma:             the same
                        ``hidden_activation``)
+experts (MoE)          ``num_local_experts`` (Mixtral,    the same
+                       Qwen3-MoE) or ``num_experts``
+                       (OLMoE; Qwen3-MoE's cards)
 ====================== ================================== ======================================
 
 Precedence: ``rope_scaling`` (when not null) replaces ``rope_parameters``; a ``rope_theta`` inside
@@ -204,6 +207,52 @@ def read_hf_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         out["attn_logit_softcapping"] = _get(raw, fam, "attn_logit_softcapping")
     if fam.final_softcap:
         out["final_logit_softcapping"] = _get(raw, fam, "final_logit_softcapping")
+    if fam.mlp == "moe":
+        out.update(read_experts(raw, fam))
+    return out
+
+
+def _experts_key(fam: ArchSpec) -> str:
+    return "num_local_experts" if "num_local_experts" in fam.defaults else "num_experts"
+
+
+def read_experts(raw: Mapping[str, Any], fam: ArchSpec) -> dict[str, Any]:
+    """A mixture of experts' keys (either spelling of the expert count); refuses what the MoE
+    block does not run: router jitter (a random factor in training), Qwen3-MoE's window."""
+    n = raw.get("num_local_experts", raw.get("num_experts", fam.defaults.get(_experts_key(fam))))
+    jitter = _get(raw, fam, "router_jitter_noise") or 0.0
+    if jitter:
+        raise ValueError(f"router_jitter_noise={jitter} is not supported (a random factor on "
+                         "the router's input in training); set it to 0")
+    if fam.window == "none" and raw.get("use_sliding_window"):
+        raise ValueError(f"use_sliding_window=true is not supported for {fam.model_type}")
+    norm = fam.router_norm if fam.router_norm is not None \
+        else bool(_get(raw, fam, "norm_topk_prob"))
+    out = dict(num_experts=int(n), num_experts_per_tok=int(_get(raw, fam, "num_experts_per_tok")),
+               moe_intermediate_size=_get(raw, fam, "moe_intermediate_size"),
+               norm_topk_prob=norm,
+               router_aux_loss_coef=float(_get(raw, fam, "router_aux_loss_coef")),
+               decoder_sparse_step=int(_get(raw, fam, "decoder_sparse_step") or 1),
+               mlp_only_layers=tuple(_get(raw, fam, "mlp_only_layers") or ()))
+    if fam.clip_qkv:
+        out["clip_qkv"] = _get(raw, fam, "clip_qkv")
+    return out
+
+
+def expert_keys(c: Any) -> dict[str, Any]:
+    """The mixture of experts in the family's keys (the block's shape, its routing and its
+    load-balancing loss's weight)."""
+    fam = ARCHS[c.model_type]
+    out: dict[str, Any] = {_experts_key(fam): c.num_experts,
+                           "num_experts_per_tok": c.num_experts_per_tok,
+                           "router_aux_loss_coef": c.router_aux_loss_coef}
+    if fam.router_norm is None:
+        out["norm_topk_prob"] = c.norm_topk_prob
+    if "moe_intermediate_size" in fam.defaults and fam.defaults["moe_intermediate_size"]:
+        out.update(moe_intermediate_size=c.expert_width, decoder_sparse_step=c.decoder_sparse_step,
+                   mlp_only_layers=list(c.mlp_only_layers))
+    if fam.clip_qkv:
+        out["clip_qkv"] = c.clip_qkv
     return out
 
 
@@ -276,4 +325,6 @@ def write_hf_config(c: Any) -> dict[str, Any]:
         out["attn_logit_softcapping"] = c.attn_logit_softcapping
     if fam.final_softcap:
         out["final_logit_softcapping"] = c.final_logit_softcapping
+    if fam.mlp == "moe":
+        out.update(expert_keys(c))
     return out

@@ -37,11 +37,15 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                       VocabParallelEmbedding)
 from ..mesh import ProcessGroup, group_rank, group_size
-from ..partition import HeadLayout, Partition
+from ..partition import HeadLayout
 from ..shards import Piece
 from .attention import AttnParams, self_attention
+from . import qk_norm
 from .config import LlamaConfig
-from .pieces import ACTIVATIONS, glu, merge_heads, norm_for_matmul, rms_norm, rope_qk, rope_qk_expand
+from .mlp import MLP, MLPS
+from .moe import ExpertParallel
+from .pieces import merge_heads, norm_for_matmul, rms_norm, rope_qk, rope_qk_expand
+from .qk_norm import ShardedNorm, full_width_qk, owned_columns
 from .recompute import NoRecompute, Recompute
 from .rope import apply_rope, attention_factor, cos_sin, rope_frequencies, rope_tables
 
@@ -111,7 +115,8 @@ class Attention(nn.Module):
     """Grouped-query attention over this rank's heads::
 
         q, k, v = split(x W_qkv^T)               (b, s, nq|nkv|nkv, d)
-        q, k    = q_norm(q), k_norm(k)           per head, when the family has them
+        q, k    = q_norm(q), k_norm(k)           per head, when the family has them (OLMoE:
+                                                 over all heads, :mod:`.qk_norm`; then clip_qkv)
         q, k    = rope(q), rope(k)               on the first rotary_dim dims of each head
         out     = o_proj(attend(q, k, v))        scale, soft-cap and window from AttnParams
     """
@@ -134,7 +139,14 @@ class Attention(nn.Module):
                                         sequence_parallel=sequence_parallel,
                                         dtype=dtype, device=device)
         arch = cfg.arch
-        self.qk_norm = arch.qk_norm
+        self.qk_norm, self.qk_norm_all = arch.qk_norm and not arch.qk_norm_all, arch.qk_norm_all
+        if self.qk_norm_all:  # OLMoE: one weight over all heads, sharded like q and k
+            KV, eps = cfg.num_key_value_heads * d, cfg.rms_norm_eps
+            self.q_norm = ShardedNorm(q0 * d, q1 * d, H, eps, dtype=dtype, device=device)
+            self.k_norm = ShardedNorm(k0 * d, k1 * d, KV, eps, dtype=dtype, device=device)
+            self.register_buffer("k_owned", owned_columns(self.layout, r, d).to(device),
+                                 persistent=False)
+            self.widths, self.clip = (H, KV), cfg.clip_qkv
         if self.qk_norm:  # one weight for all heads: each rank's gradient covers its heads only
             kw = dict(offset=arch.norm_offset, partial_grad=True, dtype=dtype, device=device)
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
@@ -152,6 +164,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         b, s, _ = qkv.shape
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        if self.qk_norm_all:
+            q, k, v = full_width_qk(self, q, k, v, rc)
         q = q.view(b, s, self.nq, self.d).transpose(1, 2)   # (b, nq, s, d)
         k = k.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
         v = v.view(b, s, self.nkv, self.d).transpose(1, 2)  # (b, nkv, s, d)
@@ -185,41 +199,7 @@ class Attention(nn.Module):
                             p.grad = torch.zeros_like(p)
                         view = p.grad.narrow(0, row, self.d)
                     items.append((self.d * width, view))
-        return items
-
-
-class MLP(nn.Module):
-    """Gated MLP ``down(act(gate(x)) * up(x))``: SwiGLU (silu) or GeGLU (tanh GELU, Gemma).
-    gate and up are one column-parallel weight (from two checkpoint tensors, or Phi-3's fused
-    ``gate_up_proj`` whose first half is gate), down is row-parallel."""
-
-    def __init__(self, cfg: LlamaConfig, group: ProcessGroup | None, *, layer: int = 0,
-                 sequence_parallel: bool, dtype=None, device=None) -> None:
-        super().__init__()
-        n = cfg.intermediate_size
-        i0, i1 = Partition(n, group_size(group), unit="MLP columns").range(group_rank(group))
-        self.local = i1 - i0
-        self.act = ACTIVATIONS[cfg.hidden_act]
-        pieces = [Piece("", 0, i0, i1, 2 * n), Piece("", 0, n + i0, n + i1, 2 * n)] \
-            if cfg.arch.fused_checkpoint else \
-            [Piece("gate_proj", 0, i0, i1, n), Piece("up_proj", 0, i0, i1, n)]
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, pieces, group=group,
-                                                 sequence_parallel=sequence_parallel,
-                                                 dtype=dtype, device=device)
-        self.down_proj = RowParallelLinear(n, cfg.hidden_size, group=group,
-                                           in_pieces=[Piece("", 1, i0, i1, n)],
-                                           sequence_parallel=sequence_parallel,
-                                           dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor, rc: Recompute | NoRecompute = NoRecompute()) -> torch.Tensor:
-        return self.down_proj(rc(glu, self.gate_up_proj(x), self.local, self.act))
-
-
-MLPS: dict[str, type[nn.Module]] = {"gated": MLP}
-"""The MLP slot of a decoder layer, by :attr:`ArchSpec.mlp <.families.ArchSpec.mlp>`. An entry
-is built as ``cls(cfg, group, layer=i, sequence_parallel=..., dtype=..., device=...)`` and called
-as ``mlp(x, rc)``: hidden states (b, s, h) to (b, s, h) (a row-parallel output, its last
-collective included); ``rc`` runs the element-wise pieces it wants recomputed."""
+        return items + (qk_norm.grad_items(self) if self.qk_norm_all else [])
 
 
 class DecoderLayer(nn.Module):
@@ -227,7 +207,8 @@ class DecoderLayer(nn.Module):
     the attention and MLP outputs are normed too, before the residual add."""
 
     def __init__(self, cfg: LlamaConfig, layer: int, group: ProcessGroup | None, *,
-                 sequence_parallel: bool = False, dtype=None, device=None) -> None:
+                 sequence_parallel: bool = False, experts: ExpertParallel = ExpertParallel(),
+                 dtype=None, device=None) -> None:
         super().__init__()
         arch = cfg.arch
         kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
@@ -244,7 +225,11 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
-        self.mlp = MLPS[arch.mlp](cfg, group, layer=layer, **kw)
+        mlp = MLPS[arch.mlp](cfg, group, layer=layer, **kw,
+                             **({"experts": experts} if arch.mlp == "moe" else {}))
+        setattr(self, arch.mlp_module, mlp)  # the checkpoint's name (Mixtral: block_sparse_moe)
+        if arch.mlp_module != "mlp":
+            object.__setattr__(self, "mlp", mlp)  # the same module, not registered twice
         self.recompute = "none"
 
     def forward(self, x, cos, sin, attend: Attend = causal_attend) -> torch.Tensor:
@@ -269,14 +254,16 @@ class LlamaBackbone(nn.Module):
     the embedding and the norm are ``None`` on stages that do not hold them."""
 
     def __init__(self, cfg: LlamaConfig, group, layers: range, *, has_embed: bool, has_norm: bool,
-                 sequence_parallel: bool, pad_multiple: int, dtype=None, device=None) -> None:
+                 sequence_parallel: bool, pad_multiple: int, experts: ExpertParallel,
+                 dtype=None, device=None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
             cfg.vocab_size, cfg.hidden_size, group=group, pad_multiple=pad_multiple,
             sequence_parallel=sequence_parallel, dtype=dtype, device=device) if has_embed else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, group,
                                                           sequence_parallel=sequence_parallel,
-                                                          dtype=dtype, device=device)
+                                                          experts=experts, dtype=dtype,
+                                                          device=device)
                                      for i in layers})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.arch.norm_offset,
                             partial_grad=sequence_parallel, dtype=dtype,
@@ -290,11 +277,14 @@ class LlamaForCausalLM(nn.Module):
     :func:`shardwise.layers.gather_logits` for the full ones and
     :func:`shardwise.loss.vocab_parallel_cross_entropy` for the loss. A stage without the
     embedding takes hidden states instead of ids; a stage without the head returns hidden states.
+    ``experts``: where a mixture of experts' experts live (:class:`~.moe.ExpertParallel`: the EP
+    group and each expert's TP degree; default: every expert split over the TP group).
     """
 
     def __init__(self, cfg: LlamaConfig, *, group: ProcessGroup | None = None,
                  sequence_parallel: bool = False, layers: range | None = None,
-                 pad_multiple: int = 1, dtype: torch.dtype | None = None,
+                 pad_multiple: int = 1, experts: ExpertParallel = ExpertParallel(),
+                 dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.config, self.group, self.sequence_parallel = cfg, group, sequence_parallel
@@ -308,7 +298,8 @@ class LlamaForCausalLM(nn.Module):
         # both stages by the training loop); the final norm and the head on the last stage.
         self.model = LlamaBackbone(cfg, group, layers, has_embed=self.first or (self.last and tied),
                                    has_norm=self.last, sequence_parallel=sequence_parallel,
-                                   pad_multiple=pad_multiple, dtype=dtype, device=device)
+                                   pad_multiple=pad_multiple, experts=experts, dtype=dtype,
+                                   device=device)
         self.lm_head = ParallelLMHead(
             cfg.vocab_size, cfg.hidden_size, group=group, pad_multiple=pad_multiple,
             tied_to=self.model.embed_tokens if tied else None,

@@ -70,3 +70,17 @@ def merge_heads(out: torch.Tensor) -> torch.Tensor:
     (b, s, heads, d) order, as the flash kernels do (CPU included)."""
     b, n, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, n * d)      # (b, s, heads x d)
+
+
+def qkv_norm_all(q, k, v, sums, q_weight, k_weight, eps: float, widths: tuple[int, int],
+                 clip: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OLMoE's q and k RMSNorm over all heads of each, from the full-width sums of squares
+    ``sums`` (b, s, 2) fp32 (:mod:`.qk_norm`), then q, k, v clamped to +-``clip``. q (b, s, nq x d),
+    k and v (b, s, nkv x d): this rank's columns; ``widths``: the full widths of q and k."""
+    def norm(x, total, w):
+        return (x.float() * torch.rsqrt(total / w + eps)).to(x.dtype)   # (b, s, local)
+    q = norm(q, sums[..., :1], widths[0]) * q_weight
+    k = norm(k, sums[..., 1:], widths[1]) * k_weight
+    if clip is not None:
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+    return q, k, v

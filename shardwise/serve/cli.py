@@ -19,6 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int_range(1), default=1,
                         help="tensor-parallel ranks (processes spawned here; under torchrun its "
                              "processes, rank 0 hosting HTTP)")
+    parser.add_argument("--ep", type=int_range(1), default=1,
+                        help="mixture of experts: TP groups side by side that split the experts "
+                             "and serve different sequences (tp x ep processes; default 1)")
+    parser.add_argument("--expert-tp", type=int_range(1), default=None,
+                        help="mixture of experts: ranks each expert spans inside its TP group "
+                             "(default tp; 1: whole experts, expert parallelism within TP)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=port, default=8000)
@@ -53,12 +59,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace):
     from .engine import EngineConfig
-    return EngineConfig(model=args.model, tp=args.tp, kv_tokens=args.kv_tokens,
+    return EngineConfig(model=args.model, tp=args.tp, ep=args.ep, expert_tp=args.expert_tp,
+                        kv_tokens=args.kv_tokens,
                         block_size=args.block_size, max_seqs=args.max_seqs,
                         max_batched_tokens=args.max_batched_tokens, dtype=args.dtype,
                         threads=args.threads, profile=args.profile,
                         prefix_caching=args.prefix_cache, compile=not args.no_compile,
                         device=args.device, cuda_graphs=not args.no_cuda_graphs)
+
+
+def check_experts(cfg, tp: int, ep: int, expert_tp: int | None) -> None:
+    """``--ep`` / ``--expert-tp`` against the model: a dense model has no experts to place, and
+    every expert slot needs an expert (raises ValueError with the numbers)."""
+    if (ep > 1 or expert_tp is not None) and not cfg.num_experts:
+        raise ValueError(f"--ep/--expert-tp place the experts of a mixture of experts, but "
+                         f"{cfg.model_type!r} has none")
+    if cfg.num_experts:
+        from ..models.moe import ExpertLayout
+        ExpertLayout(cfg.num_experts, cfg.expert_width, tp, ep, expert_tp)
 
 
 def _check_listen(host: str, port_: int) -> None:
@@ -105,6 +123,7 @@ def check(args: argparse.Namespace) -> None:
     args.source = resolve(args.model)
     cfg = args.source.config
     HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
+    check_experts(cfg, args.tp, args.ep, args.expert_tp)
     args.tokenizer = load_tokenizer(args.source)
     from ..mesh import launch_env
     if launch_env().rank == 0:  # under torchrun the other ranks host nothing
@@ -145,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     st.server = server
     # uvicorn re-raises the signal that stopped it; after a drain we exit by our own code instead
     signal.signal(signal.SIGTERM, lambda *_: None)
-    print(f"shardwise serve: {source.name} on {args.tp} rank(s) ({info['device']}, "
+    ranks = f"{args.tp} rank(s)" if args.ep == 1 else f"{args.tp} x ep {args.ep} ranks"
+    print(f"shardwise serve: {source.name} on {ranks} ({info['device']}, "
           f"{info['dtype']}{', torchrun' if env.launched else ''}), KV cache "
           f"{info['num_blocks']} blocks x {info['block_size']} tokens "
           f"({info['kv_mib']:.0f} MiB/rank), loaded in {info['load_s']:.1f} s, "

@@ -72,7 +72,7 @@ class EngineClient:
             port = free_port()
             self.procs = [ctx.Process(target=worker_main, daemon=True, name=f"shardwise-tp{r}",
                                       args=(r, cfg, port, self._cmd, self._evt))
-                          for r in range(cfg.tp)]
+                          for r in range(cfg.world)]
         self.info: dict[str, Any] = {}
         self.phases = ["start"] * len(self.procs)
         self.dead: str | None = None

@@ -15,6 +15,15 @@ follows the mesh (``cuda:LOCAL_RANK`` with NCCL when CUDA is present, the CPU ot
 ``EngineConfig.device`` overrides); the cache, the block tables, the step and the sampling live
 there, and only the sampled token ids (and log-probabilities asked for) come back to the host.
 
+Expert parallelism (``ep > 1``): the ``tp x ep`` ranks form ``ep`` TP groups that run different
+sequences and exchange tokens in every MoE layer (:mod:`shardwise.models.moe`). Rank 0 puts each
+new sequence on the group running the fewest (:class:`Groups`; forked samples stay with their
+leader, whose KV they share) and the plan goes to every rank; each group runs its chunks, a group
+without any in a step still runs the model on no tokens (its all-to-alls take part), and the
+groups' results are gathered on rank 0 (``all_gather_object`` over the EP group of TP rank 0).
+Each group keeps its sequences' KV in its own cache, so prefix caching (shared blocks) is off. A
+step that raises is fatal there: the other groups would wait for it in an all-to-all.
+
 One request never takes the engine down: rank 0 refuses a request it cannot run before it is
 scheduled (:func:`.admit.admission_error`, a ``fail`` event with status 400), and a step that
 raises on every rank (the same plan runs the same code everywhere) fails only the sequence that
@@ -51,6 +60,8 @@ from . import wire
 class EngineConfig:
     model: str
     tp: int = 1
+    ep: int = 1                       # TP groups side by side splitting the experts (MoE)
+    expert_tp: int | None = None      # ranks each expert spans in its TP group (default tp)
     kv_tokens: int | None = None      # cache size in tokens per rank (default: the context)
     block_size: int = 16
     max_seqs: int = 32
@@ -65,7 +76,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the option, before any worker starts."""
-        for name in ("tp", "block_size", "max_seqs", "max_batched_tokens"):
+        for name in ("tp", "ep", "block_size", "max_seqs", "max_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         for name in ("kv_tokens", "threads"):
@@ -75,12 +86,18 @@ class EngineConfig:
         from ..mesh import DEVICES
         if self.device not in DEVICES:
             raise ValueError(f"--device {self.device!r}: use one of {', '.join(DEVICES)}")
+        if self.ep > 1:  # each TP group holds its own sequences' KV: no shared prefix blocks
+            self.prefix_caching = False
         if self.kv_tokens is not None and self.kv_tokens < self.block_size:
             raise ValueError(f"--kv-tokens={self.kv_tokens} is less than one block of "
                              f"--block-size={self.block_size} tokens")
 
     def num_blocks(self, context: int) -> int:
         return blocks_for(self.kv_tokens or context, self.block_size)
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.ep
 
 
 @dataclass
@@ -92,34 +109,52 @@ class StepResult:
 
 
 class Runner:
-    """One rank's model, cache, step function and per-sequence samplers."""
+    """One rank's model, cache, step function and per-sequence samplers; with ``ep`` > 1 the
+    sequences of its TP group (``ep_rank`` of ``ep``) and the EP group its results are gathered
+    over."""
 
     def __init__(self, model, group, cache: PagedKVCache, *,
-                 options: StepOptions = StepOptions()) -> None:
+                 options: StepOptions = StepOptions(), ep: int = 1, ep_rank: int = 0,
+                 ep_group=None, tp_rank: int = 0) -> None:
         self.model, self.group, self.cache = model, group, cache
         self.step = StaticStep(model, cache, options)
+        self.ep, self.ep_rank, self.ep_group, self.tp_rank = ep, ep_rank, ep_group, tp_rank
         self.head = model.lm_head
         self.vocab = self.head.num_embeddings
         self.samplers: dict[int, tuple[SamplerSpec, SamplingParams, torch.Generator]] = {}
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step: the forward of every chunk, the KV copies of forked sequences, then
-        sampling (with the plan's token masks) and the log-probabilities asked for."""
+        sampling (with the plan's token masks) and the log-probabilities asked for. With
+        ``ep`` > 1 this rank runs its group's chunks; TP rank 0 returns every group's results."""
         for sid in plan.drop:
             self.samplers.pop(sid, None)
         for sid, sp in plan.new.items():
             self.samplers[sid] = (sp, *make_sampler(sp, self.cache.device))
+        if self.ep == 1:
+            return self._run(plan, plan.chunks)
+        out = self._run(plan, [c for c in plan.chunks if c.group == self.ep_rank])
+        if self.tp_rank == 0:  # every group's results to rank 0
+            box: list[Any] = [None] * self.ep
+            dist.all_gather_object(box, out, group=self.ep_group)
+            for r in box:
+                out.sampled.update(r.sampled)
+                out.logprobs.update(r.logprobs)
+                out.prompt.update(r.prompt)
+        return out
+
+    def _run(self, plan: StepPlan, chunks: list) -> StepResult:
         picked: list[tuple[int, int]] = []          # (seq id, chunk whose last row it samples)
         spans: list[tuple[int, int, list[int]]] = []  # prompt logprobs: (seq id, chunk, targets)
-        for i, c in enumerate(plan.chunks):
+        for i, c in enumerate(chunks):
             if c.targets:
                 spans.append((c.seq_id, i, c.targets))
             if c.sample:
                 picked += [(sid, i) for sid in (c.seq_id, *c.forks)]
-        last = [len(c.tokens) - 1 for c in plan.chunks]
+        last = [len(c.tokens) - 1 for c in chunks]
         rows = [(i, last[i]) for _, i in picked] + [(i, j) for _, i, t in spans
                                                     for j in range(len(t))]
-        local = self.step(plan.chunks, rows)                          # (len(rows), V_local)
+        local = self.step(chunks, rows)                               # (len(rows), V_local)
         self.cache.copy_blocks(plan.copies)
         out, n = StepResult(), len(picked)
         if spans:
@@ -169,6 +204,28 @@ class Runner:
         return out
 
 
+class Groups:
+    """Rank 0 under expert parallelism: the TP group of every running sequence. A new sequence
+    goes to the group running the fewest; forked samples stay with their leader."""
+
+    def __init__(self, ep: int) -> None:
+        self.ep, self.of = ep, {}
+
+    def assign(self, plan: StepPlan) -> None:
+        for sid in plan.drop:
+            self.of.pop(sid, None)
+        load = [0] * self.ep
+        for g in self.of.values():
+            load[g] += 1
+        for c in plan.chunks:
+            if c.seq_id not in self.of:
+                self.of[c.seq_id] = min(range(self.ep), key=load.__getitem__)
+                load[self.of[c.seq_id]] += 1
+            c.group = self.of[c.seq_id]
+            for f in c.forks:
+                self.of[f] = c.group
+
+
 def _drain(cmd_q, block: bool) -> list[tuple]:
     out = []
     try:
@@ -199,8 +256,8 @@ def run_step(runner: Runner, sched: Scheduler,
     try:
         res = runner.execute(plan)
     except Exception as e:  # noqa: BLE001 - one request's failure, not the engine's...
-        if _comm_failure(e):
-            raise  # ...unless a peer died or the group broke: then it is fatal
+        if _comm_failure(e) or runner.ep > 1:
+            raise  # ...unless a peer died or the group broke (or EP groups wait): fatal
         trace = traceback.format_exc()
         failed = sched.fail_step(plan)
         print(f"shardwise engine: a step of {len(plan.chunks)} sequence(s) raised; "
@@ -240,6 +297,7 @@ def _lead(runner: Runner, sched: Scheduler, grammars: Grammars, group, cmd_q, ev
           profile: bool, context: int) -> None:
     """Rank 0: take commands, schedule, broadcast, run, report."""
     parent, stopping, dev = os.getppid(), False, runner.cache.device
+    groups = Groups(runner.ep) if runner.ep > 1 else None
     while True:
         cmds = _drain(cmd_q, block=not sched.has_work())
         for cmd in cmds:
@@ -263,6 +321,8 @@ def _lead(runner: Runner, sched: Scheduler, grammars: Grammars, group, cmd_q, ev
         if not plan.chunks:
             time.sleep(0.005)
             continue
+        if groups is not None:
+            groups.assign(plan)
         t0 = time.perf_counter()
         with Ledger() if profile else _NoLedger() as ledger:
             if group is not None:
@@ -273,11 +333,14 @@ def _lead(runner: Runner, sched: Scheduler, grammars: Grammars, group, cmd_q, ev
             evt_q.put(("fail", sid, 500, why))
         stats = _stats(sched)
         stats.update(step_s=step_s, step_tokens=sum(len(c.tokens) for c in plan.chunks),
-                     step_seqs=len(plan.chunks), comm_s=getattr(ledger, "seconds", 0.0))
+                     step_seqs=len(plan.chunks), comm_s=ledger.seconds,
+                     collectives=ledger.counts() if profile else {})
         evt_q.put(("step", events, prompt, stats))
 
 
 class _NoLedger:
+    seconds = 0.0
+
     def __enter__(self) -> "_NoLedger":
         return self
 
@@ -302,7 +365,7 @@ def _follow(runner: Runner, group) -> None:
         try:
             runner.execute(plan)
         except Exception as e:  # noqa: BLE001 - rank 0 raised alike and decides what fails
-            if _comm_failure(e):
+            if _comm_failure(e) or runner.ep > 1:
                 raise
 
 
@@ -310,10 +373,10 @@ def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
     """Entry point of TP worker ``rank``, a process the server spawned: it gets torchrun's
     environment from here, then runs :func:`run_rank`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(cfg.tp), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(cfg.tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(cfg.world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(cfg.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from ..affinity import pin
-    pin(rank, cfg.tp)  # before loading: the weights land in this rank's NUMA node
+    pin(rank, cfg.world)  # before loading: the weights land in this rank's NUMA node
     run_rank(cfg, cmd_q, evt_q)
 
 
@@ -324,6 +387,7 @@ def run_rank(cfg: EngineConfig, cmd_q, evt_q) -> None:
     from .. import failure
     from ..checkpoint.source import build_model, load_tokenizer, resolve
     from ..mesh import Mesh, launch_env, pick_dtype
+    from ..models.moe import ExpertParallel
     rank = launch_env().rank
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -332,16 +396,20 @@ def run_rank(cfg: EngineConfig, cmd_q, evt_q) -> None:
     try:
         with torch.inference_mode(), failure.phase("start"):
             t0 = time.perf_counter()
-            mesh = Mesh.init(tp=cfg.tp, device=cfg.device, timeout_s=7 * 86400.0)
+            mesh = Mesh.init(tp=cfg.tp, ep=cfg.ep, device=cfg.device, timeout_s=7 * 86400.0)
             source = resolve(cfg.model)
             model = build_model(source, group=mesh.tp_group, device=mesh.device,
-                                dtype=pick_dtype(cfg.dtype, mesh.device)).eval()
+                                dtype=pick_dtype(cfg.dtype, mesh.device),
+                                experts=ExpertParallel(mesh.ep_group, cfg.expert_tp)).eval()
             context = source.config.max_position_embeddings
             with failure.phase("allocate KV cache"):
                 cache = PagedKVCache(model, cfg.num_blocks(context), cfg.block_size)
             runner = Runner(model, mesh.tp_group, cache,
                             options=StepOptions(compile=cfg.compile, max_seqs=cfg.max_seqs,
-                                                cuda_graphs=cfg.cuda_graphs))
+                                                cuda_graphs=cfg.cuda_graphs),
+                            ep=cfg.ep, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group,
+                            tp_rank=mesh.tp_rank)
+            plans = mesh.tp_group if cfg.ep == 1 else dist.group.WORLD  # who gets the plans
             t1 = time.perf_counter()
             if rank == 0 and cfg.compile:
                 print(f"shardwise serve: compiling the decode step for batch buckets "
@@ -353,7 +421,7 @@ def run_rank(cfg: EngineConfig, cmd_q, evt_q) -> None:
             pids = _pids(mesh.tp_group)
             if rank != 0:
                 with failure.phase("serve"):
-                    _follow(runner, mesh.tp_group)
+                    _follow(runner, plans)
                 return
             sched = Scheduler(cache.num_blocks, cfg.block_size, max_seqs=cfg.max_seqs,
                               max_batched_tokens=cfg.max_batched_tokens,
@@ -373,7 +441,7 @@ def run_rank(cfg: EngineConfig, cmd_q, evt_q) -> None:
                                  "dtype": str(cache.dtype).removeprefix("torch."),
                                  "pids": pids}))
             with failure.phase("serve"):
-                _lead(runner, sched, grammars, mesh.tp_group, cmd_q, evt_q, cfg.profile, context)
+                _lead(runner, sched, grammars, plans, cmd_q, evt_q, cfg.profile, context)
     except BaseException as exc:  # noqa: BLE001 - reported to the server (once); die non-zero
         failure.report(exc)
         raise

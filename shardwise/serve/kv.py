@@ -50,6 +50,7 @@ class Chunk:
     long_rope: bool = False  # longrope: the sequence is past the original context
     forks: list[int] = field(default_factory=list)  # more sequences sampled from the last row
     targets: list[int] | None = None  # prompt logprobs: the prompt tokens its rows predict
+    group: int = 0  # expert parallelism: the TP group that runs it (and holds its KV)
 
 
 def blocks_for(n_tokens: int, block_size: int) -> int:
@@ -117,11 +118,14 @@ class PagedKVCache:
                 decodes.append(c)
             else:
                 prefills.append((off, c))
-        self.slot_mapping = torch.tensor(slot, device=self.device)
+        self.slot_mapping = torch.tensor(slot, dtype=torch.long, device=self.device)
         self.views = {w: self._view(w, decodes, prefills) for w in self.windows}
         dev = self.device
-        self.long_rope = None if self.long_after is None else torch.tensor([long], device=dev)
-        return (torch.tensor([ids], device=dev), torch.tensor([pos], device=dev), last)
+        self.long_rope = None if self.long_after is None else torch.tensor([long], dtype=torch.bool,
+                                                                         device=dev)
+        # (1, T): T may be 0 (an EP group without a sequence this step still runs its layers)
+        return (torch.tensor([ids], dtype=torch.long, device=dev),
+                torch.tensor([pos], dtype=torch.long, device=dev), last)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy the KV of block ``src`` into block ``dst`` for each pair, in every layer."""
@@ -164,8 +168,9 @@ class PagedKVCache:
         """The model's attention hook. q (1, nq, T, d); k, v (1, nkv, T, d) -> (1, nq, T, d)."""
         T = q.shape[2]
         kc, vc = self.k[layer], self.v[layer]
-        kc.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1).reshape(T, -1))
-        vc.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1).reshape(T, -1))
+        width = self.nkv * self.d  # T may be 0: an EP group without a sequence this step
+        kc.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1).reshape(T, width))  # (T, nkv d)
+        vc.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1).reshape(T, width))
         out = torch.empty_like(q)
         n, g = self.n_dec, self.group
         view = self.views[params.window]

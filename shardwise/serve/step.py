@@ -123,7 +123,8 @@ class StaticStep:
         self._decode_fn = self._decode
         # The static decode reads every key of a row up to its length: no sliding windows, and
         # longrope's restart needs the flat step; such models run every step eager (flat).
-        self.static = model.long_after is None and all(
+        # A mixture of experts routes with data-dependent shapes (and all-to-alls): eager too.
+        self.static = model.long_after is None and model.config.arch.mlp != "moe" and all(
             layer.self_attn.params.window is None for layer in model.model.layers.values())
         if options.compile and self.static:
             self._decode_fn = torch.compile(_own_code(self._decode), fullgraph=True,
