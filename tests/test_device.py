@@ -76,7 +76,8 @@ def test_cli_torchrun_world_must_match_tp(monkeypatch, capsys):
 ints = st.integers(0, 2**40)
 chunks = st.builds(Chunk, ints, st.lists(ints, max_size=5), ints, st.lists(ints, max_size=4),
                    sample=st.booleans(), long_rope=st.booleans(),
-                   forks=st.lists(ints, max_size=3), targets=st.none() | st.lists(ints, max_size=4))
+                   forks=st.lists(ints, max_size=3), targets=st.none() | st.lists(ints, max_size=4),
+                   group=st.integers(0, 7))
 specs = st.builds(SamplerSpec, st.floats(0, 5), st.integers(0, 1000), st.floats(0, 1),
                   st.integers(-2**63, 2**64 - 1), st.none() | st.integers(0, 20),
                   st.none() | st.integers(0, 20))

@@ -9,8 +9,8 @@ whatever backend the TP group has: gloo from CPU memory, NCCL from the GPU, wher
 Layout (every field one int64 unless said)::
 
     header   stop, n_chunks, n_new, n_drop, n_masks, n_copies
-    chunk    seq_id, start, flags (1: sample, 2: long_rope), n_tokens, n_blocks, n_forks,
-             n_targets (-1: None),
+    chunk    seq_id, start, flags (1: sample, 2: long_rope), group (expert parallelism),
+             n_tokens, n_blocks, n_forks, n_targets (-1: None),
              tokens[n_tokens], blocks[n_blocks], forks[n_forks], targets[n_targets]
     new      seq_id, temperature (float64 bits), top_k, top_p (float64 bits),
              seed_hi, seed_lo (seed = hi * 2**32 + lo), logprobs (-1: None), prompt_logprobs (-1)
@@ -49,7 +49,7 @@ def encode(plan: StepPlan) -> torch.Tensor:
            len(plan.copies)]
     for c in plan.chunks:
         targets = c.targets if c.targets is not None else []
-        out += [c.seq_id, c.start, int(c.sample) | int(c.long_rope) << 1, len(c.tokens),
+        out += [c.seq_id, c.start, int(c.sample) | int(c.long_rope) << 1, c.group, len(c.tokens),
                 len(c.blocks), len(c.forks),
                 _NONE if c.targets is None else len(targets)]
         out += c.tokens
@@ -84,11 +84,12 @@ def decode(buf: torch.Tensor) -> StepPlan:
 
     plan = StepPlan(stop=bool(stop))
     for _ in range(n_chunks):
-        sid, start, flags, nt, nb, nf, ntg = take(7)
+        sid, start, flags, group, nt, nb, nf, ntg = take(8)
         tokens, blocks, forks = take(nt), take(nb), take(nf)
         targets = None if ntg == _NONE else take(ntg)
         plan.chunks.append(Chunk(sid, tokens, start, blocks, sample=bool(flags & 1),
-                                 long_rope=bool(flags & 2), forks=forks, targets=targets))
+                                 long_rope=bool(flags & 2), forks=forks, targets=targets,
+                                 group=group))
     for _ in range(n_new):
         sid, temp, top_k, top_p, hi, lo, lp, plp = take(8)
         plan.new[sid] = SamplerSpec(temperature=_i2f(temp), top_k=top_k, top_p=_i2f(top_p),
