@@ -49,8 +49,8 @@ def encode(plan: StepPlan) -> torch.Tensor:
            len(plan.copies)]
     for c in plan.chunks:
         targets = c.targets if c.targets is not None else []
-        out += [c.seq_id, c.start, int(c.sample) | int(c.long_rope) << 1, c.group, len(c.tokens),
-                len(c.blocks), len(c.forks),
+        out += [c.seq_id, c.start, int(c.sample) | int(c.long_rope) << 1, c.group,
+                len(c.tokens), len(c.blocks), len(c.forks),
                 _NONE if c.targets is None else len(targets)]
         out += c.tokens
         out += c.blocks
