@@ -20,12 +20,15 @@ class Poisoned:
     per-request failure the checks before did not foresee)."""
 
     def __init__(self, model) -> None:
-        self.model, self.lm_head, self.config = model, model.lm_head, model.config
+        self.inner = model
+
+    def __getattr__(self, name):  # everything else (config, layers, lm_head) is the model's
+        return getattr(self.inner, name)
 
     def __call__(self, ids, *args, **kw):
         if bool((ids == POISON).any()):
             raise RuntimeError("poisoned token in the batch")
-        return self.model(ids, *args, **kw)
+        return self.inner(ids, *args, **kw)
 
 
 def test_admission_refuses_what_a_step_could_not_run():
