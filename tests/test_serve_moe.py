@@ -2,7 +2,7 @@
 transformers' own greedy tokens, and an expert-parallel step's all-to-alls are in the ledger.
 
 Each case runs the engine's own pieces (``Runner``, ``Groups``, ``run_step``, the plan broadcast
-and ``_follow``) on the pool's ranks: seven prompts of different lengths, late arrivals, chunked
+and ``_follow``, the plan on the wire) on the pool's ranks: seven prompts of different lengths, late arrivals, chunked
 prefill and preemption (too few KV blocks for every sequence at once), the sequences spread over
 the ep TP groups by rank 0. Every step, on every rank, runs 3 all-to-alls per MoE layer (counts,
 dispatch, combine: forward only), including the steps where rank 0's group has no sequence.
@@ -57,7 +57,8 @@ def serve_case(path: str, tp: int, ep: int, expert_tp: int | None, prompts, leng
     from shardwise.ledger import Ledger
     from shardwise.mesh import subgroup
     from shardwise.models.moe import ExpertParallel
-    from shardwise.serve.engine import Groups, Runner, _broadcast, _follow, run_step
+    from shardwise.serve import wire
+    from shardwise.serve.engine import Groups, Runner, _follow, run_step
     from shardwise.serve.kv import PagedKVCache
     from shardwise.serve.scheduler import SamplerSpec, Scheduler, Sequence, StepPlan
     member, tp_g, ep_g, j, t = groups(tp, ep)
@@ -88,11 +89,11 @@ def serve_case(path: str, tp: int, ep: int, expert_tp: int | None, prompts, leng
             used.update(c.group for c in plan.chunks)
             idle += all(c.group != 0 for c in plan.chunks)  # rank 0's group runs no tokens
             with Ledger() as ledger:
-                _broadcast(plan, everyone)
+                wire.broadcast(plan, everyone, torch.device("cpu"))
                 run_step(runner, sched, plan)
             a2a.append(ledger.counts().get("all_to_all", 0))
             steps += 1
-        _broadcast(StepPlan(stop=True), everyone)
+        wire.broadcast(StepPlan(stop=True), everyone, torch.device("cpu"))
     return {"out": [s.output for s in seqs], "a2a": a2a, "used": used, "idle": idle,
             "preemptions": sched.preemptions, "free": sched.alloc.num_free}
 
