@@ -12,7 +12,14 @@ function                    forward                backward
 ``gather_seq``              all-gather (seq dim)   reduce-scatter
 ``reduce_scatter_seq``      reduce-scatter (seq)   all-gather
 ``scatter_seq``             split (seq dim)        all-gather
+``sum_partial``             all-reduce             all-reduce
+``all_to_all``              all-to-all (dim 0)     all-to-all (splits swapped)
 ==========================  =====================  =====================
+
+``sum_partial`` is for a statistic every rank holds part of whose consumers are partial too (the
+mean square of q over all heads when each rank holds some heads): both directions sum.
+``all_to_all`` exchanges rows of uneven counts (expert parallelism): rank r sends rows
+``[sum(in_splits[:j]), ...)`` to rank j; its backward sends the gradients back the same way.
 
 Each backward is its dual's forward. Every function takes its group explicitly and returns its
 input unchanged when the group has one rank (``None``). Sizes along the last dimension may differ
@@ -20,7 +27,8 @@ by rank (uneven head splits): pass ``sizes``. Sequence-parallel splits must be e
 
 The :class:`~shardwise.ledger.Ledger` (re-exported here) counts every collective issued through
 ``torch.distributed`` while it is active, so code here calls ``dist.<op>`` at call time; the
-shared-memory path reports its collectives to it directly.
+shared-memory path reports its collectives to it directly. The shared-memory path has no
+all-to-all: ``all_to_all`` and ``exchange_counts`` always use torch.distributed (gloo or NCCL).
 """
 from __future__ import annotations
 
@@ -95,14 +103,57 @@ def all_reduce_(x: torch.Tensor, group: ProcessGroup | None, op: str = "sum") ->
 # --------------------------------------------------------------------------- raw helpers
 
 def all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """Sum ``x`` over ``group`` into a new tensor (the input is left as it was)."""
+    """Sum ``x`` over ``group`` into a new tensor (the input is left as it was). One operator
+    to ``torch.compile`` (``shardwise::all_reduce``): a compiled graph keeps it in place."""
     if group_size(group) == 1:
         return x
-    return all_reduce_(x.contiguous().clone(), group)
+    return torch.ops.shardwise.all_reduce(x, group_key(group))
 
 
 def gather_stacked(x: torch.Tensor, group: ProcessGroup | None, t: int) -> torch.Tensor:
-    """``(t, *x.shape)``: every rank's ``x``, stacked in rank order (one collective)."""
+    """``(t, *x.shape)``: every rank's ``x``, stacked in rank order (one collective, one
+    operator to ``torch.compile``: ``shardwise::all_gather``)."""
+    return torch.ops.shardwise.all_gather(x, group_key(group), t)
+
+
+# --------------------------------------------------------------------------- graph operators
+# torch.compile sees each collective as one custom operator with a fake (shape-only)
+# implementation, so a compiled step keeps its collectives inside the graph instead of breaking
+# at each of them. At run time the operator calls the path above (shared memory, gloo or NCCL;
+# counted by the ledger as before). An operator's schema holds strings, not process groups:
+# groups travel by name.
+
+def group_key(group: ProcessGroup) -> str:
+    """The name a graph operator uses for ``group`` (torch.distributed's unique group name)."""
+    return group.group_name
+
+
+def _group(key: str) -> ProcessGroup:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(key)
+
+
+@torch.library.custom_op("shardwise::all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor, group: str) -> torch.Tensor:
+    return all_reduce_(x.contiguous().clone(), _group(group))
+
+
+@_all_reduce_op.register_fake
+def _(x: torch.Tensor, group: str) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("shardwise::all_gather", mutates_args=())
+def _all_gather_op(x: torch.Tensor, group: str, t: int) -> torch.Tensor:
+    return _gather_stacked(x, _group(group), t)
+
+
+@_all_gather_op.register_fake
+def _(x: torch.Tensor, group: str, t: int) -> torch.Tensor:
+    return x.new_empty((t,) + tuple(x.shape))
+
+
+def _gather_stacked(x: torch.Tensor, group: ProcessGroup, t: int) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((t * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     comm = _shm_for(group, x)
@@ -179,6 +230,32 @@ def reduce_scatter_dim(x: torch.Tensor, group: ProcessGroup | None, dim: int) ->
     return out
 
 
+def exchange_counts(counts: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """``counts`` (n, ...) int64, row j for rank j of ``group`` -> (n, ...): row j is what rank j
+    sent this rank (one ``all_to_all_single``; the layouts of an all-to-all before its payload)."""
+    if group_size(group) == 1:
+        return counts
+    counts = counts.contiguous()
+    out = torch.empty_like(counts)
+    dist.all_to_all_single(out, counts, group=group)
+    return out
+
+
+def _all_to_all_rows(x: torch.Tensor, group: ProcessGroup | None,
+                     splits: tuple[tuple[int, ...], tuple[int, ...]]) -> torch.Tensor:
+    """Rows ``in_splits[j]`` of ``x`` (in order) to rank j; ``out_splits[j]`` rows from rank j."""
+    out_splits, in_splits = splits
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, list(out_splits), list(in_splits), group=group)
+    return out
+
+
+def _all_to_all_back(dy: torch.Tensor, group: ProcessGroup | None,
+                     splits: tuple[tuple[int, ...], tuple[int, ...]]) -> torch.Tensor:
+    return _all_to_all_rows(dy, group, (splits[1], splits[0]))
+
+
 def split_dim(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.Tensor:
     t = group_size(group)
     if t == 1:
@@ -219,6 +296,8 @@ _ScatterToTP = _pair("_ScatterToTP", split_last, all_gather_last)
 _GatherSeq = _pair("_GatherSeq", all_gather_dim, reduce_scatter_dim)
 _ReduceScatterSeq = _pair("_ReduceScatterSeq", reduce_scatter_dim, all_gather_dim)
 _ScatterSeq = _pair("_ScatterSeq", split_dim, all_gather_dim)
+_SumPartial = _pair("_SumPartial", _sum, _sum)
+_AllToAll = _pair("_AllToAll", _all_to_all_rows, _all_to_all_back)
 
 
 def _trivial(group: ProcessGroup | None) -> bool:
@@ -231,8 +310,13 @@ def copy_to_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
 
 
 def reduce_from_tp(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """*g*: all-reduce forward, identity backward. Leaves a tensor-parallel region."""
-    return x if _trivial(group) else _ReduceFromTP.apply(x, group, None)
+    """*g*: all-reduce forward, identity backward. Leaves a tensor-parallel region. Without a
+    gradient to carry (inference) it is the bare all-reduce operator."""
+    if _trivial(group):
+        return x
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return all_reduce(x, group)
+    return _ReduceFromTP.apply(x, group, None)
 
 
 def gather_from_tp(x: torch.Tensor, group: ProcessGroup | None,
@@ -260,3 +344,19 @@ def reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1
 def scatter_seq(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -> torch.Tensor:
     """Enter sequence parallelism: keep own piece of ``dim`` forward, all-gather backward."""
     return x if _trivial(group) else _ScatterSeq.apply(x, group, dim)
+
+
+def sum_partial(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """All-reduce forward and backward: a sum of per-rank parts whose gradient is per-rank too."""
+    return x if _trivial(group) else _SumPartial.apply(x, group, None)
+
+
+def all_to_all(x: torch.Tensor, group: ProcessGroup | None, *, out_splits: Sequence[int],
+               in_splits: Sequence[int]) -> torch.Tensor:
+    """Send ``in_splits[j]`` consecutive rows of ``x`` to rank j and receive ``out_splits[j]``
+    rows from rank j, in rank order: (sum(in_splits), ...) -> (sum(out_splits), ...). Backward
+    sends the rows' gradients back (the same call with the splits swapped)."""
+    if _trivial(group):
+        return x
+    return _AllToAll.apply(x, group, (tuple(int(n) for n in out_splits),
+                                      tuple(int(n) for n in in_splits)))

@@ -1,8 +1,14 @@
 """``shardwise generate``: one prompt through a tensor-parallel model, token by token.
 
-Every rank runs the same loop: prefill the prompt, then one token per step with a KV cache of
-its own KV heads. Sampling exchanges only what it must (``shardwise.sampling``); every rank
-decodes the text itself to check stop strings, so no rank needs to tell the others to stop.
+Every rank runs the same loop: prefill the prompt, then one token per step, through the serving
+engine's step function (:class:`~shardwise.serve.step.StaticStep`: a compiled decode graph of
+batch 1 over a paged KV cache of its own KV heads; ``compile=False`` runs it eager). Sampling
+exchanges only what it must (``shardwise.sampling``); every rank decodes the text itself to check
+stop strings, so no rank needs to tell the others to stop.
+
+The ranks are torchrun's when it launched this process (every torchrun process is one rank and
+spawns nothing), else local processes spawned here (none for tp=1). The device follows the mesh:
+``cuda:LOCAL_RANK`` (bf16 by default) when CUDA is present, the CPU (fp32) otherwise.
 """
 from __future__ import annotations
 
@@ -17,12 +23,13 @@ import torch
 from .checkpoint.source import ModelSource, build_model, load_tokenizer, resolve
 from .comm import Ledger
 from .failure import phase
-from .mesh import Mesh
-from .models.cache import KVCache
+from .mesh import Mesh, pick_dtype, under_launcher
 from .partition import HeadLayout
 from .quant.config import QuantConfig
 from .quant.load import weight_bytes
 from .sampling import SamplingParams, sample
+from .serve.kv import Chunk, PagedKVCache, blocks_for
+from .serve.step import StaticStep, StepOptions
 
 
 @dataclass
@@ -32,8 +39,11 @@ class GenerateJob:
     prompt_ids: list[int]
     params: SamplingParams
     stream: str | None = "stdout"  # where rank 0 streams text: "stdout", "stderr" or None
-    dtype: str = "float32"
+    dtype: str = "auto"            # "auto": bfloat16 on a GPU, float32 on the CPU
     eos_ids: list[int] = field(default_factory=list)
+    compile: bool = True
+    device: str = "auto"           # "auto" (CUDA when present), "cpu" or "cuda"
+    cuda_graphs: bool = True       # on CUDA: replay captured decode steps
     quant: QuantConfig | None = None
 
 
@@ -69,17 +79,26 @@ def run_generation(job: GenerateJob) -> dict:
     """Worker body (also runs in-process for tp=1). Returns this rank's result and signals."""
     t0 = time.perf_counter()
     with phase("start"):
-        mesh = Mesh.init(tp=job.tp)
+        mesh = Mesh.init(tp=job.tp, device=job.device)
     source = resolve(job.model, dense=job.quant is None)
-    model = build_model(source, group=mesh.tp_group, dtype=getattr(torch, job.dtype),
-                        quant=job.quant,
-                        device=mesh.device).eval()
+    dtype = pick_dtype(job.dtype, mesh.device)
+    model = build_model(source, group=mesh.tp_group, dtype=dtype, device=mesh.device,
+                        quant=job.quant).eval()
     tokenizer = load_tokenizer(source) if source.tokenizer else None
     load_s = time.perf_counter() - t0
     p = job.params
-    gen = torch.Generator().manual_seed(p.seed if p.seed is not None else 0)
-    ids = torch.tensor([job.prompt_ids], device=mesh.device)
-    cache = KVCache(model, 1, len(job.prompt_ids) + p.max_tokens)
+    gen = torch.Generator(mesh.device).manual_seed(p.seed if p.seed is not None else 0)
+    n = len(job.prompt_ids) + p.max_tokens
+    cache = PagedKVCache(model, blocks_for(n, 16), 16)
+    run_step = StaticStep(model, cache, StepOptions(compile=job.compile, max_seqs=1, max_context=n,
+                                                    cuda_graphs=job.cuda_graphs))
+    t1 = time.perf_counter()
+    run_step.warmup()
+    compile_s = time.perf_counter() - t1
+    blocks = list(range(cache.num_blocks))
+    long_after = model.long_after
+    chunk = Chunk(0, list(job.prompt_ids), 0, blocks, sample=True,
+                  long_rope=long_after is not None and len(job.prompt_ids) > long_after)
     head = model.lm_head
     out_ids: list[int] = []
     text, shown = "", 0
@@ -89,9 +108,15 @@ def run_generation(job: GenerateJob) -> dict:
     with phase("generate"), Ledger() as ledger:
         for step in range(p.max_tokens):
             start = time.perf_counter()
-            logits = model(ids, cache.positions(1, ids.shape[1]), attend=cache.attend, rows=[-1])
-            cache.advance(ids.shape[1])
-            nxt = int(sample(logits[:, -1], [p], [gen], start=head.start,
+            total = chunk.start + len(chunk.tokens)
+            if long_after is not None and not chunk.long_rope and total > long_after:
+                # longrope: past the original context every key takes the long frequencies,
+                # the cached ones included: feed the whole sequence again (transformers drops
+                # its cache at the same point)
+                chunk = Chunk(0, list(job.prompt_ids) + out_ids, 0, blocks, sample=True,
+                              long_rope=True)
+            logits = run_step([chunk])                                   # (1, V / t)
+            nxt = int(sample(logits, [p], [gen], start=head.start,
                              vocab=head.num_embeddings, group=mesh.tp_group)[0])
             times.append(time.perf_counter() - start)
             if nxt in job.eos_ids:
@@ -108,7 +133,8 @@ def run_generation(job: GenerateJob) -> dict:
                     shown = len(text)
                 if cut is not None:
                     break
-            ids = torch.tensor([[nxt]], device=mesh.device)
+            chunk = Chunk(0, [nxt], chunk.start + len(chunk.tokens), blocks, sample=True,
+                          long_rope=chunk.long_rope)
     if stream:
         stream.write("\n")
         stream.flush()
@@ -116,9 +142,15 @@ def run_generation(job: GenerateJob) -> dict:
     decode = times[1:]
     signals = {
         "rank": mesh.rank,
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "device": str(mesh.device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "graphs": run_step.graph_count,
         "prompt_tokens": len(job.prompt_ids),
         "generated_tokens": len(out_ids),
         "load_s": round(load_s, 3),
+        "compile_s": round(compile_s, 3),
         "prefill_tokens_per_s": round(len(job.prompt_ids) / times[0], 1) if times else 0.0,
         "decode_tokens_per_s": round(len(decode) / sum(decode), 1) if decode else 0.0,
         "param_mib": round(weight_bytes(model) / 2**20, 1),
@@ -142,10 +174,25 @@ def _peak_rss_mib() -> float:
 
 
 def generate(job: GenerateJob) -> list[dict]:
-    """Run ``job`` on ``job.tp`` ranks (in this process when tp=1); results by rank."""
-    if job.tp == 1 and "WORLD_SIZE" not in os.environ:
+    """Run ``job`` on ``job.tp`` ranks; results by rank. Under torchrun this process is one of
+    the ranks (every rank returns every rank's result); otherwise tp=1 runs in this process and
+    more ranks are spawned here."""
+    if under_launcher():
+        import torch.distributed as dist
+        mine = run_generation(job)
+        if not dist.is_initialized():
+            return [mine]
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, mine)
+        dist.destroy_process_group()
+        return out
+    if job.tp == 1:
         return [run_generation(job)]
+    from .affinity import plan, read_nodes
     from .launch import spawn
+    note = plan(job.tp, read_nodes()).note
+    if note and job.stream:
+        print(f"shardwise: {note}", file=sys.stderr)
     return spawn(run_generation, job.tp, job)
 
 
@@ -160,7 +207,9 @@ def summarize(results: list[dict]) -> dict:
 
 def format_signals(summary: dict) -> str:
     s = summary["signals"]
-    lines = [f"prefill {s['prefill_tokens_per_s']} tok/s, decode {s['decode_tokens_per_s']} tok/s"]
+    compile_s = s["ranks"][0].get("compile_s", 0.0)
+    lines = [f"prefill {s['prefill_tokens_per_s']} tok/s, decode {s['decode_tokens_per_s']} tok/s"
+             + (f" (decode graph ready in {compile_s:.1f} s)" if compile_s else "")]
     for r in s["ranks"]:
         lines.append(f"rank {r['rank']}: params {r['param_mib']} MiB, peak RSS {r['peak_rss_mib']}"
                      f" MiB, comm {r['comm_s']} s vs compute {r['compute_s']} s "

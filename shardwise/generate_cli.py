@@ -6,14 +6,14 @@ import json
 import sys
 
 from .sampling import SamplingParams
-from .usage import float_range, int_range, require, seed
+from .usage import add_device_arguments, check_device, float_range, int_range, require, seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset (smollm2-135m, debug, ...), HF directory "
                    "or .gguf file")
     p.add_argument("--tp", type=int_range(1), default=1,
-                   help="tensor-parallel ranks (local processes)")
+                   help="tensor-parallel ranks (local processes; under torchrun its processes)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int_range(1), default=64)
     p.add_argument("--temperature", type=float_range(0.0), default=0.0, help="0 = greedy (default)")
@@ -22,10 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat-template", action="store_true")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="activation dtype (with --quant too)")
     from .quant.config import add_arguments as quant_arguments
     quant_arguments(p)
+    add_device_arguments(p)
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the decode step eager instead of as a compiled graph")
     p.add_argument("--json", action="store_true",
                    help="stdout holds exactly one JSON object; everything else goes to stderr")
 
@@ -35,6 +36,7 @@ def check(args: argparse.Namespace) -> None:
     from .checkpoint.source import resolve
     from .generate import check_request, encode_prompt
 
+    check_device(args)  # first: cheap, and nothing else matters on a device that is not there
     args.params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed,
                                  max_tokens=args.max_new_tokens, stop=args.stop)
@@ -52,13 +54,18 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .generate import GenerateJob, format_signals, generate, summarize
+    from .mesh import launch_env
 
     if not hasattr(args, "ids"):
         check(args)
     job = GenerateJob(args.model, args.tp, args.ids, args.params,
                       stream="stderr" if args.json else "stdout", dtype=args.dtype,
-                      eos_ids=args.source.config.eos_ids, quant=args.quant_config)
+                      eos_ids=args.source.config.eos_ids, quant=args.quant_config,
+                      compile=not args.no_compile, device=args.device,
+                      cuda_graphs=not args.no_cuda_graphs)
     summary = summarize(generate(job))
+    if launch_env().rank != 0:  # under torchrun: rank 0 speaks for every rank
+        return 0
     if args.json:
         print(json.dumps(summary))
     else:

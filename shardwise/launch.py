@@ -9,9 +9,10 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT), which :meth:`shardwise.Mesh.init` reads.
 
 Workers start from a fork server that has imported torch once (``forkserver``, where the platform
 has it; ``spawn`` elsewhere): a worker then costs a fork instead of a fresh interpreter importing
-torch (~1.5 s each, all at once on a small machine). Each worker sets torch's intra-op threads to
-``max(1, cores // N)``: two ranks with two threads each on two cores run several times slower
-than with one (see REFERENCES.md).
+torch (~1.5 s each, all at once on a small machine). Each worker is pinned to its own cores
+(:mod:`shardwise.affinity`: disjoint cores per rank, NUMA aware) and runs as many torch threads as
+it has cores: two ranks with two threads each on two cores run several times slower than with one
+(see REFERENCES.md).
 
 Failures (:mod:`shardwise.failure`): each worker posts every phase it enters and, on an exception,
 its rank, phase and traceback at once. On the first failure the parent waits a moment for the
@@ -60,7 +61,10 @@ def context() -> Any:
 def _setup(rank: int, world: int, port: int, threads: int | None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(threads or threads_per_rank(world))
+    from .affinity import pin
+    pin(rank, world)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _worker(rank: int, world: int, port: int, threads: int | None, init_pg: bool,

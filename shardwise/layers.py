@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import comm
+from . import comm, kernels
 from .mesh import ProcessGroup, group_rank, group_size
 from .partition import Partition, aligned_sizes
 from .shards import Piece
@@ -75,7 +75,7 @@ def _mark(p: nn.Parameter, pieces: list[Piece] | None = None, *, sp_partial: boo
     if pieces is not None:
         p.pieces = pieces
     if sp_partial:
-        p.sequence_parallel_partial = True  # grad is a partial sum over sequence shards
+        p.tp_partial_grad = True  # grad is a partial sum over sequence shards
 
 
 class _ColumnMatmul(torch.autograd.Function):
@@ -152,7 +152,7 @@ class ColumnParallelLinear(nn.Module):
         elif group_size(self.group) > 1 and torch.is_grad_enabled() and x.requires_grad:
             y = _ColumnMatmul.apply(x, weight, self.bias, self.group)
         else:
-            y = F.linear(x, weight, self.bias)
+            y = kernels.linear(x, weight, self.bias)
         if self.gather_output:
             y = comm.gather_from_tp(y, self.group, self.gather_sizes)
         return y
@@ -192,7 +192,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = comm.scatter_to_tp(x, self.group, self.split_sizes)
-        y = F.linear(x, self.weight) if self.qweight is None else self.qweight.linear(x)
+        y = kernels.linear(x, self.weight) if self.qweight is None else self.qweight.linear(x)
         y = comm.reduce_scatter_seq(y, self.group) if self.sequence_parallel \
             else comm.reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
@@ -255,15 +255,18 @@ class ParallelLMHead(nn.Module):
     Owns its vocabulary partition (rows ``[start, stop)`` of ``V`` padded to a multiple of
     ``tp x pad_multiple``, the embedding's rule) and its weight ``lm_head.weight``; with
     ``tied_to`` it multiplies by that embedding's weight instead (same partition, checked).
-    Logits of padded rows are set to ``-inf`` so they never win an argmax or a softmax.
+    ``softcap`` caps every logit to ``c tanh(logit / c)`` (Gemma 2; element-wise, so each rank
+    caps its own slice and nothing is exchanged). Logits of padded rows are then set to ``-inf``
+    so they never win an argmax or a softmax.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, group: ProcessGroup | None,
                  pad_multiple: int = 1, tied_to: VocabParallelEmbedding | None = None,
-                 sequence_parallel: bool = False, dtype: torch.dtype | None = None,
+                 sequence_parallel: bool = False, softcap: float | None = None,
+                 dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, quant=None) -> None:
         super().__init__()
-        self.group, self.sequence_parallel = group, sequence_parallel
+        self.group, self.sequence_parallel, self.softcap = group, sequence_parallel, softcap
         weight = _vocab_rows(self, num_embeddings, embedding_dim, group, pad_multiple, dtype,
                              "meta" if tied_to is not None else device,
                              None if tied_to is not None else quant)
@@ -292,7 +295,9 @@ class ParallelLMHead(nn.Module):
         elif group_size(self.group) > 1 and torch.is_grad_enabled() and x.requires_grad:
             logits = _ColumnMatmul.apply(x, self.local_weight(), None, self.group)
         else:
-            logits = F.linear(x, self.local_weight())
+            logits = kernels.linear(x, self.local_weight())
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         if self.valid < logits.shape[-1]:
             logits = logits.clone()
             logits[..., self.valid:] = float("-inf")
@@ -309,8 +314,9 @@ def gather_logits(local: torch.Tensor, head: ParallelLMHead) -> torch.Tensor:
 def finalize_grads(module: nn.Module, group: ProcessGroup | None) -> int:
     """Complete the gradients that backward leaves partial across the TP group, in one all-reduce:
 
-    * parameters replicated across TP whose gradient is a partial sum over sequence shards
-      (norm weights and row-parallel biases under sequence parallelism);
+    * parameters replicated across TP whose gradient is a partial sum over the ranks
+      (``tp_partial_grad``: norm weights and row-parallel biases under sequence parallelism,
+      per-head q/k norm weights, which each rank applies to its own heads only);
     * rows of KV heads held by several ranks (uneven or replicated head layouts), summed over the
       ranks that hold them (the others contribute zeros).
 
@@ -324,7 +330,7 @@ def finalize_grads(module: nn.Module, group: ProcessGroup | None) -> int:
         if hasattr(m, "grad_sync_items"):
             items.extend(m.grad_sync_items())
     for p in module.parameters():
-        if getattr(p, "sequence_parallel_partial", False):
+        if getattr(p, "tp_partial_grad", False):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             items.append((p.numel(), p.grad))

@@ -66,8 +66,10 @@ def parallel_argmax(local: torch.Tensor, start: int, group: ProcessGroup | None)
 
 
 def gumbel(vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """Gumbel noise for the whole vocabulary (the same on every rank for the same generator)."""
-    u = torch.rand(vocab, generator=generator, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-16)
+    """Gumbel noise for the whole vocabulary, on the generator's device (the same on every rank
+    for the same seed and device type; a seed draws other noise on a GPU than on the CPU)."""
+    u = torch.rand(vocab, generator=generator, dtype=torch.float64,
+                   device=generator.device).clamp_(1e-20, 1.0 - 1e-16)
     return -torch.log(-torch.log(u))
 
 
@@ -122,7 +124,7 @@ def sample(local: torch.Tensor, params: list[SamplingParams],
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        noise = gumbel(vocab, generators[i]).to(z.device)  # drawn on the CPU: same on any device
+        noise = gumbel(vocab, generators[i]).to(z.device)  # drawn where the generator lives
         if full is not None and i in filtered:
             row = _filter(full[filtered.index(i)] / p.temperature, p.top_k, p.top_p) + noise
             z[i] = float("-inf")

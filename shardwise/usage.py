@@ -5,6 +5,8 @@
 * :func:`require`: an optional dependency checked where it is used, naming the install line.
 * :func:`int_range`, :func:`float_range`, :func:`port`, :func:`seed`: argparse types that refuse
   a bad value at parse time with the value and what would work.
+* :func:`add_device_arguments`, :func:`check_device`: ``--device``, ``--dtype`` and
+  ``--no-cuda-graphs`` for every command that runs a model.
 * :class:`Parser`: argparse whose errors are one line (``shardwise serve: --tp: ...``), exit 2.
 """
 from __future__ import annotations
@@ -84,3 +86,30 @@ class Parser(argparse.ArgumentParser):
         message = message.replace("argument ", "", 1)
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, the same for every command that runs a model."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where each rank runs: auto (default) is cuda:LOCAL_RANK with NCCL when "
+                        "CUDA is present, else the CPU with gloo / shared memory")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV cache (with --quant: activations, scales and the "
+                        "dense weights); auto (default): bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, launch decode steps kernel by kernel instead of replaying "
+                        "captured CUDA graphs")
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """``--device`` can be had here, and under torchrun the world matches ``--tp`` (ValueError
+    naming the numbers otherwise)."""
+    from .mesh import launch_env, pick_device, validate
+    env = launch_env()
+    pick_device(args.device, env.local_rank)
+    if env.launched:
+        try:
+            validate(args.tp, 1, 1, env.world)
+        except ValueError as e:
+            raise ValueError(f"under torchrun: {e} (--nproc-per-node x --nnodes = --tp)") \
+                from None

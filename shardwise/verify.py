@@ -7,13 +7,16 @@ embedding, the hidden state after every decoder layer, the final logits -- it re
   unsharded one, and whether it exceeds ``atol + rtol * max|reference|``;
 * the collectives the stage issued on each rank (counted by :class:`~shardwise.comm.Ledger` between
   a forward pre-hook and a forward hook) against the theoretical count: per decoder layer two
-  all-reduces in forward (after ``o_proj`` and ``down_proj``), or with sequence parallelism two
-  all-gathers and two reduce-scatters (one of each per attention / MLP block); the embedding one
-  all-reduce (a reduce-scatter under sequence parallelism); the vocabulary-parallel head none (an
-  all-gather of the sequence under sequence parallelism);
+  all-reduces in forward (after ``o_proj`` and ``down_proj``, a mixture of experts' block too),
+  or with sequence parallelism two all-gathers and two reduce-scatters (one of each per
+  attention / MLP block), and for OLMoE one all-reduce more (its q/k norm spans all heads);
+  the embedding one all-reduce (a reduce-scatter under sequence parallelism); the
+  vocabulary-parallel head none (an all-gather of the sequence under sequence parallelism);
 * per rank: parameter bytes and peak RSS.
 
 The first stage over tolerance names where the sharded model departs from the unsharded one.
+Both sides run in fp32 on the device the mesh picks (``--device``: the GPU when CUDA is present);
+under torchrun the launcher's processes are the tp ranks and rank 0 also runs the reference.
 Tolerance: fp32 on CPU agrees to about 1e-5 per layer (different summation order in the
 all-reduce); the default ``atol=1e-4, rtol=1e-4`` leaves an order of magnitude of headroom and
 scales with the activations of real checkpoints, whose hidden states grow far above 1.
@@ -32,7 +35,7 @@ import torch
 from .comm import Ledger, all_gather_dim
 from .failure import phase
 from .layers import gather_logits
-from .mesh import Mesh, group_size, subgroup
+from .mesh import Mesh, group_size, launch_env, pick_device, subgroup, under_launcher
 from .quant.config import QuantConfig
 from .quant.load import weight_bytes
 
@@ -48,6 +51,8 @@ class VerifyJob:
     seed: int = 0
     sequence_parallel: bool = False
     corrupt: tuple[str, int] | None = None  # test hook: (parameter name, tp rank) to perturb
+    compile: bool = False  # also decode compiled vs eager on the tp=N model
+    device: str = "auto"   # "auto" (CUDA when present), "cpu" or "cuda"
     quant: QuantConfig | None = None        # both sides quantized alike (shardwise.quant)
 
 
@@ -73,10 +78,19 @@ class Report:
     first_exceeding: str | None
     ranks: list[dict[str, Any]] = field(default_factory=list)
     comm_backend: str = "none"
+    compiled: dict[str, Any] | None = None  # compiled vs eager decode (rank 0), when checked
+
+    @property
+    def compiled_ok(self) -> bool:
+        c = self.compiled
+        return c is None or (c["max_abs_diff"] <= self.atol and c["tokens_equal"]
+                             and c["eager_collectives"] == c["compiled_collectives"]
+                             and c["graph_breaks"] == 0)
 
     @property
     def ok(self) -> bool:
-        return self.first_exceeding is None and all(s.collectives_ok for s in self.stages)
+        return self.first_exceeding is None and all(s.collectives_ok for s in self.stages) \
+            and self.compiled_ok
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -84,15 +98,21 @@ class Report:
         return out
 
 
-def expected_collectives(stage: str, tp: int, sequence_parallel: bool) -> dict[str, int]:
-    """Theoretical forward collectives of one stage on one rank (nothing at tp=1)."""
+def expected_collectives(stage: str, tp: int, sequence_parallel: bool, *,
+                         qk_norm_all: bool = False) -> dict[str, int]:
+    """Theoretical forward collectives of one stage on one rank (nothing at tp=1).
+    ``qk_norm_all``: the family's q/k norm spans all heads (OLMoE), one all-reduce more per
+    layer for its statistics."""
     if tp == 1:
         return {}
     if stage == "embed_tokens":
         return {"reduce_scatter": 1} if sequence_parallel else {"all_reduce": 1}
     if stage == "logits":
         return {"all_gather": 1} if sequence_parallel else {}
-    return {"all_gather": 2, "reduce_scatter": 2} if sequence_parallel else {"all_reduce": 2}
+    out = {"all_gather": 2, "reduce_scatter": 2} if sequence_parallel else {"all_reduce": 2}
+    if qk_norm_all:
+        out["all_reduce"] = out.get("all_reduce", 0) + 1
+    return out
 
 
 def _peak_rss_mib() -> float:
@@ -100,14 +120,18 @@ def _peak_rss_mib() -> float:
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
-def _group_for(tp: int):
-    """The TP group of the first ``tp`` ranks: a fresh mesh, or a subgroup of a running pool's
-    world (every rank of the world joins group creation; ranks >= tp get ``False``)."""
+def _group_for(tp: int, device: str) -> tuple[Any, torch.device]:
+    """The TP group of the first ``tp`` ranks and this rank's device: a fresh mesh, or a subgroup
+    of a running pool's world (every rank of the world joins group creation; ranks >= tp get
+    ``False``)."""
     import torch.distributed as dist
     if dist.is_initialized() and dist.get_world_size() != tp:
         group = subgroup(list(range(tp)))
-        return group if dist.get_rank() < tp else False
-    return Mesh.init(tp=tp).tp_group
+        return (group if dist.get_rank() < tp else False), pick_device("cpu")
+    if tp == 1:
+        return None, pick_device(device, launch_env().local_rank)
+    mesh = Mesh.init(tp=tp, device=device)
+    return mesh.tp_group, mesh.device
 
 
 def _comm_backend(group) -> str:
@@ -126,12 +150,12 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
     """One rank's forward with hooks: full activations by stage, ledger counts, memory."""
     from .checkpoint.source import build_model, resolve
     with phase("start"):
-        group = _group_for(job.tp) if job.tp > 1 else None
+        group, device = _group_for(job.tp, job.device)
     if group is False:
         return None
     source = resolve(job.model, dense=job.quant is None)
     model = build_model(source, group=group, sequence_parallel=job.sequence_parallel,
-                        seed=job.seed, quant=job.quant).eval()
+                        seed=job.seed, device=device, quant=job.quant).eval()
     rank = 0 if group is None else torch.distributed.get_rank(group)
     if job.corrupt is not None and job.corrupt[1] == rank:
         params = dict(model.named_parameters())
@@ -140,9 +164,11 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
             raise ValueError(f"corrupt: no parameter {name!r} in the model")
         gen = torch.Generator().manual_seed(1234)
         p = params[name]
-        p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * p.float().std().clamp(min=1e-3))
+        noise = torch.randn(p.shape, generator=gen).to(p.dtype).to(device)
+        p.add_(noise * p.float().std().clamp(min=1e-3))
     g = torch.Generator().manual_seed(job.seed + 1)
     ids = torch.randint(0, source.config.vocab_size, (job.batch, job.seq), generator=g)
+    ids = ids.to(device)
 
     outputs: dict[str, torch.Tensor] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -172,7 +198,14 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
             full[name] = all_gather_dim(out, group, 1)
         else:
             full[name] = out
-    return {"rank": rank, "outputs": full if rank == 0 else None, "counts": counts,
+    compiled = None
+    if job.compile and not job.sequence_parallel:
+        from .serve.compare import compare_compiled
+        prompts = [ids[i].tolist() for i in range(ids.shape[0])]
+        compiled = vars(compare_compiled(model, group, prompts, steps=8))
+    return {"rank": rank, "outputs": {k: v.cpu() for k, v in full.items()} if rank == 0 else None,
+            "counts": counts, "device": str(device),
+            "compiled": compiled,
             "param_bytes": weight_bytes(model),
             "peak_rss_mib": round(_peak_rss_mib(), 1), "comm_backend": _comm_backend(group)}
 
@@ -180,9 +213,11 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
 def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
            sequence_parallel: bool = False, atol: float = 1e-4, rtol: float = 1e-4,
            corrupt: tuple[str, int] | None = None, pool: Any = None,
+           compile: bool = False, device: str = "auto",
            quant: QuantConfig | None = None) -> Report:
-    """Compare ``model`` at ``tp`` ranks (spawned locally, or on ``pool``, a
-    :class:`~shardwise.launch.WorkerPool` of at least ``tp`` ranks) with tp=1 in this process.
+    """Compare ``model`` at ``tp`` ranks (spawned locally, on ``pool``, a
+    :class:`~shardwise.launch.WorkerPool` of at least ``tp`` ranks, or torchrun's processes) with
+    tp=1 in this process (rank 0's under torchrun). Under torchrun every rank returns the report.
 
     ``corrupt=(parameter name, rank)`` adds noise to that rank's slice of one parameter before
     the forward (a test hook: the report must then name that parameter's layer).
@@ -191,17 +226,14 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
         raise ValueError(f"tp={tp}: must be >= 1")
     if sequence_parallel and seq % tp:
         raise ValueError(f"sequence parallelism needs seq % tp == 0 (seq={seq}, tp={tp})")
-    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt, quant)
-    ref = run_rank(VerifyJob(model, 1, batch, seq, seed, quant=quant))
-    if tp == 1:
-        results = [run_rank(job)]
-    elif pool is not None:
-        if pool.nprocs < tp:
-            raise ValueError(f"tp={tp} needs a pool of >= {tp} workers, this one has {pool.nprocs}")
-        results = [r for r in pool.run(run_rank, job) if r is not None]
+    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt, compile, device, quant)
+    if under_launcher() and tp > 1:
+        ref, results = _launched(job)
     else:
-        from .launch import spawn
-        results = spawn(run_rank, tp, job)
+        ref = run_rank(VerifyJob(model, 1, batch, seq, seed, device=device, quant=quant))
+        results = _local(job, pool)
+    from .checkpoint.source import resolve
+    qk_all = resolve(model, dense=quant is None).config.arch.qk_norm_all
     stages, first = [], None
     for name, want in ref["outputs"].items():
         got = results[0]["outputs"][name]
@@ -214,7 +246,7 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
             diff = float("inf")
         scale = float(want[finite].abs().max()) if finite.any() else 0.0
         exceeds = not diff <= atol + rtol * scale
-        expected = expected_collectives(name, tp, sequence_parallel)
+        expected = expected_collectives(name, tp, sequence_parallel, qk_norm_all=qk_all)
         seen = results[0]["counts"].get(name, {})
         same = all(r["counts"].get(name, {}) == seen for r in results)
         stages.append(Stage(name, diff, scale, exceeds, seen, expected, same and seen == expected))
@@ -222,7 +254,34 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
             first = name
     ranks = [{k: r[k] for k in ("rank", "param_bytes", "peak_rss_mib")} for r in results]
     return Report(model, tp, sequence_parallel, atol, rtol, stages, first, ranks,
-                  results[0]["comm_backend"])
+                  results[0]["comm_backend"], results[0].get("compiled"))
+
+
+def _local(job: VerifyJob, pool: Any) -> list[dict]:
+    """The tp ranks' results: in this process (tp=1), on ``pool`` or on spawned processes."""
+    if job.tp == 1:
+        return [run_rank(job)]
+    if pool is not None:
+        if pool.nprocs < job.tp:
+            raise ValueError(f"tp={job.tp} needs a pool of >= {job.tp} workers, this one has "
+                             f"{pool.nprocs}")
+        return [r for r in pool.run(run_rank, job) if r is not None]
+    from .launch import spawn
+    return spawn(run_rank, job.tp, job)
+
+
+def _launched(job: VerifyJob) -> tuple[dict, list[dict]]:
+    """Under torchrun: every process runs its rank of ``job``; rank 0 also the tp=1 reference
+    (before the sharded forward, which needs every rank); every rank gets both."""
+    import torch.distributed as dist
+    first = launch_env().rank == 0
+    ref = run_rank(VerifyJob(job.model, 1, job.batch, job.seq, job.seed, device=job.device)) \
+        if first else None
+    mine = run_rank(job)
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, (ref, mine))
+    dist.destroy_process_group()
+    return out[0][0], [r for _, r in out]
 
 
 def format_report(rep: Report) -> str:
@@ -240,12 +299,22 @@ def format_report(rep: Report) -> str:
     for r in rep.ranks:
         lines.append(f"rank {r['rank']}: parameters {r['param_bytes'] / 2**20:.1f} MiB, "
                      f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+    c = rep.compiled
+    if c is not None:
+        fmt = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"  # noqa: E731
+        lines.append(f"compiled decode vs eager: max |diff| {c['max_abs_diff']:.3e}, greedy "
+                     f"tokens {'identical' if c['tokens_equal'] else 'DIFFER'}, collectives per "
+                     f"step {fmt(c['compiled_collectives'])} vs {fmt(c['eager_collectives'])}, "
+                     f"{c['graphs']} graph(s), {c['graph_breaks']} graph break(s)")
     if rep.first_exceeding:
         lines.append(f"FAIL: {rep.first_exceeding} is the first stage over tolerance")
+    elif not rep.compiled_ok:
+        lines.append("FAIL: the compiled decode step departs from the eager one")
     elif not rep.ok:
         lines.append("FAIL: collective counts differ from theory")
     else:
-        lines.append("OK: every stage within tolerance, collectives as in theory")
+        lines.append("OK: every stage within tolerance, collectives as in theory"
+                     + ("; the compiled decode step equals the eager one" if c else ""))
     return "\n".join(lines)
 
 
@@ -261,6 +330,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=1e-4)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the compiled-vs-eager decode check")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): cuda:LOCAL_RANK with NCCL when CUDA is present")
     from .quant.config import add_arguments as quant_arguments
     quant_arguments(parser)
 
@@ -278,6 +351,8 @@ def check(args: argparse.Namespace) -> None:
     if args.sequence_parallel and args.seq % args.tp:
         raise ValueError(f"sequence parallelism splits --seq={args.seq} over tp={args.tp} ranks: "
                          f"use a --seq that is a multiple of {args.tp}")
+    from .usage import check_device
+    check_device(args)
     if args.seq > cfg.max_position_embeddings:
         raise ValueError(f"--seq={args.seq} exceeds the model's {cfg.max_position_embeddings} "
                          "positions")
@@ -286,8 +361,10 @@ def check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     rep = verify(args.model, args.tp, batch=args.batch, seq=args.seq, seed=args.seed,
                  sequence_parallel=bool(args.sequence_parallel), atol=args.atol, rtol=args.rtol,
+                 compile=not args.no_compile, device=args.device,
                  quant=getattr(args, "quant_config", None))
-    print(json.dumps(rep.to_json(), indent=1) if args.json else format_report(rep))
+    if launch_env().rank == 0:  # under torchrun: rank 0 speaks for every rank
+        print(json.dumps(rep.to_json(), indent=1) if args.json else format_report(rep))
     return 0 if rep.ok else EXIT_EXCEEDED
 
 

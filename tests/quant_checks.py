@@ -16,9 +16,9 @@ from shardwise.comm import all_gather_last
 from shardwise.models.config import LlamaConfig
 from shardwise.models.llama import LlamaForCausalLM
 from shardwise.quant.kernels import QuantizedWeight
-from shardwise.quant.load import is_placeholder, load_quantized, quantizing_reader
+from shardwise.quant.load import load_quantized, quantizing_reader
 from shardwise.quant.config import QuantConfig
-from shardwise.shards import Piece, assemble_local, seeded_reader, sharded_params
+from shardwise.shards import Piece, init_weights, seeded_reader
 
 
 def build(case: dict, group):
@@ -40,11 +40,8 @@ def build(case: dict, group):
 
 def fill(module, *, seed: int = 0, std: float = 0.5) -> dict[str, list[str]]:
     """Float parameters and quantized weights from the same seeded full tensors."""
+    init_weights(module, seed=seed, std=std)  # the float ones (placeholders are left alone)
     read = seeded_reader(seed=seed, std=std)
-    with torch.no_grad():
-        for path, p, _ in sharded_params(module):
-            if not is_placeholder(p):
-                p.copy_(assemble_local(path, p, read).to(p.dtype))
     return load_quantized(module, quantizing_reader(read), dtype=torch.float32)
 
 

@@ -2,7 +2,9 @@
 
 Fast tests write tiny random Llama/Qwen2 models into GGUF files the way llama.cpp's converter does
 (its q/k row permutation, F32/F16/Q8_0 storage) and check that converting them back gives the
-original weights (exactly for F32) and exactly what transformers' own GGUF loader gives. The slow
+original weights (exactly for F32) and exactly what transformers' own GGUF loader gives; the other
+families (Qwen3, Gemma 2 and 3 with their ``1 + w`` norms, Phi-3 with fused tensors and longrope)
+are written the same way and must give the original model's logits through shardwise's model. The slow
 tests convert the real SmolLM2-135M-Instruct Q4_1 GGUF once per module and compare with transformers.
 """
 
@@ -59,11 +61,8 @@ def _tiny_model(model_type: str, tied: bool, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _write_gguf(path, model, qtype="F32", arch: str | None = None, extra=None) -> None:
-    """Write ``model`` as llama.cpp would: its names, permuted q/k for llama, 2-D weights in ``qtype``
-    (a type name, or a function of the GGUF tensor name giving one)."""
-    c = model.config
-    arch = arch or c.model_type
+def _writer(path, c, arch: str, theta: float):
+    """A GGUF writer with the shape metadata every llama.cpp conversion writes."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -71,11 +70,19 @@ def _write_gguf(path, model, qtype="F32", arch: str | None = None, extra=None) -
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    return w
+
+
+def _write_gguf(path, model, qtype="F32", arch: str | None = None, extra=None) -> None:
+    """Write ``model`` as llama.cpp would: its names, permuted q/k for llama, 2-D weights in ``qtype``
+    (a type name, or a function of the GGUF tensor name giving one)."""
+    c = model.config
+    w = _writer(path, c, arch or c.model_type, c.rope_parameters["rope_theta"])
     heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}
     state = model.state_dict()
     if c.tie_word_embeddings:
@@ -171,7 +178,7 @@ def test_errors_name_the_problem(tmp_path, monkeypatch):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     meta = conv.gguf_metadata(tmp_path / "g.gguf")
     assert meta["architecture"] == "gpt2" and meta["quant_types"] == {"F32": 1}
-    with pytest.raises(ValueError, match="'gpt2' is not a Llama-family"):
+    with pytest.raises(ValueError, match="'gpt2' is not supported"):
         conv.gguf_to_hf(tmp_path / "g.gguf", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="not found"):
         conv.cached_hf_dir(tmp_path / "missing.gguf", cache_dir=tmp_path)
@@ -306,3 +313,124 @@ def test_real_greedy_generation(smol_models):
     out = ours.generate(**enc, max_new_tokens=10, do_sample=False)
     text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert text.startswith("The capital of France is Paris"), text
+
+
+# ---- the other families, as llama.cpp's converter writes them ----------------------------------
+
+# HF -> llama.cpp block names beyond Llama's (gguf-py's tensor map), written out independently
+_GEMMA_NORMS = {"post_attention_layernorm": "post_attention_norm",
+                "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
+_QK_NORMS = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+_FAMILY = {  # model_type: (GGUF arch, extra block names, transformers config)
+    "qwen3": ("qwen3", _QK_NORMS, dict(head_dim=32, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e6})),
+    "gemma2": ("gemma2", _GEMMA_NORMS, dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=3, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, tie_word_embeddings=True)),
+    "gemma3_text": ("gemma3", {**_GEMMA_NORMS, **_QK_NORMS}, dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=3, num_hidden_layers=7,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                            "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    "phi3": ("phi3", {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}, dict(
+        sliding_window=6, original_max_position_embeddings=8, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+            "original_max_position_embeddings": 8, "factor": 32.0,
+            "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [3.0, 4.0, 6.0, 9.0]})),
+}
+
+
+def _family_model(model_type: str) -> torch.nn.Module:
+    torch.manual_seed(1)
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+              max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.AutoConfig.for_model(model_type, **{**kw, **_FAMILY[model_type][2]})
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _write_family_gguf(path, model) -> None:
+    """What convert_hf_to_gguf.py writes for these families: no q/k permutation (NEOX rope),
+    Gemma's norms as 1 + w, Phi-3's fused tensors, rope dimensions and longrope factor tensors."""
+    c = model.config
+    arch, extra, _ = _FAMILY[c.model_type]
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    w = _writer(path, c, arch, rope["rope_theta"])
+    if arch != "phi3":
+        w.add_key_length(c.head_dim)
+    if arch.startswith("gemma"):
+        w.add_sliding_window(c.sliding_window)
+        if c.final_logit_softcapping:
+            w.add_final_logit_softcapping(c.final_logit_softcapping)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    if rope["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if arch == "phi3":
+        w.add_sliding_window(c.sliding_window)
+        w.add_rope_dimension_count(int(rope["partial_rotary_factor"] * c.hidden_size)
+                                   // c.num_attention_heads)
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        scale = c.max_position_embeddings / rope["original_max_position_embeddings"]
+        w.add_rope_scaling_attn_factors(
+            (1 + np.log(scale) / np.log(rope["original_max_position_embeddings"])) ** 0.5)
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
+    names = {**_BLOCK, **extra}
+    state = model.state_dict()
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for hf, t in state.items():
+        a = t.numpy().astype(np.float32)
+        if arch.startswith("gemma") and hf.endswith("norm.weight"):
+            a = a + 1
+        if hf in _TOP:
+            w.add_tensor(_TOP[hf], a)
+            continue
+        _, _, i, rest = hf.split(".", 3)
+        module, kind = rest.rsplit(".", 1)
+        w.add_tensor(f"blk.{i}.{names[module]}.{kind}", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("model_type", list(_FAMILY))
+def test_family_gguf_gives_the_original_model(tmp_path, model_type):
+    """Converted back, the weights are the original ones (Gemma's norms to float32 rounding of
+    (w + 1) - 1) and shardwise's model gives the original logits on a sequence longer than the
+    windows and than Phi-3's original context."""
+    from shardwise.checkpoint.hf import load_weights
+    from shardwise.layers import gather_logits
+    from shardwise.models.config import LlamaConfig
+    from shardwise.models.llama import LlamaForCausalLM
+    model = _family_model(model_type)
+    _write_family_gguf(tmp_path / "m.gguf", model)
+    out = conv.gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+    ours = load_file(out / "model.safetensors")
+    expect = {k: v for k, v in model.state_dict().items()
+              if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    assert set(ours) == set(expect)
+    for k, v in expect.items():
+        torch.testing.assert_close(ours[k], v, atol=1e-6 if "norm" in k else 0.0, rtol=0, msg=k)
+    ids = torch.randint(0, 128, (2, 14), generator=torch.Generator().manual_seed(0))
+    m = LlamaForCausalLM(LlamaConfig.from_hf(out))
+    load_weights(m, out)
+    with torch.no_grad():
+        torch.testing.assert_close(gather_logits(m(ids), m.lm_head), model(ids).logits,
+                                   atol=1e-5, rtol=0)
+    if model_type.startswith("gemma"):  # transformers' GGUF loader takes 1 off the norms too
+        # (its qwen3 mapping has no key_length, so head_dim 32 != 64 / 4 defeats it; no phi3)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).state_dict()
+        for k, v in ours.items():
+            torch.testing.assert_close(v, ref[k], atol=1e-6, rtol=0, msg=k)

@@ -39,7 +39,8 @@ CASES = {
                                    sliding_window=48, max_window_layers=1),
                               dict(rope_theta=1e6, rope_scaling=None, tie_word_embeddings=True,
                                    attention_bias=True, sliding_window=48,
-                                   max_position_embeddings=48)),
+                                   layer_types=("full_attention", "sliding_attention"),
+                                   max_position_embeddings=128)),
     "mistral-linear-headdim": (transformers.MistralConfig,
                                dict(rope_parameters={"rope_theta": 1e6, "rope_type": "linear",
                                                      "factor": 4.0},
@@ -146,7 +147,7 @@ BASE = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediat
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
     ({"rope_scaling": {"type": "linear"}}, "needs factor"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"model_type": "phi3"}, "not supported"),
+    ({"model_type": "gpt2"}, "not supported"),
     ({"hidden_size": None}, "lacks hidden_size"),
 ])
 def test_unsupported_settings_are_named(extra, match):
@@ -161,7 +162,7 @@ def test_family_defaults_for_missing_keys():
     assert llama.num_key_value_heads == 2 and llama.rms_norm_eps == 1e-6
     mistral = LlamaConfig.from_hf({**BASE, "model_type": "mistral", "num_key_value_heads": 2,
                                    "max_position_embeddings": 8192})
-    assert mistral.sliding_window == 4096 and mistral.max_position_embeddings == 4096
+    assert mistral.sliding_window == 4096 and mistral.max_position_embeddings == 8192
     qwen = LlamaConfig.from_hf({**BASE, "model_type": "qwen2", "attention_bias": False, "num_key_value_heads": 2,
                                 "use_sliding_window": True, "sliding_window": 64,
                                 "max_window_layers": 1})  # every layer below 1 is full: none slides

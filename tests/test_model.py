@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
 from shardwise.checkpoint.hf import load_weights
-from shardwise.shards import Piece, assemble_local
+from tp_checks import compare_with_hf, hf_model_worker, hf_reference
 
 ATOL = 1e-4
 
@@ -37,35 +36,6 @@ def make_hf(tmp_path, name, *, heads, kv, tied, qwen=False, vocab=131, hidden=No
     return path, model
 
 
-def hf_reference(model, ids, tgt):
-    model.zero_grad()
-    logits = model(ids).logits
-    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1))
-    loss.backward()
-    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def equiv_worker(path, tp, ids, tgt):
-    from shardwise.layers import finalize_grads, gather_logits
-    from shardwise.loss import vocab_parallel_cross_entropy
-    from shardwise.mesh import subgroup
-    from shardwise.models.config import LlamaConfig
-    from shardwise.models.llama import LlamaForCausalLM
-    group = subgroup(list(range(tp)))
-    if torch.distributed.get_rank() >= tp:
-        return None
-    model = LlamaForCausalLM(LlamaConfig.from_hf(path), group=group)
-    load_weights(model, path)
-    local = model(ids)
-    head = model.lm_head
-    loss = vocab_parallel_cross_entropy(local, tgt, group=group, vocab_start=head.start,
-                                        vocab_size=head.num_embeddings)
-    loss.backward()
-    finalize_grads(model, group)
-    return (gather_logits(local.detach(), head), loss.detach(),
-            {n: (p.grad, getattr(p, "pieces", None)) for n, p in model.named_parameters()})
-
-
 LAYOUTS = [  # (name, heads, kv, tied, qwen): kv < tp, = tp, > tp, uneven, tied/untied, bias
     ("gqa-8-2", 8, 2, True, False),
     ("gqa-6-3-untied", 6, 3, False, False),
@@ -81,26 +51,12 @@ def test_matches_transformers(pool, tmp_path, name, heads, kv, tied, qwen):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 131, (2, 11), generator=g)
     tgt = torch.randint(0, 131, (2, 11), generator=g)
-    logits, loss, grads = hf_reference(hf, ids, tgt)
-    if tied:
-        grads.pop("lm_head.weight", None)
-
-    def read(n, shape, dim, start, stop):
-        return grads[n].narrow(dim, start, stop - start)
-
+    ref = hf_reference(hf, ids, tgt)
     for tp in (1, 2, 3, 4):
         if tp > heads:
             continue
-        for res in [r for r in pool.run(equiv_worker, str(path), tp, ids, tgt) if r]:
-            got_logits, got_loss, got_grads = res
-            torch.testing.assert_close(got_logits, logits, atol=ATOL, rtol=0)
-            torch.testing.assert_close(got_loss, loss, atol=ATOL, rtol=0)
-            for n, (grad, pieces) in got_grads.items():
-                local = grad.clone()
-                if pieces:
-                    local.pieces = pieces
-                torch.testing.assert_close(grad, assemble_local(n, local, read), atol=ATOL,
-                                           rtol=0, msg=lambda m: f"{name} tp={tp} {n}: {m}")
+        for res in [r for r in pool.run(hf_model_worker, str(path), tp, ids, tgt) if r]:
+            compare_with_hf(res, ref, atol=ATOL, where=f"{name} tp={tp}")
 
 
 def test_unsupported_architecture_and_shape_mismatch(tmp_path):

@@ -126,9 +126,15 @@ def test_hf_config_variants(tmp_path):
     gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257,
             "n_positions": 1024}
     assert round(get_model(_write(tmp_path, gpt2, "g")).total_params() / 1e6) == 124  # GPT-2 small: 124M
-    moe = dict(qwen, num_local_experts=8)
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        get_model(_write(tmp_path, moe, "m"))
+    mixtral = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+               "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2}
+    m = get_model(_write(tmp_path, mixtral, "m"))
+    assert (m.experts, m.top_k, m.total_params()) == (8, 2, MODELS["mixtral-8x7b"].total_params())
+    qwen3 = dict(qwen, model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8,
+                 moe_intermediate_size=768, intermediate_size=6144, mlp_only_layers=[0])
+    with pytest.raises(ValueError, match="dense layers between MoE layers"):
+        get_model(_write(tmp_path, qwen3, "d"))
     with pytest.raises(ValueError, match="missing num_hidden_layers"):
         get_model(_write(tmp_path, {"hidden_size": 8}, "bad"))
     with pytest.raises(ValueError, match="does not exist"):

@@ -12,7 +12,10 @@ from shardwise.serve.engine import Runner
 from shardwise.serve.blocks import BlockPool
 from shardwise.serve.kv import PagedKVCache
 from shardwise.serve.scheduler import SamplerSpec, Scheduler, Sequence
+from shardwise.serve.step import StepOptions
 from shardwise.serve.text import TextStream
+
+EAGER = StepOptions(compile=False, max_seqs=4)
 
 
 def _model():
@@ -42,7 +45,7 @@ def test_continuous_batching_matches_solo_with_chunks_and_preemption():
     lengths = [rng.randint(5, 30) for _ in prompts]
     ref = [_solo(m, p, n) for p, n in zip(prompts, lengths)]
     blocks, bs = 9, 8  # 72 slots for 7 sequences of up to 70 tokens: forces preemption
-    runner = Runner(m, None, PagedKVCache(m, blocks, bs))
+    runner = Runner(m, None, PagedKVCache(m, blocks, bs), options=EAGER)
     sched = Scheduler(blocks, bs, max_seqs=4, max_batched_tokens=16)
     seqs = [Sequence(i, p, SamplerSpec(), n) for i, (p, n) in enumerate(zip(prompts, lengths))]
     for s in seqs[:4]:
@@ -67,7 +70,7 @@ def test_cancel_frees_blocks_and_seeded_sampling_repeats():
     m = _model()
     outs = []
     for _ in range(2):
-        runner = Runner(m, None, PagedKVCache(m, 16, 8))
+        runner = Runner(m, None, PagedKVCache(m, 16, 8), options=EAGER)
         sched = Scheduler(16, 8)
         a = Sequence(1, [5, 6, 7], SamplerSpec(temperature=0.8, top_k=20, seed=3), 20)
         b = Sequence(2, [9, 9], SamplerSpec(temperature=1.0, top_p=0.9, seed=4), 20)

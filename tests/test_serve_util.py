@@ -17,12 +17,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Server:
-    def __init__(self, *args: str, timeout_s: float = 180.0) -> None:
+    """``python -m shardwise.serve ARGS``; with ``torchrun=N``, under ``torchrun
+    --nproc-per-node N`` (``proc`` is then torchrun's agent, the ranks its children).
+    ``compile=False`` (the default here) serves with eager steps (``--no-compile``): compiling
+    every batch bucket of SmolLM2 at start-up costs minutes of CPU per module; the compiled server
+    is tested on the tiny model (``compile=True``, a small ``--max-seqs``: few buckets), the
+    compiled SmolLM2 step by tests/test_real_model.py and tests/test_compiled_step.py."""
+
+    def __init__(self, *args: str, timeout_s: float = 180.0, torchrun: int = 0,
+                 compile: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "shardwise.serve", *args,
+        launch = [sys.executable]
+        if torchrun:
+            launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
+                       "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        self.proc = subprocess.Popen([*launch, "-m", "shardwise.serve", *args,
+                                      *([] if compile else ["--no-compile"]),
                                       "--port", str(self.port)], cwd=ROOT, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -35,8 +48,9 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
+        log = self.output()
         self.close()
-        raise RuntimeError(f"server not healthy after {timeout_s} s:\n{self.output()}")
+        raise RuntimeError(f"server not healthy after {timeout_s} s:\n{log}")
 
     def output(self) -> str:
         self.log.flush()

@@ -215,3 +215,54 @@ def compare(case: dict, results: list[dict | None], ref: dict, *, atol: float) -
             expect = assemble_local(name, local, read)
             torch.testing.assert_close(grad, expect, atol=atol, rtol=0,
                                        msg=lambda m: f"grad of {name} on rank {rank}/tp={tp}: {m}")
+
+
+def hf_model_worker(path: str, tp: int, ids: torch.Tensor, tgt: torch.Tensor,
+                    sequence_parallel: bool = False):
+    """Worker: the model of HF directory ``path`` at ``tp`` (ranks >= tp return None): full
+    logits, the vocabulary-parallel loss, and every parameter's gradient with its pieces."""
+    from shardwise.checkpoint.hf import load_weights
+    from shardwise.layers import gather_logits
+    group = subgroup(list(range(tp)))
+    if torch.distributed.get_rank() >= tp:
+        return None
+    model = LlamaForCausalLM(LlamaConfig.from_hf(path), group=group,
+                             sequence_parallel=sequence_parallel)
+    load_weights(model, path)
+    local = model(ids)
+    head = model.lm_head
+    loss = vocab_parallel_cross_entropy(local, tgt, group=group, vocab_start=head.start,
+                                        vocab_size=head.num_embeddings)
+    loss.backward()
+    finalize_grads(model, group)
+    return (gather_logits(local.detach(), head), loss.detach(),
+            {n: (p.grad, getattr(p, "pieces", None)) for n, p in model.named_parameters()})
+
+
+def hf_reference(model, ids: torch.Tensor, tgt: torch.Tensor):
+    """A transformers model's logits, mean cross-entropy and gradients (by HF name)."""
+    model.zero_grad()
+    logits = model(ids).logits
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1))
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def compare_with_hf(result, reference, *, atol: float, where: str) -> None:
+    """One rank's :func:`hf_model_worker` result against :func:`hf_reference`: logits, loss and
+    the rank's slice of every gradient."""
+    logits, loss, grads = reference
+    got_logits, got_loss, got_grads = result
+
+    def read(n, shape, dim, start, stop):
+        return grads[n].narrow(dim, start, stop - start)
+
+    torch.testing.assert_close(got_logits, logits, atol=atol, rtol=0,
+                               msg=lambda m: f"{where} logits: {m}")
+    torch.testing.assert_close(got_loss, loss, atol=atol, rtol=0, msg=lambda m: f"{where}: {m}")
+    for n, (grad, pieces) in got_grads.items():
+        local = grad.clone()
+        if pieces:
+            local.pieces = pieces
+        torch.testing.assert_close(grad, assemble_local(n, local, read), atol=atol, rtol=0,
+                                   msg=lambda m: f"{where} grad {n}: {m}")

@@ -1,4 +1,5 @@
-"""``shardwise bench comm | step | serve``: argument parsing and output (JSON, table, plot)."""
+"""``shardwise bench comm | step | decode | serve``: argument parsing and output (JSON, table,
+plot)."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="write OUT.json and OUT.png (default benchmarks/tp_step)")
     s.add_argument("--no-plot", action="store_true")
 
+    d = sub.add_parser("decode", help="batch-1 decode and prefill beside llama.cpp")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--tp", default="1,2", help="comma-separated tp degrees (default 1,2)")
+    d.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes")
+    d.add_argument("--quant", default="none",
+                   help="comma-separated weights: none (the dtype's), int8, int4 (default none)")
+    d.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    d.add_argument("--prefill-tokens", type=int, default=128)
+    d.add_argument("--decode-tokens", type=int, default=64)
+    d.add_argument("--no-compile", action="store_true", help="eager steps only")
+    d.add_argument("--freezing", action="store_true",
+                   help="add the compiled step with inductor's freezing (\"frozen\")")
+    d.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
+    d.add_argument("--transformers", action="store_true", help="add transformers eager")
+    d.add_argument("--json", metavar="FILE", help="write the results as JSON")
+
     v = sub.add_parser("serve", help="serving throughput (shardwise.serve)")
     from ..serve.cli import add_bench_arguments
     add_bench_arguments(v)
@@ -71,6 +88,8 @@ def check(args: argparse.Namespace) -> None:
     elif args.bench == "step":
         if args.out and not args.no_plot:
             require("matplotlib", what="bench step's plot (or pass --no-plot)")
+    elif args.bench == "decode":
+        _check_decode(args)
     else:
         from ..serve.cli import check_bench
         check_bench(args)
@@ -81,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_comm(args)
     if args.bench == "step":
         return _run_step(args)
+    if args.bench == "decode":
+        return _run_decode(args)
     from ..serve.cli import run_bench
     return int(run_bench(args) or 0)
 
@@ -108,6 +129,41 @@ def _run_step(args: argparse.Namespace) -> int:
         if not args.no_plot:
             plot(res, args.out + ".png")
         print(f"wrote {args.out}.json" + ("" if args.no_plot else f" and {args.out}.png"))
+    return 0
+
+
+def _check_decode(args: argparse.Namespace) -> None:
+    """tp degrees and dtypes of ``bench decode`` before anything is spawned."""
+    try:
+        tps = [int(t) for t in args.tp.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--tp {args.tp!r}: use a comma list of positive integers") from None
+    if not tps or min(tps) < 1:
+        raise ValueError(f"--tp {args.tp!r}: use a comma list of positive integers, e.g. 1,2")
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    if not dtypes or set(dtypes) - {"float32", "bfloat16"}:
+        raise ValueError(f"--dtype {args.dtype!r}: use a comma list of float32, bfloat16")
+    quants = [q.strip() for q in args.quant.split(",") if q.strip()]
+    if not quants or set(quants) - {"none", "int8", "int4"}:
+        raise ValueError(f"--quant {args.quant!r}: use a comma list of none, int8, int4")
+    if args.rounds < 1 or args.decode_tokens < 1 or args.prefill_tokens < 1:
+        raise ValueError(f"--rounds {args.rounds}, --decode-tokens {args.decode_tokens} and "
+                         f"--prefill-tokens {args.prefill_tokens} must each be >= 1")
+
+
+def _run_decode(args: argparse.Namespace) -> int:
+    from .decode import bench_decode, format_table
+    res = bench_decode(model=args.model, tps=tuple(int(t) for t in args.tp.split(",") if t),
+                       dtypes=tuple(d for d in args.dtype.split(",") if d),
+                       modes=("eager",) if args.no_compile else
+                       ("eager", "compiled") + (("frozen",) if args.freezing else ()),
+                       rounds=args.rounds, prefill=args.prefill_tokens,
+                       decode=args.decode_tokens, llama=not args.no_llama,
+                       transformers=args.transformers,
+                       quants=tuple(q.strip() for q in args.quant.split(",") if q.strip()))
+    print(format_table(res))
+    if args.json:
+        _write_json(args.json, res)
     return 0
 
 

@@ -107,7 +107,8 @@ def measure_rank(sizes: tuple[int, ...] = DEFAULT_SIZES, ops: tuple[str, ...] = 
     from ..mesh import Mesh
     if backend not in ("auto", "dist"):
         raise ValueError(f"backend={backend!r}: use 'auto' (shardwise.comm's path) or 'dist'")
-    n = int(os.environ.get("WORLD_SIZE", "1"))
+    from ..mesh import launch_env
+    n = launch_env().world
     if n < 2:
         raise ValueError(f"bench comm needs >= 2 ranks, got {n}")
     mesh = Mesh.init(tp=n) if not dist.is_initialized() else None

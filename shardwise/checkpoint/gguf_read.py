@@ -33,8 +33,8 @@ import torch
 
 from ..quant.load import quantizing_reader
 from ..quant.qtensor import QTensor, quantize
-from .gguf import _ROPE_FREQS, _arch, _field, _hf_config, _open, hf_tensor_name, \
-    unpermute_qk_from_gguf
+from .gguf import _arch, _field, _hf_config, _open, hf_tensor_name, unpermute_qk_from_gguf
+from .gguf_config import LONGROPE_TENSORS, ROPE_FREQS
 
 KEPT = ("Q4_0", "Q4_1", "Q8_0")
 FLOAT = ("F32", "F16", "BF16")
@@ -51,6 +51,7 @@ class _Tensor:
     block: int           # elements per block
     block_bytes: int
     heads: int           # > 0: rows permuted by llama.cpp for rope, over this many heads
+    plus_one: bool = False  # a norm stored as 1 + w (Gemma): read back as w
 
 
 class GGUFTensors:
@@ -66,7 +67,8 @@ class GGUFTensors:
         else:  # parsing every key of a GGUF takes seconds (its vocabulary)
             meta = tensor_table(_open(self.path), self.path)
         self.tensors = {name: _Tensor(e["kind"], tuple(e["shape"]), e["offset"], e["row_bytes"],
-                                      e["block"], e["block_bytes"], e["heads"])
+                                      e["block"], e["block_bytes"], e["heads"],
+                                      e.get("plus_one", False))
                         for name, e in meta["tensors"].items()}
         self.head_dim = meta["head_dim"]
         self.bytes_read = 0
@@ -124,7 +126,8 @@ class GGUFTensors:
             raw = self._raw(e, 0, 1, start // e.block, -(-stop // e.block))
             vals = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[e.kind]).reshape(-1)
             first = (start // e.block) * e.block
-            return torch.from_numpy(np.array(vals[start - first:stop - first], np.float32))
+            out = torch.from_numpy(np.array(vals[start - first:stop - first], np.float32))
+            return out - 1 if e.plus_one else out
         r0, r1, c0, c1 = (start, stop, 0, e.shape[1]) if dim == 0 else (0, e.shape[0], start, stop)
         b0, b1 = c0 // e.block, -(-c1 // e.block)
         raw = self._raw(e, r0, r1, b0, b1)
@@ -179,8 +182,8 @@ def tensor_table(reader, path: Path) -> dict:
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
     out = {}
     for t in reader.tensors:
-        name = hf_tensor_name(t.name)
-        if t.name == _ROPE_FREQS or name is None:
+        name = hf_tensor_name(t.name, arch)
+        if t.name in (ROPE_FREQS, *LONGROPE_TENSORS) or name is None:
             continue
         block, block_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
         shape = [int(n) for n in reversed(t.shape)]
@@ -188,7 +191,8 @@ def tensor_table(reader, path: Path) -> dict:
         out[name] = {"kind": t.tensor_type.name, "shape": shape, "offset": int(t.data_offset),
                      "row_bytes": shape[-1] // block * block_bytes, "block": block,
                      "block_bytes": block_bytes,
-                     "heads": heads[kind] if arch.permute_qk and kind in heads else 0}
+                     "heads": heads[kind] if arch.gguf.permute_qk and kind in heads else 0,
+                     "plus_one": bool(arch.gguf.norm_plus_one and name.endswith("norm.weight"))}
     return {"tensors": out, "head_dim": cfg["head_dim"]}
 
 

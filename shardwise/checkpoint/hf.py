@@ -38,6 +38,11 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _CHUNK = 4 << 20  # column slices are read in row blocks of at most this many bytes
+WRAPPED = (("model.", "language_model.model."), ("model.", "model.language_model."),
+           ("lm_head.", "language_model.lm_head."))
+"""Where a multimodal checkpoint keeps its language model's tensors (Gemma 3 4B and larger:
+``Gemma3ForConditionalGeneration``, in transformers 4.x's and 5.x's names): tried, in order,
+for a tensor the checkpoint does not hold under the decoder's own name."""
 
 
 def _header(path: Path) -> tuple[int, dict]:
@@ -79,7 +84,16 @@ class SafetensorsReader:
         self.bytes_kept = 0
 
     def __contains__(self, name: str) -> bool:
-        return name in self.entries
+        return self.resolve(name) in self.entries
+
+    def resolve(self, name: str) -> str:
+        """The checkpoint's name for tensor ``name`` (itself, or a :data:`WRAPPED` one)."""
+        if name in self.entries:
+            return name
+        for ours, theirs in WRAPPED:
+            if name.startswith(ours) and theirs + name[len(ours):] in self.entries:
+                return theirs + name[len(ours):]
+        return name
 
     def _pread(self, fd: int, offset: int, size: int) -> bytearray:
         buf = bytearray(size)
@@ -93,6 +107,7 @@ class SafetensorsReader:
         return buf
 
     def read(self, name: str, shape: tuple, dim: int, start: int, stop: int) -> torch.Tensor:
+        name = self.resolve(name)
         if name not in self.entries:
             raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.directory}")
         fd, base, info = self.entries[name]

@@ -11,7 +11,8 @@ Tensors are addressed by rows of the *full* Hugging Face tensors, so a checkpoin
 layout. A file's tensor ``"{kind}/{HF name}"`` (kind ``param``, ``exp_avg``, ``exp_avg_sq``;
 ``rng/{state}`` for the rank's RNG states) is described in the file's header metadata by its piece
 ``{"shape": full shape, "dim", "start", "stop"}``: rows ``[start, stop)`` of the full tensor along
-``dim`` (``dim`` null: the whole tensor), optionally ``"flat": [a, b]``: only elements ``[a, b)`` of
+``dim`` (``dim`` null: the whole tensor; ``"name"``: the tensor when the key carries a ``#start``
+suffix, for a second piece of one tensor in one file), optionally ``"flat": [a, b]``: only elements ``[a, b)`` of
 that block, flattened row-major (a ZeRO shard of optimizer state). Pieces may overlap (a KV head
 replicated on two TP ranks is written by both); vocabulary padding is never written. A quantized
 model (``"quant"`` in the metadata) stores each quantized weight as ``qweight``, ``qscale`` and
@@ -66,15 +67,27 @@ def shard_file(pp: int, dp: int, tp: int) -> str:
 def pieces_of_tensor(kind: str, path: str, param: torch.Tensor, value: torch.Tensor,
                      flat: tuple[int, int] | None = None) -> Iterator[tuple[str, dict, torch.Tensor]]:
     """``(key, piece metadata, tensor)`` for ``value``: shaped like ``param`` (``flat`` None) or the
-    flat elements ``[lo, hi)`` of it (a ZeRO shard). Padding rows are dropped."""
+    flat elements ``[lo, hi)`` of it (a ZeRO shard). Padding rows are dropped. A parameter with
+    several pieces of one tensor (Phi-3's fused ``qkv_proj``: its q, k and v rows) keys the later
+    ones ``{kind}/{name}#{start}``, their metadata naming the tensor."""
+    seen: set[str] = set()
+
+    def key(name: str, meta: dict) -> str:
+        k = f"{kind}/{name}"
+        if k in seen:
+            k, meta["name"] = f"{k}#{meta['start']}", name
+        seen.add(k)
+        return k
+
     if flat is None:
         for name, pc, rows in split_local(path, _with_pieces(value, param)):
-            yield f"{kind}/{name}", _piece_meta(param, pc), rows
+            meta = _piece_meta(param, pc)
+            yield key(name, meta), meta, rows
         return
     lo, hi = flat
     for name, pc, a, b, i, j in split_flat(path, param, lo, hi):
         meta = dict(_piece_meta(param, pc), flat=[a, b])
-        yield f"{kind}/{name}", meta, value[i - lo:j - lo]
+        yield key(name, meta), meta, value[i - lo:j - lo]
 
 
 def _with_pieces(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -242,6 +255,7 @@ def _read_v2(d: Path, meta: dict) -> tuple[dict, list[Entry], Callable]:
             pieces = json.loads((f.metadata() or {}).get("shardwise", "{}"))
         for key, pc in pieces.items():
             kind, name = key.split("/", 1)
+            name = pc.get("name", name)
             if kind == "rng":
                 rng_keys.setdefault(coords["rank"], (path, []))[1].append(key)
                 continue

@@ -108,13 +108,16 @@ def load_tokenizer(source: ModelSource):
 
 def build_model(source: ModelSource, *, group=None, sequence_parallel: bool = False,
                 layers: range | None = None, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu", seed: int = 0,
+                device: torch.device | str = "cpu", seed: int = 0, experts=None,
                 quant: QuantConfig | None = None):
     """The rank's shard of the model: loaded slice by slice, or random-initialised by seed
-    (the same full weights at any tp). ``quant``: matmul weights quantized (:mod:`shardwise.quant`;
-    a quantized checkpoint is always loaded as it is stored)."""
+    (the same full weights at any tp). ``experts``: where a mixture of experts' experts live
+    (:class:`~shardwise.models.moe.ExpertParallel`; default: split over the TP group).
+    ``quant``: matmul weights quantized (:mod:`shardwise.quant`; a quantized checkpoint is always
+    loaded as it is stored)."""
     from ..failure import phase
     from ..models.llama import LlamaForCausalLM
+    from ..models.moe import ExpertParallel
     from ..shards import init_weights
     from .hf import load_weights
     from .sharded import load_model
@@ -122,7 +125,8 @@ def build_model(source: ModelSource, *, group=None, sequence_parallel: bool = Fa
     quant = quant_for(source, quant)
     with phase("build"):
         model = LlamaForCausalLM(source.config, group=group, sequence_parallel=sequence_parallel,
-                                 layers=layers, dtype=dtype, device=device, quant=quant)
+                                 layers=layers, dtype=dtype, device=device,
+                                 experts=experts or ExpertParallel(), quant=quant)
     if quant is not None:
         from ..mesh import group_rank
         from ..quant.load import say_notes
@@ -156,7 +160,9 @@ def readers(source: ModelSource, *, seed: int = 0, quant: QuantConfig | None = N
                                        q4_to_int8=quant.method == "int8")
         read, qread = tensors.read, tensors.qread
     elif source.weights is None:
-        read = seeded_reader(seed=seed, std=source.config.initializer_range)
+        norm = 1.0 - source.config.arch.norm_offset  # the norms' init_fill (models.llama)
+        read = seeded_reader(seed=seed, std=source.config.initializer_range,
+                             fill=lambda name: norm if "norm" in name else 0.0)
         qread = quantizing_reader(read)
     elif is_checkpoint(source.weights):
         from .qsharded import quantized_reader
@@ -181,9 +187,12 @@ def load_quantized_source(model, source: ModelSource, *, seed: int = 0, dtype: t
     """Fill a model built with ``quant=``: its float parameters (norms, biases) and its
     quantized weights, from ``source``; returns the loader's notes per weight."""
     from ..quant.load import is_placeholder, load_quantized
-    from ..shards import assemble_local, sharded_params
+    from ..shards import assemble_local, init_weights, sharded_params
     with readers(source, seed=seed, quant=model.quant) as (read, qread):
-        for path, p, _ in sharded_params(model):
-            if not is_placeholder(p):
-                p.copy_(assemble_local(path, p, read).to(p.dtype))
+        if source.weights is None and source.gguf is None:  # seeded: norms from their init_fill
+            init_weights(model, seed=seed, std=source.config.initializer_range)
+        else:
+            for path, p, _ in sharded_params(model):
+                if not is_placeholder(p):
+                    p.copy_(assemble_local(path, p, read).to(p.dtype))
         return load_quantized(model, qread, dtype=dtype, device=device)

@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--tp", type=int, help="pin the tensor-parallel degree")
     o.add_argument("--pp", type=int, help="pin the pipeline-parallel degree")
     o.add_argument("--dp", type=int, help="pin the data-parallel degree")
+    o.add_argument("--ep", type=int, help="mixture of experts: pin the expert-parallel degree (TP "
+                   "groups side by side that split the experts; GPUs = tp x ep x pp x dp)")
+    o.add_argument("--expert-tp", type=int, metavar="N", help="mixture of experts: pin the ranks "
+                   "each expert spans inside its TP group (tp: tensor-parallel experts; 1: whole "
+                   "experts, expert parallelism within the TP group)")
     o.add_argument("--calibration", metavar="FILE",
                    help="measured collectives (JSON from `shardwise bench comm`) for intra-node links")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -118,7 +123,8 @@ def make_plan(args: argparse.Namespace):
     measured = calibration.load(args.calibration).link() if args.calibration else None
     cluster = Cluster(gpu, args.gpus, args.gpus_per_node, inter, args.network_gbps or gpu.network_gbps,
                       measured)
-    return plan(model, cluster, build_request(args, model.seq_len), tp=args.tp, pp=args.pp, dp=args.dp)
+    return plan(model, cluster, build_request(args, model.seq_len), tp=args.tp, pp=args.pp, dp=args.dp,
+                ep=args.ep, expert_tp=args.expert_tp)
 
 
 def check(args: argparse.Namespace) -> None:

@@ -34,6 +34,10 @@ OVERLAP_CONTENTION of the GPU (min(comm, gemm) x 0.15 is added). Full recomputat
 layer's forward
 (collectives included) before its backward; selective recomputation repeats the attention core.
 The head and embedding are never recomputed.
+
+A mixture-of-experts layer (``moe.py``) replaces the up and down GEMMs by the router's and its
+local experts' GEMMs and SwiGLU by the experts' (on their routed rows), and adds, with ep > 1, the
+all-to-alls of the EP group (kept apart as ``Work.a2a_s``; never hidden).
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from .kernels import flash_attention_s, gemm_s, stream_s
 from .models import ModelSpec, heads_per_rank, kv_heads_per_rank, vocab_rows_per_rank
 from .software import Software
 from .collectives import allreduce_s, gather_s
+from . import moe
 
 # While a collective runs under a GEMM, NCCL's kernels hold SMs: Calculon's A100 system description
 # (calculon-ai/calculon systems/a100_80g.json, NVLink "processor_usage") charges 15% of the compute.
@@ -60,13 +65,15 @@ class Work:
 
     gemm_s: float = 0.0  # tensor-core kernels (GEMMs, fused attention)
     memory_s: float = 0.0  # memory-bound kernels
-    comm_s: float = 0.0  # collectives not hidden behind compute
+    comm_s: float = 0.0  # TP collectives not hidden behind compute
+    a2a_s: float = 0.0  # expert-parallel all-to-alls
 
     def __add__(self, o: "Work") -> "Work":
-        return Work(self.gemm_s + o.gemm_s, self.memory_s + o.memory_s, self.comm_s + o.comm_s)
+        return Work(self.gemm_s + o.gemm_s, self.memory_s + o.memory_s, self.comm_s + o.comm_s,
+                    self.a2a_s + o.a2a_s)
 
     def __mul__(self, k: float) -> "Work":
-        return Work(self.gemm_s * k, self.memory_s * k, self.comm_s * k)
+        return Work(self.gemm_s * k, self.memory_s * k, self.comm_s * k, self.a2a_s * k)
 
     @property
     def compute_s(self) -> float:
@@ -74,7 +81,7 @@ class Work:
 
     @property
     def total_s(self) -> float:
-        return self.gemm_s + self.memory_s + self.comm_s
+        return self.gemm_s + self.memory_s + self.comm_s + self.a2a_s
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,9 @@ class Setup:
     software: Software
     precision: str
     tp_link: Link
+    ep: int = 1  # TP groups beside each other splitting the experts (models.expert_slots)
+    etp: int | None = None  # ranks each expert is split over (None: tp)
+    ep_link: Link | None = None  # what the EP group's all-to-alls see
 
 
 def _linear(gpu, setup: Setup, m: int, n: int, k: int) -> tuple[float, float, float]:
@@ -142,8 +152,12 @@ def _elementwise(m: ModelSpec, gpu: GPUSpec, s: Setup) -> PassTime:
     mask = 1 if m.dropout else 0
     fwd = 2 * stream_s(gpu, 4 * tn * h) + 2 * stream_s(gpu, (6 + mask) * tn * h)
     bwd = 2 * stream_s(gpu, 6 * tn * h) + 2 * stream_s(gpu, (11 if m.dropout else 6) * tn * h)
-    fwd += stream_s(gpu, (6 if m.gated_mlp else 4) * tokens * f)
-    bwd += stream_s(gpu, (10 if m.gated_mlp else 6) * tokens * f)
+    if m.is_moe:
+        mf, mb = moe.elementwise(m, gpu, tokens, t, s.etp)
+        fwd, bwd = fwd + mf, bwd + mb
+    else:
+        fwd += stream_s(gpu, (6 if m.gated_mlp else 4) * tokens * f)
+        bwd += stream_s(gpu, (10 if m.gated_mlp else 6) * tokens * f)
     if not m.positions:  # rotary embedding on q and k
         fwd += stream_s(gpu, 4 * tokens * (q + k))
         bwd += stream_s(gpu, 4 * tokens * (q + k))
@@ -160,15 +174,22 @@ def layer_time(m: ModelSpec, gpu: GPUSpec, s: Setup) -> PassTime:
     f = math.ceil(m.ffn / t)
     qkv = _linear(gpu, s, tokens, q + 2 * k, h)
     out = _linear(gpu, s, tokens, h, q)
-    up = _linear(gpu, s, tokens, f * (2 if m.gated_mlp else 1), h)
-    down = _linear(gpu, s, tokens, h, f)
-    lin = (qkv, out, up, down)
+    if m.is_moe:
+        router, up, down = moe.linears(m, gpu, tokens, t, s.ep, s.etp, s.precision)
+        mlp = (router, up, down)
+    else:
+        up = _linear(gpu, s, tokens, f * (2 if m.gated_mlp else 1), h)
+        down = _linear(gpu, s, tokens, h, f)
+        mlp = (up, down)
+    lin = (qkv, out) + mlp
     fwd = Work(sum(x[0] for x in lin))
     bwd = Work(sum(x[1] + x[2] for x in lin))
     core, elem = _attention_core(m, gpu, s), _elementwise(m, gpu, s)
     fwd, bwd = fwd + core.forward + elem.forward, bwd + core.backward + elem.backward
     fcomm, bcomm = _tp_comm(s, tokens * h * 2, (qkv, up))
-    fwd, bwd = fwd + Work(comm_s=fcomm), bwd + Work(comm_s=bcomm)
+    fa2a, ba2a = moe.alltoall_time(m, tokens, t, s.ep, s.etp, s.ep_link) if m.is_moe \
+        else (0.0, 0.0)
+    fwd, bwd = fwd + Work(comm_s=fcomm, a2a_s=fa2a), bwd + Work(comm_s=bcomm, a2a_s=ba2a)
     if s.recompute == "full":
         bwd = bwd + fwd
     elif s.recompute == "selective":

@@ -54,11 +54,17 @@ matrix by matrix (:func:`shardwise.quant.grid.kernel_bytes`): int8 values with o
 per output row; int4 two values per byte with a 16-bit scale and zero point per kernel group (the
 group, or the largest of 32/64/128/256 dividing it and the rank's columns: SmolLM2's hidden size
 576 runs groups of 128 as 64); the embedding and an untied head at int8 per row, norms in 16 bits.
+
+Mixtures of experts (``moe.py``): a rank holds its slot's experts (ceil(E / slots), each f / etp
+columns) and the router; the MLP's activations are the MoE formula of ``moe.py`` instead of
+``A 4f``. With ep > 1 the TP groups of an EP group run different sequences: the KV cache of a
+serving rank holds batch / ep of them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from . import moe
 from ..quant.grid import kernel_bytes
 from .models import (ModelSpec, heads_per_rank, kv_heads_per_rank, layer_params_per_rank,
                      layers_per_stage, matmul_params_per_rank, split_sizes, vocab_rows_per_rank)
@@ -111,13 +117,14 @@ def trains_like_llama(m: ModelSpec) -> bool:
 
 
 def activation_bytes_per_layer(m: ModelSpec, s: int, b: int, tp: int, *, sp: bool,
-                               recompute: str, precision: str = "bf16") -> float:
+                               recompute: str, precision: str = "bf16", ep: int = 1,
+                               etp: int | None = None) -> float:
     """Stored activation bytes of one layer for one micro-batch on one TP rank (see above)."""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
     if trains_like_llama(m):
         return _llama_layer_bytes(m, s * b, tp, sp=sp, recompute=recompute,
-                                  a_bytes=4 if precision == "fp32" else 2)
+                                  a_bytes=4 if precision == "fp32" else 2, ep=ep, etp=etp)
     h = m.hidden
     if recompute == "full":
         return 2 * s * b * h / (tp if sp else 1)
@@ -136,7 +143,7 @@ R = 4  # fp32: the residual stream and the normalised values
 
 
 def _llama_layer_bytes(m: ModelSpec, tokens: int, tp: int, *, sp: bool, recompute: str,
-                       a_bytes: float) -> float:
+                       a_bytes: float, ep: int = 1, etp: int | None = None) -> float:
     h, A = m.hidden, a_bytes
     sig = tp if sp else 1
     a = heads_per_rank(m, tp)
@@ -144,12 +151,15 @@ def _llama_layer_bytes(m: ModelSpec, tokens: int, tp: int, *, sp: bool, recomput
     f = -(-m.ffn // tp)
     if recompute == "full":
         return tokens * R * h / sig
+    mlp = moe.activation_bytes(m, tokens, tp, ep, etp, recompute=recompute, a_bytes=A) \
+        if m.is_moe else None
     if recompute == "selective":
-        per = 2 * R * h / sig + A * (q + 2 * k) + A * q + 4 * a + A * 2 * f
-        return tokens * (per + (2 * A * h if sp else 0))
+        per = 2 * R * h / sig + A * (q + 2 * k) + A * q + 4 * a
+        return tokens * (per + (2 * A * h if sp else 0)) + (
+            mlp if mlp is not None else tokens * A * 2 * f)
     attn = A * 4 * q if a != kv_heads_per_rank(m, tp) else A * (3 * q + 3 * k)
     norms = 2 * R * h / sig + 2 * R * h / sig + 2 * R / sig + 2 * A * h
-    return tokens * (norms + attn + 4 * a + A * 4 * f)
+    return tokens * (norms + attn + 4 * a) + (mlp if mlp is not None else tokens * A * 4 * f)
 
 
 def _stage_extra_bytes(m: ModelSpec, tokens: int, tp: int, *, sp: bool, recompute: str,
@@ -167,9 +177,10 @@ def _stage_extra_bytes(m: ModelSpec, tokens: int, tp: int, *, sp: bool, recomput
     return out
 
 
-def stage_params_per_rank(m: ModelSpec, tp: int, pp: int) -> tuple[int, int]:
+def stage_params_per_rank(m: ModelSpec, tp: int, pp: int, ep: int = 1,
+                          etp: int | None = None) -> tuple[int, int]:
     """(transformer-layer params, embedding/head params) on the busiest stage's busiest rank."""
-    layers = layers_per_stage(m, pp) * layer_params_per_rank(m, tp)
+    layers = layers_per_stage(m, pp) * layer_params_per_rank(m, tp, ep, etp)
     v = vocab_rows_per_rank(m, tp) * m.hidden
     emb = v + m.positions * m.hidden
     head = v if (pp > 1 or not m.tied_embeddings) else 0  # tied weights get a copy on the last stage
@@ -192,22 +203,23 @@ def kv_bytes_per_token(m: ModelSpec, tp: int, pp: int = 1, kv_bytes: float = 2) 
 
 def training_memory(m: ModelSpec, *, tp: int, pp: int, dp: int, micro_batch: int, micro_batches: int,
                     seq: int, sp: bool, recompute: str, zero: int, capacity: float,
-                    precision: str = "bf16", virtual_stages: int = 1) -> Memory:
+                    precision: str = "bf16", virtual_stages: int = 1, ep: int = 1,
+                    etp: int | None = None) -> Memory:
     """Bytes on the busiest rank, each component at its busiest stage (see the module doc)."""
     if precision not in TRAIN_PRECISION:
         raise ValueError(f"training precision must be one of {', '.join(TRAIN_PRECISION)}, "
                          f"got {precision!r}")
-    layers, edge = stage_params_per_rank(m, tp, pp)
+    layers, edge = stage_params_per_rank(m, tp, pp, ep, etp)
     p = layers + edge
     copies = 0.0
     if precision != "fp32":  # autocast's 16-bit copies: every matmul weight of the stage
         head = vocab_rows_per_rank(m, tp) * m.hidden
-        mm = layers_per_stage(m, pp) * matmul_params_per_rank(m, tp)
+        mm = layers_per_stage(m, pp) * matmul_params_per_rank(m, tp, ep, etp, held=True)
         copies = 2 * (mm + head)
     tokens = seq * micro_batch
     n_layers = layers_per_stage(m, pp)
     a_bytes = 4 if precision == "fp32" else 2
-    kw = dict(sp=sp, precision=precision)
+    kw = dict(sp=sp, precision=precision, ep=ep, etp=etp)
     act = activation_bytes_per_layer(m, seq, micro_batch, tp, recompute=recompute, **kw)
     llama = trains_like_llama(m)
 
@@ -261,18 +273,23 @@ def quantized_weight_bytes(m: ModelSpec, *, tp: int, pp: int, precision: str,
 
 
 def serving_memory(m: ModelSpec, *, tp: int, pp: int, batch: int, prompt: int, output: int,
-                   precision: str, kv_bytes: float, capacity: float) -> Memory:
+                   precision: str, kv_bytes: float, capacity: float, ep: int = 1,
+                   etp: int | None = None) -> Memory:
     """Weights (16-bit and fp8: embeddings and head kept 16-bit; int8/int4: as shardwise's loader
-    holds them), KV cache for ``batch`` full-length sequences, prefill workspace for one prompt
-    (its layer activations and the batch's fp32 logits)."""
-    layers, edge = stage_params_per_rank(m, tp, pp)
-    if precision in ("int8", "int4") and trains_like_llama(m):
+    holds them), KV cache for ``batch`` full-length sequences (``batch / ep`` on a rank under
+    expert parallelism), prefill workspace for one prompt (its layer activations and the batch's
+    fp32 logits)."""
+    layers, edge = stage_params_per_rank(m, tp, pp, ep, etp)
+    if precision in ("int8", "int4") and trains_like_llama(m) and not m.experts:
         weights = quantized_weight_bytes(m, tp=tp, pp=pp, precision=precision)
     else:
         weights = layers * WEIGHT_BYTES[precision] + edge * 2
-    kv = batch * (prompt + output) * kv_bytes_per_token(m, tp, pp, kv_bytes)
+    mine = -(-batch // ep)
+    kv = mine * (prompt + output) * kv_bytes_per_token(m, tp, pp, kv_bytes)
     q = heads_per_rank(m, tp) * m.hd
     k = kv_heads_per_rank(m, tp) * m.hd
     f = -(-m.ffn // tp)
-    work = prompt * (m.hidden + q + 2 * k + 3 * f) * 2 + batch * vocab_rows_per_rank(m, tp) * 4
+    mlp = 3 * f if not m.is_moe else \
+        m.experts * 4 / 2 + moe.routed_rows(m, 1, tp, etp) * (m.hidden + 3 * moe.expert_width(m, tp, etp))
+    work = prompt * (m.hidden + q + 2 * k + mlp) * 2 + mine * vocab_rows_per_rank(m, tp) * 4
     return Memory(weights=weights, activations=work, kv_cache=kv, overhead=overhead_bytes(capacity))

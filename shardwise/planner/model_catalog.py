@@ -22,6 +22,19 @@ def _llama(name, h, l, a, kv, f, v, *, tied=False, seq=4096, src="", n=None, hd=
                      tied_embeddings=tied, seq_len=seq, source=src, published_params=n, bias=bias)
 
 
+def _moe(name, h, l, a, kv, f, v, e, k, *, seq, src, n, active, hd=0, qk="none"):
+    return ModelSpec(name=name, hidden=h, layers=l, heads=a, kv_heads=kv, ffn=f, vocab=v, head_dim=hd,
+                     seq_len=seq, source=src, published_params=n, experts=e, top_k=k, qk_norm=qk,
+                     published_active=active)
+
+
+_MIXTRAL = ("Jiang et al. 2024, 'Mixtral of Experts', Table 1 (dim {}, {} layers, {} heads, {} KV heads, "
+            "hidden_dim {}, vocab {}, 8 experts, top-2) and mistralai/{} config.json; Mistral AI prints "
+            "{} total, {} active parameters per token")
+_QWEN3 = ("Qwen/{} model card and config.json: {} parameters in total, {} activated ({} "
+          "non-embedding); {} layers, {} Q / {} KV heads of 128, {} experts of width {}, {} activated")
+
+
 def _gpt(name, h, l, a, *, v=51200, s=2048, src="", n=None):
     return ModelSpec(name=name, hidden=h, layers=l, heads=a, kv_heads=a, ffn=4 * h, vocab=v,
                      gated_mlp=False, tied_embeddings=True, bias="all", norm="layer", positions=s,
@@ -72,6 +85,21 @@ _ENTRIES: list[ModelSpec] = [
     _llama("smollm2-135m", 576, 30, 9, 3, 1536, 49152, tied=True, seq=2048,
            src=_HF.format("HuggingFaceTB/SmolLM2-135M") + " (F32 weights: total_size / 4)",
            n=134_515_008),
+    # Mixtures of experts: total and active (per token) counts as their publishers print them
+    _moe("mixtral-8x7b", 4096, 32, 32, 8, 14336, 32000, 8, 2, seq=32768, n=46.7e9, active=12.9e9,
+         src=_MIXTRAL.format(4096, 32, 32, 8, 14336, 32000, "Mixtral-8x7B-v0.1", "46.7B", "12.9B")),
+    _moe("mixtral-8x22b", 6144, 56, 48, 8, 16384, 32768, 8, 2, seq=65536, n=141e9, active=39e9,
+         src=_MIXTRAL.format(6144, 56, 48, 8, 16384, 32768, "Mixtral-8x22B-v0.1", "141B", "39B")),
+    _moe("qwen3-30b-a3b", 2048, 48, 32, 4, 768, 151936, 128, 8, hd=128, qk="head", seq=32768,
+         n=30.5e9, active=3.3e9,
+         src=_QWEN3.format("Qwen3-30B-A3B", "30.5B", "3.3B", "29.9B", 48, 32, 4, 128, 768, 8)),
+    _moe("qwen3-235b-a22b", 4096, 94, 64, 4, 1536, 151936, 128, 8, hd=128, qk="head", seq=32768,
+         n=235e9, active=22e9,
+         src=_QWEN3.format("Qwen3-235B-A22B", "235B", "22B", "234B", 94, 64, 4, 128, 1536, 8)),
+    _moe("olmoe-1b-7b", 2048, 16, 16, 16, 1024, 50304, 64, 8, qk="full", seq=4096, n=6.9e9,
+         active=1.3e9, src="Muennighoff et al. 2024, 'OLMoE: Open Mixture-of-Experts Language Models', "
+         "Table 1 (6.9B total, 1.3B active; 16 layers, hidden 2048, 64 experts of width 1024, top-8) and "
+         "allenai/OLMoE-1B-7B-0924 config.json (q/k RMSNorm over all heads, vocab 50304)"),
     # GPT-3 (Brown et al. 2020, Table 2.1: 96 layers, d_model 12288, 96 heads, context 2048;
     # GPT-2 BPE vocabulary of 50257)
     _gpt("gpt3-175b", 12288, 96, 96, v=50257, src="Brown et al. 2020, 'Language Models are Few-Shot "
@@ -102,6 +130,9 @@ MODEL_ALIASES: dict[str, str] = {
     "gpt3": "gpt3-175b",
     "llama-2-70b-hf": "llama-2-70b",
     "mistral-7b-v0.1": "mistral-7b",
+    "mixtral-8x7b-v0.1": "mixtral-8x7b",
+    "mixtral-8x22b-v0.1": "mixtral-8x22b",
+    "olmoe-1b-7b-0924": "olmoe-1b-7b",
 }
 
 

@@ -29,6 +29,7 @@ def components(c: Candidate) -> dict[str, float]:
     if isinstance(t, TrainTime):
         m = t.micro_batches
         return {"compute": m * t.compute_s, "TP all-reduce": m * t.tp_comm_s,
+                "EP all-to-all": m * t.ep_comm_s,
                 "pipeline sends": m * t.p2p_s, "pipeline bubble": t.bubble_s,
                 "DP all-reduce (exposed)": t.dp_exposed_s, "optimizer": t.optimizer_s,
                 "embedding all-reduce": t.embedding_sync_s}
@@ -36,12 +37,14 @@ def components(c: Candidate) -> dict[str, float]:
     per_dec = t.output / (t.dp * t.batch * t.output)  # decode steps per generated token
     per_pre = t.batch / (t.dp * t.batch * t.output)  # prefills per generated token
     main = max(t.decode_compute_s, t.decode_memory_s)
-    hop = t.tpot_s - main - t.decode_comm_s
+    hop = t.tpot_s - main - t.decode_comm_s - t.decode_a2a_s
     what = "reading weights and KV cache" if t.decode_memory_s >= t.decode_compute_s else "compute"
     return {f"decode {what}": main * per_dec, "decode TP all-reduce": t.decode_comm_s * per_dec,
+            "decode EP all-to-all": t.decode_a2a_s * per_dec,
             "pipeline hops": max(0.0, hop) * per_dec,
-            "prefill": (t.prefill_busy_s - t.prefill_comm_s) * per_pre,
-            "prefill TP all-reduce": t.prefill_comm_s * per_pre}
+            "prefill": (t.prefill_busy_s - t.prefill_comm_s - t.prefill_a2a_s) * per_pre,
+            "prefill TP all-reduce": t.prefill_comm_s * per_pre,
+            "prefill EP all-to-all": t.prefill_a2a_s * per_pre}
 
 
 def tp_share(c: Candidate) -> float:
@@ -79,6 +82,56 @@ def _placement(p: Plan, c: Candidate) -> str:
     per = (6 if p.request.recompute == "full" else 4) * -(-p.model.layers // c.layout.pp)
     kind = "all-gather/reduce-scatter pairs" if p.request.sp else "all-reduces"
     return f"{head}: its {per} {kind} per micro-batch take {_pct(t.tp_share)} of the step."
+
+
+def placement_kind(lay) -> str:
+    """How a layout places the experts: "tp" (every expert split over its TP group), "ep within tp"
+    (whole experts, or a few ranks each, inside the TP group), or "ep" (TP groups side by side)."""
+    if lay.ep > 1:
+        return "ep"
+    return "ep within tp" if lay.etp is not None and lay.etp < lay.tp else "tp"
+
+
+_KIND_WORDS = {"tp": "tensor-parallel experts (each expert split over its TP group)",
+               "ep within tp": "expert parallelism within the TP group (whole experts per rank)",
+               "ep": "expert parallelism beside TP (TP groups split the experts and exchange "
+                     "tokens by all-to-all)"}
+
+
+def _rivals(p: Plan) -> list[Candidate]:
+    """The best layout of each other expert placement than the winner's."""
+    kind = placement_kind(p.candidates[0].layout)
+    out = []
+    for other in ("tp", "ep within tp", "ep"):
+        alt = next((c for c in p.candidates if placement_kind(c.layout) == other), None)
+        if other != kind and alt is not None:
+            out.append(alt)
+    return out
+
+
+def experts_choice(p: Plan) -> str | None:
+    """TP or EP for the experts, and why: the best layout of each kind, compared."""
+    if not p.model.is_moe or not p.candidates:
+        return None
+    best = p.candidates[0]
+    kind = placement_kind(best.layout)
+    m, lay = p.model, best.layout
+    held = -(-m.experts // (lay.ep * lay.tp // (lay.etp or lay.tp)))
+    out = (f"Experts: {_KIND_WORDS[kind]}, {held} of the {m.experts} experts on each GPU, "
+           f"{'all' if (lay.etp or lay.tp) == 1 else f'1/{lay.etp or lay.tp}'} of each expert's "
+           f"{m.ffn} columns.")
+    for other in ("tp", "ep within tp", "ep"):
+        if other == kind:
+            continue
+        alt = next((c for c in p.candidates if placement_kind(c.layout) == other), None)
+        if alt is not None:
+            out += f" Best with {other}: " + _versus(p, best, alt)
+        else:
+            why = [c for c in p.rejected if placement_kind(c.layout) == other and c.reason]
+            if why:
+                near = min(why, key=lambda c: c.layout.dp)
+                out += f" No layout with {other} works ({near.layout.short()}: {near.reason})."
+    return out
 
 
 def _why_split(p: Plan) -> str | None:
@@ -152,7 +205,10 @@ def explain(p: Plan) -> list[str]:
         return out + [_remedies(p)]
     out.insert(0, ("Evaluated " if p.pinned else "Best: ") + _headline(p, best) + ".")
     out.append(_placement(p, best))
-    out += [_versus(p, best, o) for o in p.candidates[1:3]]
+    if (e := experts_choice(p)):
+        out.append(e)
+    shown = _rivals(p) if p.model.is_moe else []
+    out += [_versus(p, best, o) for o in p.candidates[1:3] if o not in shown]
     if p.workload == "serve" and len(p.candidates) > 1:
         fastest = min(p.candidates, key=lambda c: c.time.tpot_s)
         if fastest is not best:
@@ -186,7 +242,11 @@ def assumptions(p: Plan) -> list[str]:
                    "1F1B pipeline schedule, interleaved with v model chunks per GPU when v > 1")
         sw = get_software(p.request.software)
         out.append(f"software {sw.name}: {sw.description}")
-    else:
+    if p.model.is_moe:
+        out.append(f"experts: {p.model.experts}, top-{p.model.top_k}; routing assumed balanced (the "
+                   "load-balancing loss's aim: every expert gets T k / E rows); a decode step reads "
+                   "only the experts its tokens chose; all-to-alls are not overlapped")
+    if p.workload == "serve":
         out.append("TTFT = prefill of one prompt on an idle replica; throughput counts each request's "
                    "prefill and its decode steps at the full batch; int8/int4 are weight-only "
                    "(16-bit compute), embeddings stay 16-bit")
@@ -195,8 +255,16 @@ def assumptions(p: Plan) -> list[str]:
     return out
 
 
+def _layout(p: Plan, lay) -> dict:
+    """The layout's fields; the expert placement (ep, etp) only for a mixture of experts."""
+    d = asdict(lay)
+    if not p.model.is_moe:
+        del d["ep"], d["etp"]
+    return d
+
+
 def _cand_dict(p: Plan, c: Candidate) -> dict:
-    d: dict = {"layout": asdict(c.layout)}
+    d: dict = {"layout": _layout(p, c.layout)}
     if c.reason:
         d["reason"] = c.reason
     if c.memory is not None:
@@ -213,10 +281,12 @@ def _cand_dict(p: Plan, c: Candidate) -> dict:
         d.update(virtual_stages=t.virtual_stages, step_time_s=t.step_s, throughput_tokens_per_s=c.throughput,
                  tflops_per_gpu=flops / t.step_s / n / 1e12, mfu=model_flops / t.step_s / n / peak,
                  tp_comm_share=t.tp_share, bubble_share=t.bubble_s / t.step_s,
-                 dp_allreduce_s=t.dp_comm_s, dp_exposed_s=t.dp_exposed_s)
+                 dp_allreduce_s=t.dp_comm_s, dp_exposed_s=t.dp_exposed_s,
+                 ep_alltoall_share=t.micro_batches * t.ep_comm_s / t.step_s)
     elif isinstance(t, ServeTime):
         d.update(ttft_s=t.ttft_s, tpot_s=t.tpot_s, throughput_tokens_per_s=c.throughput,
-                 decode_allreduce_share=t.decode_comm_share, prefill_allreduce_s=t.prefill_comm_s)
+                 decode_allreduce_share=t.decode_comm_share, prefill_allreduce_s=t.prefill_comm_s,
+                 decode_alltoall_share=t.decode_a2a_share, prefill_alltoall_s=t.prefill_a2a_s)
     return d
 
 
@@ -225,14 +295,15 @@ def to_json(p: Plan) -> dict:
     cl, best = p.cluster, p.best
     obj: dict = {
         "workload": p.workload,
-        "model": {"name": p.model.name, "params": p.model.total_params(), "source": p.model.source},
+        "model": {"name": p.model.name, "params": p.model.total_params(),
+                  "active_params": p.model.active_params(), "source": p.model.source},
         "cluster": {"gpu": cl.gpu.name, "gpus": cl.gpus, "gpus_per_node": cl.node_size,
                     "nodes": math.ceil(cl.gpus / cl.node_size), "interconnect": cl.interconnect,
                     "network_gbps_per_gpu": cl.network_gbps, "gpu_memory_gib": cl.gpu.memory_gib,
                     "measured_link": cl.measured is not None},
         "request": asdict(p.request),
         "pinned": p.pinned,
-        "layout": asdict(best.layout) if best else None,
+        "layout": _layout(p, best.layout) if best else None,
         "fits": best is not None,
     }
     if best:
@@ -246,6 +317,7 @@ def to_json(p: Plan) -> dict:
         obj.update({k: bd[k] for k in keys})
     obj["candidates"] = [_cand_dict(p, c) for c in p.candidates]
     obj["rejected"] = [_cand_dict(p, c) for c in p.rejected]
+    obj["experts"] = experts_choice(p)
     obj["explanation"] = explain(p)
     obj["assumptions"] = assumptions(p)
     return obj
@@ -254,14 +326,16 @@ def to_json(p: Plan) -> dict:
 def _row(p: Plan, i, c: Candidate) -> list[str]:
     lay = c.layout
     mem = f"{c.memory.total / GiB:.1f}" if c.memory else "-"
-    base = [str(i), str(lay.tp), str(lay.pp), str(lay.dp), str(lay.micro_batch), mem]
+    moe = [str(lay.ep), str(lay.etp or lay.tp)] if p.model.is_moe else []
     t = c.time
+    v = [str(t.virtual_stages) if isinstance(t, TrainTime) else "-"] if p.workload == "train" else []
+    base = [str(i), str(lay.tp)] + moe + [str(lay.pp), str(lay.dp), str(lay.micro_batch)] + v + [mem]
     if isinstance(t, TrainTime):
-        return base[:5] + [str(t.virtual_stages)] + base[5:] + [_ms(t.step_s), f"{c.throughput:,.0f}",
-                                                               _pct(t.tp_share), _pct(t.bubble_s / t.step_s)]
+        return base + [_ms(t.step_s), f"{c.throughput:,.0f}", _pct(t.tp_share),
+                       _pct(t.bubble_s / t.step_s)]
     if isinstance(t, ServeTime):
         return base + [_ms(t.ttft_s), _ms(t.tpot_s), f"{c.throughput:,.0f}", _pct(t.decode_comm_share)]
-    return base[:5] + (["-"] if p.workload == "train" else []) + base[5:] + ["-"] * 4
+    return base + ["-"] * 4
 
 
 def _table(rows: list[list[str]], head: list[str]) -> list[str]:
@@ -277,9 +351,11 @@ def to_text(p: Plan) -> str:
     what = (f"train, seq {req.seq}, global batch {req.global_batch}, {prec}, recompute {req.recompute}"
             f"{', sequence parallel' if req.sp else ''}, {req.software}" if isinstance(req, TrainRequest) else
             f"serve, prompt {req.prompt} + output {req.output} tokens, {req.concurrency} concurrent, {prec}")
-    lines = [f"{m.name} ({m.total_params() / 1e9:.2f}B params) on {cl.gpus} x {cl.gpu.name} "
+    active = f", {m.active_params() / 1e9:.2f}B active" if m.is_moe else ""
+    lines = [f"{m.name} ({m.total_params() / 1e9:.2f}B params{active}) on {cl.gpus} x {cl.gpu.name} "
              f"({math.ceil(cl.gpus / cl.node_size)} node(s) of {cl.node_size}, {cl.interconnect}): {what}", ""]
-    head = ["#", "tp", "pp", "dp"] + (["mb", "v"] if p.workload == "train" else ["batch"]) + ["GiB/GPU"]
+    head = ["#", "tp"] + (["ep", "etp"] if m.is_moe else []) + ["pp", "dp"] + \
+        (["mb", "v"] if p.workload == "train" else ["batch"]) + ["GiB/GPU"]
     head += (["step", "tokens/s", "TP comm", "bubble"] if p.workload == "train"
              else ["TTFT", "TPOT", "tokens/s", "AR/decode"])
     if p.candidates:

@@ -4,6 +4,9 @@ Ranks are laid out as ``arange(world).view(pp, dp, tp)`` (TP innermost, as ``sha
 TP group is ``tp`` neighbouring GPUs, a DP group strides by ``tp`` and pipeline neighbours are
 ``tp x dp`` apart. A group stays inside a node when its span divides the GPUs per node.
 
+Mixtures of experts add ``ep`` TP groups side by side (``view(pp, dp, ep, tp)``: EP strides by tp) and
+``etp``, the ranks each expert spans in its TP group; every (tp, ep, pp, dp) is tried with etp in {tp, 1}.
+
 Training ranks feasible layouts by tokens/s; serving by output tokens/s among layouts that meet
 the latency targets. Each (tp, pp, dp) appears once: in training with the micro-batch that gives
 the highest throughput, in serving with batch ceil(concurrency / dp) per replica.
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from .gpus import GPUSpec, Link, intra_link, network_link
 from .memory import GiB, TRAIN_PRECISION, WEIGHT_BYTES, Memory, kv_bytes_per_token, serving_memory, training_memory
 from .memory import stage_params_per_rank
-from .models import ModelSpec, tp_problem
+from .models import ModelSpec, moe_problem, tp_problem
 from .software import DEFAULT_SOFTWARE, get_software
 from .timing import ServeTime, TrainTime, serve_time, train_time
 
@@ -60,6 +63,12 @@ class Cluster:
         members = max(1, min(size, self.node_size // stride))
         return network_link(self.network_gbps, members, intra)
 
+    def alltoall_link(self, size: int, stride: int) -> Link:
+        """An all-to-all: the intra link inside a node; across nodes each rank's own NIC."""
+        intra = self.intra(size, stride)
+        return intra if size <= 1 or self.within_node(size, stride) else \
+            network_link(self.network_gbps, 1, intra)
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -67,9 +76,18 @@ class Layout:
     pp: int
     dp: int
     micro_batch: int
+    ep: int = 1  # TP groups splitting the experts (attention data-parallel over them)
+    etp: int | None = None  # ranks each expert spans (None: tp; 1: whole experts)
 
     def short(self) -> str:
-        return f"tp={self.tp} pp={self.pp} dp={self.dp}"
+        moe = (f" ep={self.ep}" if self.ep > 1 else "") + \
+            (f" expert-tp={self.etp}" if self.etp is not None and self.etp != self.tp else "")
+        return f"tp={self.tp}{moe} pp={self.pp} dp={self.dp}"
+
+    @property
+    def data(self) -> int:
+        """Data-parallel width of the dense layers: dp x ep."""
+        return self.dp * self.ep
 
 
 @dataclass(frozen=True)
@@ -139,20 +157,38 @@ def layouts(n: int, *, tp: int | None = None, pp: int | None = None, dp: int | N
                 yield t, p, d
 
 
-def _check_pins(m: ModelSpec, c: Cluster, tp, pp, dp) -> None:
-    pins = {k: v for k, v in (("tp", tp), ("pp", pp), ("dp", dp)) if v is not None}
+def moe_layouts(m: ModelSpec, n: int, *, tp=None, pp=None, dp=None, ep=None, etp=None):
+    """Every (tp, ep, pp, dp, etp) for ``m``: for a dense model (tp, 1, pp, dp, None)."""
+    for e in (_divisors(n) if m.is_moe else [1]):
+        if (ep or e) != e:
+            continue
+        for t, p, d in layouts(n // e, tp=tp, pp=pp, dp=dp):
+            choices = [etp] if etp else [None] + ([1] if m.is_moe and t > 1 else [])
+            for x in choices:
+                yield t, e, p, d, (None if x == t else x)
+
+
+def _check_pins(m: ModelSpec, c: Cluster, tp, pp, dp, ep=None, etp=None) -> None:
+    pins = {k: v for k, v in (("tp", tp), ("ep", ep), ("pp", pp), ("dp", dp)) if v is not None}
     for k, v in pins.items():
         if v < 1:
             raise ValueError(f"--{k} must be at least 1, got {v}")
-    prod = (tp or 1) * (pp or 1) * (dp or 1)
+    if etp is not None and etp < 1:
+        raise ValueError(f"--expert-tp must be at least 1, got {etp}")
+    if (ep or 1) > 1 or etp is not None:
+        if not m.is_moe:
+            raise ValueError(f"--ep and --expert-tp place experts, but {m.name} has none")
+    prod = (tp or 1) * (ep or 1) * (pp or 1) * (dp or 1)
     desc = " x ".join(f"{k}={v}" for k, v in pins.items())
-    if len(pins) == 3 and prod != c.gpus:
+    if len(pins) == (4 if ep is not None else 3) and prod != c.gpus:
         raise ValueError(f"{desc} = {prod} GPUs but --gpus is {c.gpus}")
     if c.gpus % prod:
         ok = [d for d in _divisors(c.gpus) if d * prod // max(pins.values()) <= c.gpus][:8]
         hint = f" (divisors of {c.gpus}: {', '.join(map(str, ok))})" if len(pins) == 1 else ""
         raise ValueError(f"{desc}{'' if len(pins) == 1 else f' = {prod}'} does not divide {c.gpus} GPUs{hint}")
     if tp and (why := tp_problem(m, tp)):
+        raise ValueError(why)
+    if tp and (why := moe_problem(m, tp, ep or 1, etp)):
         raise ValueError(why)
     if pp and pp > m.layers:
         raise ValueError(f"pp={pp} but the model has {m.layers} layers: use pp <= {m.layers}")
@@ -192,20 +228,22 @@ def chunk_choices(m: ModelSpec, pp: int, micro_batches: int, pinned: int | None)
 
 
 def evaluate_train(m: ModelSpec, c: Cluster, r: TrainRequest, *, tp: int, pp: int, dp: int,
-                   micro_batch: int, virtual_stages: int = 1, pinned: bool = True) -> Candidate:
+                   micro_batch: int, virtual_stages: int = 1, pinned: bool = True, ep: int = 1,
+                   etp: int | None = None) -> Candidate:
     """Memory and time of one training layout (rejected with a reason when it cannot work)."""
-    lay = Layout(tp, pp, dp, micro_batch)
-    micro = r.global_batch // (dp * micro_batch)
+    lay = Layout(tp, pp, dp, micro_batch, ep, etp)
+    micro = r.global_batch // (dp * ep * micro_batch)
     cap = c.gpu.memory_bytes
     mem = training_memory(m, tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, micro_batches=micro,
                           seq=r.seq, sp=r.sp, recompute=r.recompute, zero=r.zero, capacity=cap,
-                          precision=r.precision, virtual_stages=virtual_stages)
-    params = sum(stage_params_per_rank(m, tp, pp))
+                          precision=r.precision, virtual_stages=virtual_stages, ep=ep, etp=etp)
+    params = sum(stage_params_per_rank(m, tp, pp, ep, etp))
     tm = train_time(m, c.gpu, tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, micro_batches=micro,
                     seq=r.seq, precision=r.precision, sp=r.sp, recompute=r.recompute, zero1=r.zero >= 1,
                     dp_overlap=r.dp_overlap, stage_params=params, tp_link=c.link(tp, 1),
-                    pp_link=c.link(pp, tp * dp), dp_link=c.link(dp, tp), virtual_stages=virtual_stages,
-                    software=get_software(r.software))
+                    pp_link=c.link(pp, tp * ep * dp), dp_link=c.link(dp * ep, tp),
+                    virtual_stages=virtual_stages, software=get_software(r.software), ep=ep, etp=etp,
+                    ep_link=c.alltoall_link(ep, tp))
     cand = Candidate(lay, mem, tm, r.global_batch * r.seq / tm.step_s)
     if mem.total > cap:
         cand.reason = _oom(mem, cap, f", activations {_gib(mem.activations)}")
@@ -216,20 +254,23 @@ def evaluate_train(m: ModelSpec, c: Cluster, r: TrainRequest, *, tp: int, pp: in
 
 def _train(m, c, r: TrainRequest, pins, pinned) -> tuple[list, list]:
     ok, bad = [], []
-    for t, p, d in layouts(c.gpus, **pins):
-        lay = Layout(t, p, d, r.micro_batch or 1)
-        why = tp_problem(m, t) or (f"pp={p} exceeds the model's {m.layers} layers" if p > m.layers else None)
-        if not why and r.global_batch % d:
-            why = f"global batch {r.global_batch} does not split over dp={d} ({r.global_batch} % {d} = {r.global_batch % d})"
-        if not why and r.micro_batch and (r.global_batch // d) % r.micro_batch:
-            why = (f"{r.global_batch // d} sequences per replica do not split into micro-batches of "
+    for t, e, p, d, x in moe_layouts(m, c.gpus, **pins):
+        lay = Layout(t, p, d, r.micro_batch or 1, e, x)
+        n = d * e  # data-parallel width of the dense layers
+        why = tp_problem(m, t) or moe_problem(m, t, e, x) or \
+            (f"pp={p} exceeds the model's {m.layers} layers" if p > m.layers else None)
+        if not why and r.global_batch % n:
+            why = f"global batch {r.global_batch} does not split over dp x ep={n} ({r.global_batch} % {n} = {r.global_batch % n})"
+        if not why and r.micro_batch and (r.global_batch // n) % r.micro_batch:
+            why = (f"{r.global_batch // n} sequences per replica do not split into micro-batches of "
                    f"{r.micro_batch}")
         if why:
             bad.append(Candidate(lay, reason=why))
             continue
-        per = r.global_batch // d
+        per = r.global_batch // n
         mbs = [r.micro_batch] if r.micro_batch else [b for b in (1, 2, 4, 8) if per % b == 0]
-        tried = [evaluate_train(m, c, r, tp=t, pp=p, dp=d, micro_batch=mb, virtual_stages=v, pinned=pinned)
+        tried = [evaluate_train(m, c, r, tp=t, pp=p, dp=d, micro_batch=mb, virtual_stages=v,
+                                pinned=pinned, ep=e, etp=x)
                  for mb in mbs for v in chunk_choices(m, p, per // mb, r.virtual_stages)]
         if not tried:
             bad.append(Candidate(lay, reason=(
@@ -247,26 +288,30 @@ def _train(m, c, r: TrainRequest, pins, pinned) -> tuple[list, list]:
 def _serve(m, c, r: ServeRequest, pins, pinned) -> tuple[list, list]:
     ok, bad = [], []
     cap = c.gpu.memory_bytes
-    for t, p, d in layouts(c.gpus, **pins):
+    for t, e, p, d, x in moe_layouts(m, c.gpus, **pins):
         b = r.batch or -(-r.concurrency // d)
-        lay = Layout(t, p, d, b)
-        why = tp_problem(m, t) or (f"pp={p} exceeds the model's {m.layers} layers" if p > m.layers else None)
+        lay = Layout(t, p, d, b, e, x)
+        why = tp_problem(m, t) or moe_problem(m, t, e, x) or \
+            (f"pp={p} exceeds the model's {m.layers} layers" if p > m.layers else None)
         if not why and r.concurrency < d:
             why = f"dp={d} replicas but only {r.concurrency} concurrent requests: {d - r.concurrency} would idle"
+        if not why and b < e:
+            why = f"ep={e} TP groups share a replica's {b} sequences: {e - b} would idle"
         if why:
             bad.append(Candidate(lay, reason=why))
             continue
         mem = serving_memory(m, tp=t, pp=p, batch=b, prompt=r.prompt, output=r.output,
-                             precision=r.precision, kv_bytes=r.kv_bytes, capacity=cap)
+                             precision=r.precision, kv_bytes=r.kv_bytes, capacity=cap, ep=e, etp=x)
         kv_tok = kv_bytes_per_token(m, t, p, r.kv_bytes)
         tm = serve_time(m, c.gpu, tp=t, pp=p, dp=d, batch=b, prompt=r.prompt, output=r.output,
                         precision=r.precision, weight_bytes=mem.weights, kv_token_bytes=kv_tok,
-                        tp_link=c.link(t, 1), pp_link=c.link(p, t * d))
+                        tp_link=c.link(t, 1), pp_link=c.link(p, t * e * d), ep=e, etp=x,
+                        ep_link=c.alltoall_link(e, t))
         cand = Candidate(lay, mem, tm, tm.throughput)
         if mem.total > cap:
             free = cap - mem.total + mem.kv_cache
-            fit = int(max(0.0, free) // ((r.prompt + r.output) * kv_tok))
-            kv = f", KV cache {_gib(mem.kv_cache)} for {b} x {r.prompt + r.output} tokens"
+            fit = int(max(0.0, free) // ((r.prompt + r.output) * kv_tok)) * e
+            kv = f", KV cache {_gib(mem.kv_cache)} for {-(-b // e)} x {r.prompt + r.output} tokens"
             cand.reason = _oom(mem, cap, kv) + (f"; at most {fit} sequences fit" if fit else "")
         elif not pinned and (w := _tp_cross(c, t)):
             cand.reason = w
@@ -279,11 +324,13 @@ def _serve(m, c, r: ServeRequest, pins, pinned) -> tuple[list, list]:
 
 
 def plan(model: ModelSpec, cluster: Cluster, request: TrainRequest | ServeRequest, *,
-         tp: int | None = None, pp: int | None = None, dp: int | None = None) -> Plan:
-    """Search (or, with pins, evaluate) the layouts for ``request`` on ``cluster``."""
-    _check_pins(model, cluster, tp, pp, dp)
-    pins = {"tp": tp, "pp": pp, "dp": dp}
-    pinned = None not in (tp, pp, dp)
+         tp: int | None = None, pp: int | None = None, dp: int | None = None,
+         ep: int | None = None, expert_tp: int | None = None) -> Plan:
+    """Search (or, with pins, evaluate) the layouts for ``request`` on ``cluster``; ``ep`` and
+    ``expert_tp`` pin the expert placement of a mixture of experts."""
+    _check_pins(model, cluster, tp, pp, dp, ep, expert_tp)
+    pins = {"tp": tp, "pp": pp, "dp": dp, "ep": ep, "etp": expert_tp}
+    pinned = None not in (tp, pp, dp) and (ep is not None or not model.is_moe)
     if request.precision == "bf16" and cluster.gpu.bf16_tflops is None:
         raise ValueError(f"{cluster.gpu.name} has no BF16 tensor cores: use --precision fp16")
     if isinstance(request, TrainRequest):

@@ -23,6 +23,12 @@ Serving: prefill of one prompt runs its GEMMs (``kernels.gemm_s``) and fused att
 the weights and KV cache at the streaming bandwidth or is bound by the GEMM ceiling, whichever is
 slower, plus 2 all-reduces of b x h activations per layer. With p stages the batch is split into p
 micro-batches; each token passes all p stages, so TPOT = p x stage time.
+
+Mixtures of experts (``moe.py``): FLOPs count the k experts a token runs (active parameters); a
+decode step reads the dense weights and the experts its tokens chose; with ep > 1 the EP group's
+all-to-alls (two per layer each way) are added and the b sequences of a replica split over the ep
+TP groups; the data-parallel gradient reduction spans dp x ep ranks for the dense weights and dp
+for the experts.
 """
 from __future__ import annotations
 
@@ -33,8 +39,10 @@ from .collectives import allreduce_s, gather_s, p2p_s
 from .gpus import GPUSpec, Link
 from .kernels import flash_attention_s, gemm_s, stream_s
 from .layer import Setup, Work, embedding_time, head_time, layer_time
-from .models import (ModelSpec, heads_per_rank, kv_heads_per_rank, layers_per_stage,
-                     matmul_params_per_rank, vocab_rows_per_rank)
+from . import moe
+from .models import (ModelSpec, experts_per_rank, heads_per_rank, kv_heads_per_rank,
+                     layers_per_stage, matmul_params_per_rank, vocab_rows_per_rank)
+from .memory import WEIGHT_BYTES
 from .software import DEFAULT_SOFTWARE, SOFTWARE, Software
 
 __all__ = ["allreduce_s", "gather_s", "p2p_s", "train_time", "serve_time", "training_flops"]
@@ -75,10 +83,11 @@ class TrainTime:
     virtual_stages: int = 1
     embedding_sync_s: float = 0.0  # tied embedding gradient between first and last stage
     gemm_s: float = 0.0  # the tensor-core part of compute_s
+    ep_comm_s: float = 0.0  # one micro-batch, expert-parallel all-to-alls
 
     @property
     def micro_batch_s(self) -> float:
-        return self.compute_s + self.tp_comm_s + self.p2p_s
+        return self.compute_s + self.tp_comm_s + self.p2p_s + self.ep_comm_s
 
     @property
     def step_s(self) -> float:
@@ -114,9 +123,10 @@ def _p2p(m: ModelSpec, s: Setup, pp: int, v: int, pp_link: Link) -> float:
 def train_time(m: ModelSpec, gpu: GPUSpec, *, tp: int, pp: int, dp: int, micro_batch: int,
                micro_batches: int, seq: int, precision: str, sp: bool, recompute: str,
                zero1: bool, dp_overlap: bool, stage_params: int, tp_link: Link, pp_link: Link,
-               dp_link: Link, virtual_stages: int = 1, software: Software | None = None) -> TrainTime:
+               dp_link: Link, virtual_stages: int = 1, software: Software | None = None,
+               ep: int = 1, etp: int | None = None, ep_link: Link | None = None) -> TrainTime:
     sw = software or SOFTWARE[DEFAULT_SOFTWARE]
-    s = Setup(tp, micro_batch, seq, sp, recompute, sw, precision, tp_link)
+    s = Setup(tp, micro_batch, seq, sp, recompute, sw, precision, tp_link, ep, etp, ep_link)
     layer = layer_time(m, gpu, s)
     n = layers_per_stage(m, pp)
     head, emb = head_time(m, gpu, s), embedding_time(m, gpu, s)
@@ -130,8 +140,14 @@ def train_time(m: ModelSpec, gpu: GPUSpec, *, tp: int, pp: int, dp: int, micro_b
     busiest = stages[times.index(max(times))]
     pipe = pipeline_s(times, micro_batches, virtual_stages)
     bubble = pipe - micro_batches * max(times)
-    grads = stage_params * 2
-    dp_comm = 2 * gather_s(grads, dp, dp_link) if zero1 else allreduce_s(grads, dp, dp_link)
+    expert = layers_per_stage(m, pp) * experts_per_rank(m, tp, ep, etp) * \
+        m.expert_params(moe.expert_width(m, tp, etp)) if m.is_moe else 0
+    grads, dense_over = (stage_params - expert) * 2, dp * ep
+    dp_comm = 2 * gather_s(grads, dense_over, dp_link) if zero1 \
+        else allreduce_s(grads, dense_over, dp_link)
+    if expert:
+        dp_comm += 2 * gather_s(expert * 2, dp, dp_link) if zero1 \
+            else allreduce_s(expert * 2, dp, dp_link)
     window = (layer.backward * n + head.backward).total_s  # the last micro-batch's backward
     exposed = max(0.0, dp_comm - window) if (dp_overlap and sw.dp_overlap) else dp_comm
     emb_sync = 0.0
@@ -139,7 +155,7 @@ def train_time(m: ModelSpec, gpu: GPUSpec, *, tp: int, pp: int, dp: int, micro_b
         emb_sync = allreduce_s(vocab_rows_per_rank(m, tp) * m.hidden * 2, 2, pp_link)
     opt = stream_s(gpu, stage_params * OPTIMIZER_BYTES / (dp if zero1 else 1))
     return TrainTime(busiest.compute_s, busiest.comm_s, p2p, micro_batches, pp, bubble, dp_comm,
-                     exposed, opt, virtual_stages, emb_sync, busiest.gemm_s)
+                     exposed, opt, virtual_stages, emb_sync, busiest.gemm_s, busiest.a2a_s)
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,8 @@ class ServeTime:
     batch: int  # sequences per replica
     output: int
     dp: int
+    decode_a2a_s: float = 0.0  # per token, summed over stages: expert-parallel all-to-alls
+    prefill_a2a_s: float = 0.0  # inside prefill_busy_s
 
     @property
     def throughput(self) -> float:
@@ -167,41 +185,64 @@ class ServeTime:
         """Fraction of a decode step spent in TP all-reduces."""
         return self.decode_comm_s / self.tpot_s if self.tpot_s else 0.0
 
+    @property
+    def decode_a2a_share(self) -> float:
+        """Fraction of a decode step spent in expert-parallel all-to-alls."""
+        return self.decode_a2a_s / self.tpot_s if self.tpot_s else 0.0
 
-def _prefill_s(m: ModelSpec, gpu: GPUSpec, tp: int, tokens: int, precision: str) -> float:
-    """One layer's GEMMs and causal fused attention over a prompt of ``tokens`` on one TP rank."""
+
+def _prefill_s(m: ModelSpec, gpu: GPUSpec, tp: int, tokens: int, precision: str, ep: int = 1,
+               etp: int | None = None) -> float:
+    """One layer's GEMMs and causal fused attention over a prompt of ``tokens`` on one TP rank
+    (a mixture of experts: the prompt's expert rows spread over the ep groups' slots)."""
     h, f = m.hidden, math.ceil(m.ffn / tp)
     q = heads_per_rank(m, tp) * m.hd
     k = kv_heads_per_rank(m, tp) * m.hd
     p = "bf16" if precision in ("int8", "int4") else precision  # weight-only: 16-bit compute
-    gemms = (gemm_s(gpu, tokens, q + 2 * k, h, 1, p) + gemm_s(gpu, tokens, h, q, 1, p)
-             + gemm_s(gpu, tokens, f * (2 if m.gated_mlp else 1), h, 1, p) + gemm_s(gpu, tokens, h, f, 1, p))
+    gemms = gemm_s(gpu, tokens, q + 2 * k, h, 1, p) + gemm_s(gpu, tokens, h, q, 1, p)
+    if m.is_moe:
+        gemms += sum(x[0] for x in moe.linears(m, gpu, math.ceil(tokens / ep), tp, ep, etp, p))
+    else:
+        gemms += gemm_s(gpu, tokens, f * (2 if m.gated_mlp else 1), h, 1, p) + gemm_s(gpu, tokens, h, f, 1, p)
     return gemms + flash_attention_s(gpu, 2.0 * tokens * tokens * q, backward=False, precision=p)
 
 
 def serve_time(m: ModelSpec, gpu: GPUSpec, *, tp: int, pp: int, dp: int, batch: int, prompt: int,
                output: int, precision: str, weight_bytes: float, kv_token_bytes: float,
-               tp_link: Link, pp_link: Link) -> ServeTime:
-    """``weight_bytes`` and ``kv_token_bytes`` are per GPU on the busiest stage."""
+               tp_link: Link, pp_link: Link, ep: int = 1, etp: int | None = None,
+               ep_link: Link | None = None) -> ServeTime:
+    """``weight_bytes`` and ``kv_token_bytes`` are per GPU on the busiest stage. With ep > 1 the
+    ``batch`` sequences of a replica split over its ep TP groups."""
     h = m.hidden
     layers = layers_per_stage(m, pp)
     q = heads_per_rank(m, tp) * m.hd
-    w = matmul_params_per_rank(m, tp)
+    w = matmul_params_per_rank(m, tp, ep, etp)
     head = 2 * h * vocab_rows_per_rank(m, tp)
     p = "bf16" if precision in ("int8", "int4") else precision
     ceiling = gpu.peak_flops(p) * gpu.matmul_fraction
+    a2a = (lambda tokens: layers * sum(moe.alltoall_time(m, tokens, tp, ep, etp, ep_link)[:1])) \
+        if m.is_moe and ep > 1 else (lambda tokens: 0.0)
     # prefill of one prompt: stages run one after another
-    pf = layers * _prefill_s(m, gpu, tp, prompt, precision) + head / ceiling
+    pf = layers * _prefill_s(m, gpu, tp, prompt, precision, ep, etp) + head / ceiling
     pf_comm = layers * 2 * allreduce_s(prompt * h * 2, tp, tp_link)
+    pf_a2a = a2a(math.ceil(prompt / ep))
     pf_hop = p2p_s(prompt * h * 2, pp_link) if pp > 1 else 0.0
-    stage = max(pf, stream_s(gpu, weight_bytes)) + pf_comm + pf_hop
-    # decode: p micro-batches of ceil(b / p) sequences, each token crosses p stages
-    bm = -(-batch // pp)
+    stage = max(pf, stream_s(gpu, weight_bytes)) + pf_comm + pf_a2a + pf_hop
+    # decode: p micro-batches of ceil(b / p) sequences, each token crosses p stages; under EP
+    # each TP group runs ceil(b / (p ep)) of them
+    bm = -(-batch // (pp * ep))
     ctx = prompt + output / 2
     dflops = layers * (2 * bm * w + 4 * bm * ctx * q) + bm * head
-    dbytes = weight_bytes + bm * ctx * kv_token_bytes
+    read = weight_bytes
+    if m.is_moe:  # the experts no token of the step chose stay unread
+        held = layers * experts_per_rank(m, tp, ep, etp) * m.expert_params(moe.expert_width(m, tp, etp))
+        wb = WEIGHT_BYTES[precision]
+        read -= held * wb - layers * moe.decode_expert_params(m, tp, ep, etp, bm) * wb
+    dbytes = read + bm * ctx * kv_token_bytes
     comm = layers * 2 * allreduce_s(bm * h * 2, tp, tp_link)
+    d_a2a = a2a(bm)
     c, mem = dflops / ceiling, stream_s(gpu, dbytes)
     hop = p2p_s(bm * h * 2, pp_link) if pp > 1 else 0.0
-    tpot = pp * (max(c, mem) + comm + hop)
-    return ServeTime(pp * stage, stage, pf_comm, tpot, pp * c, pp * mem, pp * comm, batch, output, dp)
+    tpot = pp * (max(c, mem) + comm + d_a2a + hop)
+    return ServeTime(pp * stage, stage, pf_comm, tpot, pp * c, pp * mem, pp * comm, batch, output, dp,
+                     pp * d_a2a, pf_a2a)

@@ -14,18 +14,23 @@ from .kv import blocks_for
 from .scheduler import SamplerSpec, Sequence
 
 
-def make_sampler(spec: SamplerSpec) -> tuple[SamplingParams, torch.Generator]:
-    """The sampling parameters and the seeded generator of one sequence (raises ValueError or
-    RuntimeError on values that cannot be used, e.g. a seed outside torch's 64-bit range)."""
+def make_sampler(spec: SamplerSpec, device: torch.device | str = "cpu"
+                 ) -> tuple[SamplingParams, torch.Generator]:
+    """The sampling parameters and the seeded generator of one sequence, on the engine's
+    ``device`` (its noise is drawn there; every rank's generator draws the same); raises
+    ValueError or RuntimeError on values that cannot be used, e.g. a seed outside torch's 64-bit
+    range."""
     params = SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p,
                             seed=spec.seed)
-    return params, torch.Generator().manual_seed(spec.seed)
+    return params, torch.Generator(device=device).manual_seed(spec.seed)
 
 
 def admission_error(seq: Sequence, *, vocab: int, context: int, num_blocks: int,
-                    block_size: int, max_seqs: int | None = None) -> str | None:
+                    block_size: int, need: int | None = None,
+                    max_seqs: int | None = None) -> str | None:
     """Why ``seq`` (with its followers: the other samples of its prompt) cannot run on this
-    engine, or ``None``."""
+    engine, or ``None``. ``need``: the blocks it holds at its longest when that is not its whole
+    length (``Scheduler.blocks_needed``: a window's worth when every layer slides)."""
     n, samples = len(seq.prompt), 1 + len(seq.followers)
     if n == 0:
         return "the prompt is empty"
@@ -37,11 +42,13 @@ def admission_error(seq: Sequence, *, vocab: int, context: int, num_blocks: int,
     if n + seq.max_tokens > context:
         return (f"{n} prompt + {seq.max_tokens} new tokens exceed the model's context of "
                 f"{context} tokens")
-    need = blocks_for(n + seq.max_tokens, block_size)
+    if need is None:  # the blocks it holds at its longest (``Scheduler.blocks_needed``)
+        need = blocks_for(n + seq.max_tokens, block_size)
     if need > num_blocks:
         return (f"{n} prompt + {seq.max_tokens} new tokens need {need} KV blocks but the cache "
                 f"has {num_blocks}")
-    start = blocks_for(n + 1, block_size) + (samples - 1) * (n % block_size > 0)
+    # a windowed prompt starts with a chunk's blocks, never more than it holds at its longest
+    start = min(blocks_for(n + 1, block_size), need) + (samples - 1) * (n % block_size > 0)
     if start > num_blocks:
         return (f"n={samples} samples of a {n}-token prompt need {start} KV blocks to start but "
                 f"the cache has {num_blocks}")

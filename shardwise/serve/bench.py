@@ -9,6 +9,8 @@ Contenders, interleaved and repeated (medians reported, the machine is noisy):
 * ``shardwise tp=N``: ``python -m shardwise.serve`` started per run; output tokens/s, time to
   first token and inter-token latency (client side, per SSE chunk) p50 / p99, and the engine's
   step profile from ``/metrics``;
+* ``llama-server``: llama.cpp's server on the same weights at the same precision (F32 / BF16
+  GGUF), one slot per client, all cores (``benchmarks/llama_cpp.py`` builds it);
 * ``hf static``: transformers ``generate`` on batches of ``--concurrency`` in arrival order, each
   batch until its longest request is done (left padding);
 * ``hf generate_batch``: transformers' continuous batching on the whole workload with each
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -52,7 +55,10 @@ def workload(args: argparse.Namespace) -> list[tuple[list[int], int]]:
 
 # ---------------------------------------------------------------------------- shardwise
 async def _client(url: str, model: str, jobs: asyncio.Queue, run: Run, deadline: float) -> None:
-    async with httpx.AsyncClient(timeout=600) as http:
+    # a fresh connection per request (loopback: cheap, the same for every contender): a kept-alive
+    # one the server has closed in the meantime fails as "disconnected without a response"
+    async with httpx.AsyncClient(timeout=600,
+                                 limits=httpx.Limits(max_keepalive_connections=0)) as http:
         while not jobs.empty() and time.monotonic() < deadline:
             prompt, n = jobs.get_nowait()
             body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0,
@@ -79,59 +85,122 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
+def _start(cmd: list[str], url: str, what: str, timeout_s: float = 600):
+    """Start a server process and wait for its /health (compiling can take minutes)."""
+    import subprocess
+    import tempfile
+    # stderr to a file, not a pipe nobody drains: a chatty server blocks once a pipe is full
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{what} did not start: {_tail(proc)}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+def _tail(proc, chars: int = 3000) -> str:
+    proc.log.seek(0)
+    return proc.log.read()[-chars:]
+
+
+def _stop(proc) -> None:
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    proc.log.close()
+
+
+def _drive(args: argparse.Namespace, url: str, model: str, run: Run, work) -> None:
+    """Warm up with one short request, then the workload from ``--concurrency`` clients."""
+    httpx.post(url + "/v1/completions", timeout=300, json={"model": model, "prompt": "hi",
+                                                           "max_tokens": 4})
+    jobs: asyncio.Queue = asyncio.Queue()
+    for w in work:
+        jobs.put_nowait(w)
+
+    async def go() -> None:
+        end = time.monotonic() + args.timeout
+        await asyncio.gather(*[_client(url, model, jobs, run, end)
+                               for _ in range(args.concurrency)])
+    t0 = time.perf_counter()
+    asyncio.run(go())
+    run.seconds = time.perf_counter() - t0
+
+
 def bench_shardwise(args: argparse.Namespace, tp: int, work) -> Run:
     from ..launch import free_port
-    import subprocess
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "shardwise.serve", "--model", args.model, "--tp", str(tp),
-           "--port", str(port), "--max-seqs", str(args.concurrency),
+           "--port", str(port), "--max-seqs", str(args.concurrency), "--dtype", args.dtype,
            "--max-batched-tokens", str(args.max_batched_tokens), "--profile"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd += ["--no-compile"] if args.no_compile else []
+    t0 = time.perf_counter()
+    proc = _start(cmd, url, f"server tp={tp}")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server tp={tp} did not start: {proc.stderr.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        start_s = time.perf_counter() - t0
         name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        httpx.post(url + "/v1/completions", timeout=120, json={"model": name, "prompt": "hi",
-                                                               "max_tokens": 4})  # warm up
-        before = httpx.get(url + "/metrics").text
         run = Run(f"shardwise tp={tp}", 0, 0.0)
-        jobs: asyncio.Queue = asyncio.Queue()
-        for w in work:
-            jobs.put_nowait(w)
-
-        async def go() -> None:
-            end = time.monotonic() + args.timeout
-            await asyncio.gather(*[_client(url, name, jobs, run, end)
-                                   for _ in range(args.concurrency)])
-        t0 = time.perf_counter()
-        asyncio.run(go())
-        run.seconds = time.perf_counter() - t0
+        before = httpx.get(url + "/metrics").text
+        _drive(args, url, name, run, work)
         after = httpx.get(url + "/metrics").text
-        steps = _metric(after, "shardwise_engine_steps_total") - \
-            _metric(before, "shardwise_engine_steps_total")
-        step_s = _metric(after, "shardwise_engine_step_seconds_total") - \
-            _metric(before, "shardwise_engine_step_seconds_total")
-        comm_s = _metric(after, "shardwise_engine_comm_seconds_total") - \
-            _metric(before, "shardwise_engine_comm_seconds_total")
+        delta = {k: _metric(after, f"shardwise_{k}") - _metric(before, f"shardwise_{k}")
+                 for k in ("engine_steps_total", "engine_step_seconds_total",
+                           "engine_comm_seconds_total", "engine_mixed_steps_total",
+                           "engine_mixed_step_seconds_total")}
+        steps, step_s = delta["engine_steps_total"], delta["engine_step_seconds_total"]
+        mixed, mixed_s = delta["engine_mixed_steps_total"], delta["engine_mixed_step_seconds_total"]
         run.extra = {"steps": steps, "step_ms": 1000 * step_s / max(steps, 1),
-                     "comm_fraction": comm_s / max(step_s, 1e-9),
-                     "engine_busy": step_s / run.seconds,
+                     "mixed_steps": mixed, "mixed_share": mixed_s / max(step_s, 1e-9),
+                     "mixed_step_ms": 1000 * mixed_s / max(mixed, 1),
+                     "decode_step_ms": 1000 * (step_s - mixed_s) / max(steps - mixed, 1),
+                     "comm_fraction": delta["engine_comm_seconds_total"] / max(step_s, 1e-9),
+                     "engine_busy": step_s / run.seconds, "start_s": start_s,
                      "preemptions": _metric(after, "shardwise_preemptions_total")}
         return run
     finally:
-        proc.terminate()
+        _stop(proc)
+
+
+def bench_llama_server(args: argparse.Namespace, work) -> Run:
+    """llama.cpp's server on the same weights (F32 / BF16 GGUF), ``--concurrency`` slots of
+    ``prompt_max + out_max`` tokens each, continuous batching, all cores."""
+    from ..bench.decode import DTYPES, llama_contenders
+    from ..launch import free_port
+    found, why = llama_contenders(args.model, [args.dtype])
+    if not found:
+        raise RuntimeError(f"llama-server unavailable: {why}")
+    bench_bin, gguf = next(iter(found.values()))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    slot = args.prompt_max + args.out_max + 16
+    cmd = [str(bench_bin.with_name("llama-server")), "-m", str(gguf), "--port", str(port),
+           "-np", str(args.concurrency), "-c", str(args.concurrency * slot),
+           "-t", str(len(os.sched_getaffinity(0))), "--threads-http", str(args.concurrency + 4),
+           "--no-webui"]
+    t0 = time.perf_counter()
+    proc = _start(cmd, url, "llama-server")
+    try:
+        run = Run(f"llama-server {DTYPES[args.dtype]}", 0, 0.0,
+                  extra={"start_s": time.perf_counter() - t0})
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            _drive(args, url, "model", run, work)
+        except httpx.HTTPError as e:
+            raise RuntimeError(f"llama-server failed ({e}); its log ends:\n{_tail(proc)}") from e
+        return run
+    finally:
+        _stop(proc)
 
 
 # ---------------------------------------------------------------------------- transformers
@@ -149,6 +218,7 @@ def _hf_model(model: str):
             raise ValueError(f"{model!r} has no weights on disk for transformers to load")
         torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
         _HF["m"] = AutoModelForCausalLM.from_pretrained(src.weights, dtype=torch.float32).eval()
+        # transformers' baselines run fp32 whatever --dtype says (they are the issue-4 baselines)
     return _HF["m"]
 
 
@@ -203,27 +273,36 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> str:
+    from ..bench.decode import cpu_model
     lines = [f"Workload: {args.requests} requests, prompts {args.prompt_min}-{args.prompt_max} "
              f"tokens, outputs {args.out_min}-{args.out_max} tokens, at most {args.concurrency} "
-             f"in flight; model {args.model} fp32; {args.repeats} interleaved repeat(s), medians.",
-             "", "| contender | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
-             "step (ms) | in collectives | engine busy | runs (tok/s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    static = statistics.median(r.tps for r in runs.get("hf static", [])) \
-        if runs.get("hf static") else None
+             f"in flight; model {args.model} {args.dtype}; {args.repeats} interleaved repeat(s), "
+             f"medians. {cpu_model()}, load average {os.getloadavg()[0]:.2f} at the end.",
+             "", "| contender | output tok/s | vs llama-server | vs static | TTFT p50 / p99 (s) | "
+             "ITL p50 / p99 (ms) | step ms: decode / mixed | mixed share | in collectives | "
+             "engine busy | start (s) | runs (tok/s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    med = {name: statistics.median(r.tps for r in rs) for name, rs in runs.items()}
+    static = med.get("hf static")
+    llama = next((v for k, v in med.items() if k.startswith("llama-server")), None)
     for name, rs in runs.items():
-        tps = statistics.median(r.tps for r in rs)
+        tps = med[name]
         ttft = [x for r in rs for x in r.ttft]
         itl = [x for r in rs for x in r.itl]
         lat = f"{_pct(ttft, .5):.2f} / {_pct(ttft, .99):.2f}" if ttft else "-"
         il = f"{1000 * _pct(itl, .5):.0f} / {1000 * _pct(itl, .99):.0f}" if itl else "-"
-        step = f"{statistics.median(r.extra['step_ms'] for r in rs):.0f}" if rs[0].extra else "-"
-        busy = f"{statistics.median(r.extra['engine_busy'] for r in rs):.0%}" \
-            if rs[0].extra else "-"
+        ours = "step_ms" in rs[0].extra
+        med_of = lambda k: statistics.median(r.extra[k] for r in rs)  # noqa: E731
+        step = f"{med_of('decode_step_ms'):.0f} / {med_of('mixed_step_ms'):.0f}" if ours else "-"
+        mixed = f"{med_of('mixed_share'):.0%}" if ours else "-"
+        start = f"{med_of('start_s'):.1f}" if "start_s" in rs[0].extra else "-"
+        busy = f"{statistics.median(r.extra['engine_busy'] for r in rs):.0%}" if ours else "-"
         comm = f"{statistics.median(r.extra.get('comm_fraction', 0) for r in rs):.0%}" \
-            if rs[0].extra else "-"
-        ratio = f" ({tps / static:.2f}x static)" if static else ""
-        lines.append(f"| {name} | {tps:.1f}{ratio} | {lat} | {il} | {step} | {comm} | {busy} | "
+            if ours else "-"
+        vs_llama = f"{tps / llama:.2f}x" if llama else "-"
+        vs_static = f"{tps / static:.2f}x" if static else "-"
+        lines.append(f"| {name} | {tps:.1f} | {vs_llama} | {vs_static} | {lat} | {il} | {step} | "
+                     f"{mixed} | {comm} | {busy} | {start} | "
                      f"{', '.join(f'{r.tps:.1f}' for r in rs)} |")
     return "\n".join(lines) + "\n"
 
@@ -241,6 +320,8 @@ def run_bench(args: argparse.Namespace) -> int:
         for kind, what in (order if rep % 2 == 0 else order[::-1]):
             if kind == "tp":
                 r = bench_shardwise(args, what, work)
+            elif what == "llama-server":
+                r = bench_llama_server(args, work)
             else:
                 r = {"static": bench_static, "generate_batch": bench_generate_batch}[what](
                     args, work)

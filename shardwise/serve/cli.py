@@ -8,7 +8,8 @@ import signal
 import socket
 import sys
 
-from ..usage import float_range, int_range, port, require, seed
+from ..usage import (add_device_arguments, check_device, float_range, int_range, port, require,
+                     seed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="preset (smollm2-135m, debug, ...), HF checkpoint dir or .gguf file")
     parser.add_argument("--tp", type=int_range(1), default=1,
-                        help="tensor-parallel ranks (processes)")
+                        help="tensor-parallel ranks (processes spawned here; under torchrun its "
+                             "processes, rank 0 hosting HTTP)")
+    parser.add_argument("--ep", type=int_range(1), default=1,
+                        help="mixture of experts: TP groups side by side that split the experts "
+                             "and serve different sequences (tp x ep processes; default 1)")
+    parser.add_argument("--expert-tp", type=int_range(1), default=None,
+                        help="mixture of experts: ranks each expert spans inside its TP group "
+                             "(default tp; 1: whole experts, expert parallelism within TP)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=port, default=8000)
@@ -38,26 +46,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait beyond --max-seqs; more get 429")
     parser.add_argument("--max-prompt-tokens", type=int_range(1), default=None,
                         help="longest prompt accepted, in tokens (default: the context - 1)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="activation dtype (with --quant too)")
     from ..quant.config import add_arguments as quant_arguments
     quant_arguments(parser)
+    add_device_arguments(parser)
     parser.add_argument("--threads", type=int_range(1), default=None,
                         help="torch threads per rank (default max(1, cores // tp))")
     parser.add_argument("--drain-timeout", type=float_range(0.0), default=120.0,
                         help="seconds SIGTERM waits for in-flight requests")
     parser.add_argument("--profile", action="store_true",
                         help="time collectives in every step (engine step metrics)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="run decode steps eager instead of as compiled graphs")
 
 
 def engine_config(args: argparse.Namespace):
     from ..quant.config import from_args
     from .engine import EngineConfig
-    return EngineConfig(model=args.model, tp=args.tp, kv_tokens=args.kv_tokens,
+    return EngineConfig(model=args.model, tp=args.tp, ep=args.ep, expert_tp=args.expert_tp,
+                        kv_tokens=args.kv_tokens,
                         block_size=args.block_size, max_seqs=args.max_seqs,
                         max_batched_tokens=args.max_batched_tokens, dtype=args.dtype,
                         threads=args.threads, profile=args.profile,
-                        prefix_caching=args.prefix_cache, quant=from_args(args))
+                        prefix_caching=args.prefix_cache, quant=from_args(args),
+                        compile=not args.no_compile,
+                        device=args.device, cuda_graphs=not args.no_cuda_graphs)
+
+
+def check_experts(cfg, tp: int, ep: int, expert_tp: int | None) -> None:
+    """``--ep`` / ``--expert-tp`` against the model: a dense model has no experts to place, and
+    every expert slot needs an expert (raises ValueError with the numbers)."""
+    if (ep > 1 or expert_tp is not None) and not cfg.num_experts:
+        raise ValueError(f"--ep/--expert-tp place the experts of a mixture of experts, but "
+                         f"{cfg.model_type!r} has none")
+    if cfg.num_experts:
+        from ..models.moe import ExpertLayout
+        ExpertLayout(cfg.num_experts, cfg.expert_width, tp, ep, expert_tp)
 
 
 def _check_listen(host: str, port_: int) -> None:
@@ -87,6 +110,7 @@ def _loopback(host: str) -> bool:
 def check(args: argparse.Namespace) -> None:
     """Every check before a worker starts: options, the model and its layout, the tokenizer,
     the extras, the address."""
+    check_device(args)
     require("fastapi", what="shardwise serve")
     require("uvicorn", what="shardwise serve")
     require("llguidance", what="shardwise serve (structured output)")
@@ -106,21 +130,31 @@ def check(args: argparse.Namespace) -> None:
     quant_for(args.source, quant)
     cfg = args.source.config
     HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
+    check_experts(cfg, args.tp, args.ep, args.expert_tp)
     args.tokenizer = load_tokenizer(args.source)
-    _check_listen(args.host, args.port)
+    from ..mesh import launch_env
+    if launch_env().rank == 0:  # under torchrun the other ranks host nothing
+        _check_listen(args.host, args.port)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start the TP workers and the HTTP server; returns the exit code (1 if a worker died)."""
+    """Start the TP workers and the HTTP server; returns the exit code (1 if a worker died).
+
+    Under torchrun this process is one rank: rank 0 runs the engine in a thread and hosts HTTP,
+    the others follow rank 0's steps until it stops them (:func:`follow`)."""
     import uvicorn
 
+    from ..mesh import launch_env
     from .client import EngineClient, EngineDead
     from .server import ServerState, create_app
 
     if not hasattr(args, "limits"):
         check(args)
+    env = launch_env()
+    if env.launched and env.rank != 0:
+        return follow(args.engine_config)
     source, tokenizer = args.source, args.tokenizer
-    engine = EngineClient(args.engine_config)
+    engine = EngineClient(args.engine_config, in_process=env.launched)
     try:
         info = engine.start()
     except EngineDead as e:
@@ -128,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     eos = sorted(set(source.config.eos_ids) | ({tokenizer.eos_token_id} - {None}))
     st = ServerState(name=source.name, engine=engine, tokenizer=tokenizer, eos_ids=eos,
-                     context=info["context"], capacity=info["num_blocks"] * info["block_size"],
+                     context=info["context"], capacity=info["capacity"],
                      vocab=source.config.vocab_size, limits=args.limits)
     app = create_app(st)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
@@ -137,9 +171,12 @@ def run(args: argparse.Namespace) -> int:
     st.server = server
     # uvicorn re-raises the signal that stopped it; after a drain we exit by our own code instead
     signal.signal(signal.SIGTERM, lambda *_: None)
-    print(f"shardwise serve: {source.name} on {args.tp} rank(s), KV cache "
+    ranks = f"{args.tp} rank(s)" if args.ep == 1 else f"{args.tp} x ep {args.ep} ranks"
+    print(f"shardwise serve: {source.name} on {ranks} ({info['device']}, "
+          f"{info['dtype']}{', torchrun' if env.launched else ''}), KV cache "
           f"{info['num_blocks']} blocks x {info['block_size']} tokens "
-          f"({info['kv_mib']:.0f} MiB/rank), loaded in {info['load_s']:.1f} s; "
+          f"({info['kv_mib']:.0f} MiB/rank), loaded in {info['load_s']:.1f} s, "
+          f"{info['graphs']} decode graphs ready in {info['compile_s']:.1f} s; "
           f"http://{args.host}:{args.port}/v1"
           + ("" if args.limits.api_key else " (no API key)"), file=sys.stderr, flush=True)
     if not args.limits.api_key and not _loopback(args.host):
@@ -154,6 +191,17 @@ def run(args: argparse.Namespace) -> int:
     return st.exit_code
 
 
+def follow(cfg) -> int:
+    """A torchrun rank other than 0: run rank 0's steps until it says stop. Signals are rank 0's
+    business (torchrun sends SIGTERM to every rank; rank 0 drains, then stops the others); a
+    rank that fails ends the torchrun job with its error."""
+    from .engine import run_rank
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    run_rank(cfg, None, None)
+    return 0
+
+
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``shardwise bench serve``."""
     p.add_argument("--model", default="smollm2-135m")
@@ -165,13 +213,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-min", type=int_range(1), default=16)
     p.add_argument("--out-max", type=int_range(1), default=128)
     p.add_argument("--repeats", type=int_range(1), default=1)
-    p.add_argument("--baselines", default="static,generate_batch",
-                   help="comma-separated: static, generate_batch (empty for none)")
+    p.add_argument("--baselines", default="llama-server,static,generate_batch",
+                   help="comma-separated: llama-server, static, generate_batch (empty for none)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights of shardwise and llama-server (transformers: fp32)")
     p.add_argument("--max-batched-tokens", type=int_range(1), default=256)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--timeout", type=float_range(0.0, strict=True), default=1800.0,
                    help="seconds per contender run")
     p.add_argument("--out", default=None, help="write a markdown report here")
+    p.add_argument("--no-compile", action="store_true", help="serve with eager decode steps")
 
 
 def check_bench(args: argparse.Namespace) -> None:
@@ -188,10 +239,11 @@ def check_bench(args: argparse.Namespace) -> None:
         raise ValueError(f"--tp {args.tp!r}: give comma-separated integers, e.g. 1,2") from None
     if not tps or min(tps) < 1:
         raise ValueError(f"--tp {args.tp!r}: give one or more degrees >= 1, e.g. 1,2")
-    unknown = {b for b in args.baselines.split(",") if b} - {"static", "generate_batch"}
+    unknown = {b for b in args.baselines.split(",") if b} - {"llama-server", "static",
+                                                             "generate_batch"}
     if unknown:
-        raise ValueError(f"--baselines: unknown {', '.join(sorted(unknown))}; use static, "
-                         "generate_batch or nothing")
+        raise ValueError(f"--baselines: unknown {', '.join(sorted(unknown))}; use "
+                         "llama-server, static, generate_batch or nothing")
     from ..checkpoint.source import resolve
     from ..partition import HeadLayout
     cfg = resolve(args.model).config

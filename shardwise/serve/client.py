@@ -1,7 +1,9 @@
 """The server's handle on the TP workers: start them, submit and cancel requests, watch them die.
 
 The server process spawns ``tp`` worker processes (:func:`shardwise.serve.engine.worker_main`);
-rank 0 reads commands from one queue and writes events to another. A thread here reads the
+under torchrun (``in_process``) the server is itself TP rank 0 and runs the engine in a thread
+(:class:`EngineThread`), the other ranks being torchrun's processes.
+Rank 0 reads commands from one queue and writes events to another. A thread here reads the
 events and hands each request's tokens to its ``asyncio.Queue`` on the server's event loop. The
 same thread checks that every worker is alive: one that exits while the server has not asked it
 to is fatal (every waiting request gets an error and :attr:`EngineClient.dead` says why). Every
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing as mp
+import os
 import queue
 import threading
 import time
@@ -25,7 +28,7 @@ from typing import Any, Callable
 
 from ..failure import Failure
 from ..launch import PEER_WAIT_S, free_port
-from .engine import EngineConfig, worker_main
+from .engine import EngineConfig, run_rank, worker_main
 from .scheduler import Request, SamplerSpec
 
 
@@ -33,16 +36,45 @@ class EngineDead(RuntimeError):
     """A TP worker died or failed."""
 
 
+class EngineThread(threading.Thread):
+    """TP rank 0 of a torchrun job, in the server's own process: what the client watches of a
+    worker process (alive, exit code, pid), for a thread."""
+
+    def __init__(self, cfg: EngineConfig, cmd_q: queue.Queue, evt_q: queue.Queue) -> None:
+        super().__init__(daemon=True, name="shardwise-tp0")
+        self.cfg, self.cmd_q, self.evt_q = cfg, cmd_q, evt_q
+        self.failed = False
+        self.pid = os.getpid()
+
+    def run(self) -> None:
+        try:
+            run_rank(self.cfg, self.cmd_q, self.evt_q)
+        except BaseException:  # noqa: BLE001 - reported through the event queue by run_rank
+            self.failed = True
+
+    @property
+    def exitcode(self) -> int | None:
+        return None if self.is_alive() else int(self.failed)
+
+    def kill(self) -> None:
+        """A thread cannot be killed: it ends with the process (a daemon thread)."""
+
+
 class EngineClient:
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, *, in_process: bool = False) -> None:
         self.cfg = cfg
-        ctx = mp.get_context("spawn")
-        self._cmd, self._evt = ctx.Queue(), ctx.Queue()
-        port = free_port()
-        self.procs = [ctx.Process(target=worker_main, args=(r, cfg, port, self._cmd, self._evt),
-                                  daemon=True, name=f"shardwise-tp{r}") for r in range(cfg.tp)]
+        if in_process:
+            self._cmd, self._evt = queue.Queue(), queue.Queue()
+            self.procs: list = [EngineThread(cfg, self._cmd, self._evt)]
+        else:
+            ctx = mp.get_context("spawn")
+            self._cmd, self._evt = ctx.Queue(), ctx.Queue()
+            port = free_port()
+            self.procs = [ctx.Process(target=worker_main, daemon=True, name=f"shardwise-tp{r}",
+                                      args=(r, cfg, port, self._cmd, self._evt))
+                          for r in range(cfg.world)]
         self.info: dict[str, Any] = {}
-        self.phases = ["start"] * cfg.tp
+        self.phases = ["start"] * len(self.procs)
         self.dead: str | None = None
         self.stopping = False
         self._ids = itertools.count(1)
@@ -54,7 +86,8 @@ class EngineClient:
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs if p.pid is not None]
+        """Every TP rank's process id (rank 0 reports them all once ready)."""
+        return self.info.get("pids") or [p.pid for p in self.procs if p.pid is not None]
 
     def start(self, timeout_s: float = 600.0) -> dict[str, Any]:
         """Start the workers and wait until rank 0 reports ready (the model loaded)."""
@@ -200,4 +233,4 @@ class EngineClient:
         for p in self.procs:
             if p.is_alive():
                 p.kill()
-                p.join(timeout=5)
+                p.join(timeout=5 if isinstance(p, mp.process.BaseProcess) else 0.1)

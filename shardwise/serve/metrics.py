@@ -55,6 +55,11 @@ COUNTERS = {
     "engine_steps_total": "Engine steps run.",
     "engine_step_seconds_total": "Wall time of engine steps.",
     "engine_comm_seconds_total": "Time rank 0 spent in collectives (with --profile).",
+    "engine_mixed_steps_total": "Engine steps that fed prompt tokens (run eager; the others "
+                                "are decode steps through the compiled graph).",
+    "engine_mixed_step_seconds_total": "Wall time of the engine steps that fed prompt tokens.",
+    "engine_collectives_total": "Collectives rank 0 took part in, by op (with --profile; "
+                                "every rank runs as many: an empty expert-parallel group too).",
     "preemptions_total": "Sequences preempted for lack of KV blocks (recomputed later).",
     "prefix_cache_hit_tokens_total": "Prompt tokens whose KV came from the prefix cache.",
     "prefix_cache_query_tokens_total": "Prompt tokens of sequences admitted (cache looked up).",
@@ -105,6 +110,13 @@ class Metrics:
                 for k, v in (("engine_step_seconds_total", stats["step_s"]),
                              ("engine_comm_seconds_total", stats.get("comm_s", 0.0))):
                     c[k][""] = c[k].get("", 0) + v
+                if stats.get("step_tokens", 0) > stats.get("step_seqs", 0):  # prompt tokens fed
+                    for k, v in (("engine_mixed_steps_total", 1),
+                                 ("engine_mixed_step_seconds_total", stats["step_s"])):
+                        c[k][""] = c[k].get("", 0) + v
+                for op, n in stats.get("collectives", {}).items():
+                    c["engine_collectives_total"][op] = \
+                        c["engine_collectives_total"].get(op, 0) + n
 
     def render(self) -> str:
         lines: list[str] = []
@@ -116,7 +128,8 @@ class Metrics:
                 lines += [f"# HELP shardwise_{k} {help}", f"# TYPE shardwise_{k} counter"]
                 values = self.counters[k] or {"": 0.0}
                 label = {"requests_total": "finish_reason",
-                         "requests_rejected_total": "status"}.get(k)
+                         "requests_rejected_total": "status",
+                         "engine_collectives_total": "op"}.get(k)
                 for lab, v in sorted(values.items()):
                     sel = f'{{{label}="{lab}"}}' if label and lab else ""
                     lines.append(f"shardwise_{k}{sel} {v:g}")

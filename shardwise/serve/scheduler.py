@@ -24,6 +24,19 @@ leader's prompt samples the followers too, from the same last row of logits, and
 leader's partial block into theirs after the forward (:attr:`StepPlan.copies`); from then on
 each follower is an ordinary sequence. ``n`` samples cost one prefill.
 
+With a sliding ``window`` on every layer (``PagedKVCache.window``), each step first frees the
+blocks that lie wholly before ``cached - window + 1`` (no later query reads them; their table
+entries become ``FREED``: a block the prefix cache registered stays findable until evicted), and
+a prompt takes blocks chunk by chunk instead of all at admission, so a sequence holds about
+``(window + chunk) / block_size`` blocks at any length. Followers then share the leader's live
+prompt blocks when they fork, not at admission (the leader's early blocks may be gone by then).
+
+Longrope (``long_after``: the original context): a sequence longer than it is rotated with the
+long frequencies, all of its tokens (``Chunk.long_rope``). The step where it grows past it, it
+is preempted (its cache was rotated with the short ones) and recomputed from its first token, as
+transformers drops its cache there. Its blocks are neither looked up nor registered in the
+prefix cache, whose blocks hold keys rotated with the short frequencies.
+
 Structured output: a sequence with a grammar (:class:`.grammar.Constraint`) gets its token mask in
 every plan that samples it (:attr:`StepPlan.masks`), and a sampled token advances its grammar; a
 complete grammar finishes the sequence ("stop").
@@ -36,78 +49,21 @@ from __future__ import annotations
 
 import sys
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
 
 from .blocks import BlockPool, extend_hashes
-from .kv import Chunk, blocks_for
+from .kv import FREED, Chunk, blocks_for
+from .sequence import Request, SamplerSpec, Sequence, StepPlan
 
-
-@dataclass
-class SamplerSpec:
-    """What every rank needs to sample a sequence's tokens identically."""
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
-    prompt_logprobs: int | None = None  # the same for every prompt token after the first
-
-
-@dataclass
-class Request:
-    """One submission to the engine: a prompt and its ``n`` samples (ids and samplers)."""
-    ids: list[int]
-    prompt: list[int]
-    specs: list[SamplerSpec]
-    max_tokens: int
-    eos_ids: list[int]
-    grammar: str | None = None   # an llguidance grammar (:mod:`.grammar`) for every sample
-
-
-@dataclass
-class Sequence:
-    id: int
-    prompt: list[int]
-    spec: SamplerSpec
-    max_tokens: int
-    eos_ids: frozenset[int] = frozenset()
-    output: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
-    cached: int = 0
-    registered: bool = False  # the workers hold its sampler
-    grammar: Any = None       # its structured-output constraint (rank 0)
-    followers: list["Sequence"] = field(default_factory=list)  # n > 1: forked after prefill
-    hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks
-    indexed: int = 0          # leading blocks registered in the prefix cache
-    reused: int = 0           # tokens taken from the prefix cache at its last admission
-    lp_done: int = 1          # prompt positions whose log-probabilities were reported
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-    @property
-    def pending(self) -> int:
-        return len(self.prompt) + len(self.output) - self.cached
-
-
-@dataclass
-class StepPlan:
-    """What rank 0 broadcasts each step."""
-    chunks: list[Chunk] = field(default_factory=list)
-    new: dict[int, SamplerSpec] = field(default_factory=dict)
-    drop: list[int] = field(default_factory=list)
-    masks: dict[int, bytes] = field(default_factory=dict)  # seq id -> packed allowed tokens
-    copies: list[tuple[int, int]] = field(default_factory=list)  # after the forward: src -> dst
-    stop: bool = False
+__all__ = ["Request", "SamplerSpec", "Scheduler", "Sequence", "StepPlan"]
 
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, *, max_seqs: int = 32,
-                 max_batched_tokens: int = 256, prefix_caching: bool = True) -> None:
+                 max_batched_tokens: int = 256, prefix_caching: bool = True,
+                 window: int | None = None, long_after: int | None = None) -> None:
         self.alloc = BlockPool(num_blocks, block_size, caching=prefix_caching)
         self.block_size, self.max_seqs, self.budget = block_size, max_seqs, max_batched_tokens
+        self.window, self.long_after = window, long_after
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._drop: list[int] = []
@@ -139,8 +95,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> list[Sequence]:
         """Give back ``seq``'s blocks and sampler, and those of its unforked followers."""
         self.suspects.discard(seq.id)
-        self.alloc.free(seq.blocks)
-        seq.blocks = []
+        self._free_blocks(seq)
         if seq.registered:
             self._drop.append(seq.id)
             seq.registered = False
@@ -158,7 +113,35 @@ class Scheduler:
         """Sequences running or reserved to run (unforked followers)."""
         return sum(1 + len(s.followers) for s in self.running)
 
+    def blocks_needed(self, n_tokens: int) -> int:
+        """The most blocks one sequence of ``n_tokens`` ever holds (with a window on every
+        layer: its window, a chunk and a block of slack, however long it grows)."""
+        need = blocks_for(n_tokens, self.block_size)
+        if self.window is None:
+            return need
+        return min(need, blocks_for(self.window + self.budget, self.block_size) + 1)
+
     # ------------------------------------------------------------------ blocks
+    def _free_blocks(self, seq: Sequence) -> None:
+        self.alloc.free([b for b in seq.blocks if b != FREED])
+        seq.blocks, seq.freed = [], 0
+
+    def _free_outside_window(self, seq: Sequence) -> None:
+        """Free the blocks wholly before the first position the next query can read."""
+        dead = min(len(seq.blocks), max(0, seq.cached - self.window + 1) // self.block_size)
+        if dead > seq.freed:
+            self.alloc.free(seq.blocks[seq.freed:dead])
+            seq.blocks[seq.freed:dead] = [FREED] * (dead - seq.freed)
+            seq.freed = dead
+
+    def _needs_long_rope(self, seq: Sequence) -> bool:
+        """Has the sequence just grown past longrope's original context? (Then it is marked:
+        all its tokens take the long frequencies from now on.)"""
+        if self.long_after is None or seq.long_rope or len(seq.tokens) <= self.long_after:
+            return False
+        seq.long_rope = True
+        return True
+
     def _grow(self, seq: Sequence, n_tokens: int) -> bool:
         need = blocks_for(n_tokens, self.block_size) - len(seq.blocks)
         if need <= 0:
@@ -169,51 +152,65 @@ class Scheduler:
         seq.blocks += got
         return True
 
-    def _admit(self, seq: Sequence) -> bool:
-        """Take the cached prefix and the blocks of ``seq`` (and its followers'); or nothing."""
+    def _grow_or_preempt(self, seq: Sequence, n_tokens: int) -> None:
+        """Blocks for ``n_tokens`` positions, preempting the latest sequences until they fit
+        (``seq`` itself last: then it leaves ``running``)."""
+        while not self._grow(seq, n_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                break
+
+    def _admit(self, seq: Sequence, first: int) -> bool:
+        """Take the cached prefix and the blocks of ``seq`` (and its followers'); or nothing.
+        ``first``: the most tokens its first chunk runs (a windowed prompt takes only those)."""
         bs, n = self.block_size, len(seq.tokens)
-        if self.alloc.caching and seq.spec.prompt_logprobs is None:
+        self._needs_long_rope(seq)
+        if self.alloc.caching and seq.spec.prompt_logprobs is None and not seq.long_rope:
             extend_hashes(seq.hashes, seq.tokens, n - 1, bs)
             seq.blocks = self.alloc.lookup(seq.hashes, seq.tokens, limit=n - 1)
         seq.cached = seq.reused = len(seq.blocks) * bs
         seq.indexed = len(seq.blocks)
-        if self._grow(seq, n + 1) and self._reserve_followers(seq):
+        if self.window is not None:  # only what its first chunk reads
+            self._free_outside_window(seq)
+        end = n + 1 if self.window is None else seq.cached + min(n - seq.cached, first)
+        if self._grow(seq, end) and self._reserve_followers(seq):
             self.hit_tokens += seq.reused
             self.query_tokens += n
             return True
-        self.alloc.free(seq.blocks)
-        seq.blocks, seq.cached, seq.reused, seq.indexed = [], 0, 0, 0
+        self._free_blocks(seq)
+        seq.cached, seq.reused, seq.indexed = 0, 0, 0
         return False
 
     def _reserve_followers(self, leader: Sequence) -> bool:
-        """Followers share the leader's full prompt blocks and own a block for the rest."""
+        """Followers own a block for the partial last prompt block; they share the leader's
+        full prompt blocks at admission, or with a window when they fork (:meth:`_fork`)."""
         full, part = divmod(len(leader.prompt), self.block_size)
         for i, f in enumerate(leader.followers):
             own = self.alloc.allocate(1) if part else []
             if own is None:
                 for g in leader.followers[:i]:
-                    self.alloc.free(g.blocks)
-                    g.blocks = []
+                    self._free_blocks(g)
                 return False
-            f.blocks = self.alloc.share(leader.blocks[:full]) + own
+            shared = self.alloc.share(leader.blocks[:full]) if self.window is None else []
+            f.blocks = shared + own
         return True
 
     def _index(self, seq: Sequence) -> None:
         """Register the blocks ``seq``'s KV has filled in the prefix cache."""
         end = seq.cached // self.block_size
-        if self.alloc.caching and end > seq.indexed:
+        if self.alloc.caching and end > seq.indexed and not seq.long_rope:
             extend_hashes(seq.hashes, seq.tokens, seq.cached, self.block_size)
             self.alloc.register(seq.blocks[:end], seq.hashes[:end], seq.tokens,
-                                start=seq.indexed)
+                                start=max(seq.indexed, seq.freed))
             seq.indexed = end
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.alloc.free(seq.blocks)
-        seq.blocks, seq.cached, seq.indexed = [], 0, 0
+        self._free_blocks(seq)
+        seq.cached, seq.indexed = 0, 0
         for f in seq.followers:  # reserved again with the leader
-            self.alloc.free(f.blocks)
-            f.blocks = []
+            self._free_blocks(f)
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
@@ -228,16 +225,17 @@ class Scheduler:
             self.suspects.discard(seq.id)
         budget = self.budget
         picked: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if self._needs_long_rope(seq) and seq.cached:
+                self._preempt(seq)  # rotated with the short frequencies: recompute it all
+            elif self.window is not None:
+                self._free_outside_window(seq)
         decodes = [s for s in self.running if s.pending == 1]
         prefills = [s for s in self.running if s.pending > 1]
         for seq in decodes:
             if seq not in self.running:
                 continue  # preempted below for an earlier one
-            while not self._grow(seq, seq.cached + 1):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
+            self._grow_or_preempt(seq, seq.cached + 1)
             if seq in self.running and budget > 0:
                 picked.append((seq, 1))
                 budget -= 1
@@ -247,11 +245,16 @@ class Scheduler:
             if seq not in self.running:
                 continue
             n = min(seq.pending, budget)
+            if self.window is not None:  # windowed prompts take blocks chunk by chunk
+                self._grow_or_preempt(seq, seq.cached + n)
+                if seq not in self.running:
+                    continue
             picked.append((seq, n))
             budget -= n
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if self.seats + 1 + len(seq.followers) > self.max_seqs or not self._admit(seq):
+            if (self.seats + 1 + len(seq.followers) > self.max_seqs
+                    or not self._admit(seq, budget)):
                 break
             self.waiting.popleft()
             self.running.append(seq)
@@ -266,7 +269,7 @@ class Scheduler:
             if seq not in self.running:
                 continue
             c = Chunk(seq.id, seq.tokens[seq.cached:seq.cached + n], seq.cached, list(seq.blocks),
-                      sample=seq.cached + n == len(seq.tokens))
+                      sample=seq.cached + n == len(seq.tokens), long_rope=seq.long_rope)
             if seq.spec.prompt_logprobs is not None and seq.cached + 1 < len(seq.prompt):
                 c.targets = seq.prompt[seq.cached + 1:seq.cached + n + 1]
             samplers = [seq] + (seq.followers if c.sample else [])
@@ -317,6 +320,11 @@ class Scheduler:
         at = self.running.index(leader) + 1
         for f in forked:
             f.cached, f.hashes, f.indexed = leader.cached, leader.hashes[:full], full
+            f.long_rope = leader.long_rope
+            if self.window is not None:  # the leader's live full prompt blocks, shared now
+                live = self.alloc.share(leader.blocks[leader.freed:full])
+                f.blocks = [FREED] * leader.freed + live + f.blocks
+                f.freed = leader.freed
         self.running[at:at] = forked
         return forked
 

@@ -84,14 +84,13 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train (after :func:`check`) and print the summary."""
-    import os
-
     from .run import train
     if not hasattr(args, "prepared"):
         check(args)
     cfg = args.config
     res = train(cfg, prepared=args.prepared)
-    if int(os.environ.get("RANK", "0")) == 0 and res.get("losses"):
+    from ..mesh import launch_env
+    if launch_env().rank == 0 and res.get("losses"):
         last = res["records"][-1] if res.get("records") else {}
         print(f"steps {res['steps'][0]}-{res['steps'][-1]}: loss {res['losses'][0]:.4f} -> "
               f"{res['losses'][-1]:.4f}; {last.get('tokens_per_s', 0):.0f} tokens/s; "

@@ -67,6 +67,19 @@ class TrainConfig:
         return self.global_batch // (self.micro_batch * self.dp)
 
 
+def check_moe_pipeline(mc, pp: int) -> None:
+    """A mixture of experts' load-balancing loss (transformers' definition) pools the routing
+    of every MoE layer before it multiplies counts by probabilities, so it couples the layers of
+    all pipeline stages; it is not built across stages: raise ValueError for pp > 1 unless its
+    weight is 0."""
+    if pp > 1 and getattr(mc, "num_experts", 0) and mc.router_aux_loss_coef:
+        raise ValueError(
+            f"pp={pp} with a mixture of experts whose load-balancing loss has weight "
+            f"router_aux_loss_coef={mc.router_aux_loss_coef}: that loss pools the routing of "
+            "the MoE layers of every stage and is not built across pipeline stages; use pp=1 "
+            "(tp and dp combine freely), or set router_aux_loss_coef to 0 in config.json")
+
+
 def validate(cfg: TrainConfig, source: ModelSource, *, world: int | None = None) -> None:
     """Every check that needs no worker. ``world``: processes that will run (torchrun's
     WORLD_SIZE, or the workers this launcher starts)."""
@@ -81,6 +94,7 @@ def validate(cfg: TrainConfig, source: ModelSource, *, world: int | None = None)
         raise ValueError(f"pp={cfg.pp} but the model has {mc.num_hidden_layers} layers: each "
                          f"pipeline stage needs at least one layer; use pp <= {mc.num_hidden_layers}")
     HeadLayout(mc.num_attention_heads, mc.num_key_value_heads, cfg.tp)  # raises with the numbers
+    check_moe_pipeline(mc, cfg.pp)
     for name in ("micro_batch", "global_batch", "seq_len", "steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be >= 1")

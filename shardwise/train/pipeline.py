@@ -13,6 +13,14 @@ averaged over DP by DDP:
   (:func:`average_grads`), because DDP wrapped in a PipelineStage trips an internal assert of
   torch 2.13's reducer when a step has more than one micro-batch.
 
+A mixture-of-experts model adds its load-balancing loss, ``router_aux_loss_coef x aux``, to every
+micro-batch's loss (:func:`shardwise.models.moe.load_balancing_loss`; with ``ep > 1`` each rank
+adds ``ep x`` its share, so that the mean over the EP group is the whole batch's). Its DP
+gradients are averaged by :func:`average_grads` after the last micro-batch, not by DDP: an
+expert no token of a micro-batch chose has no gradient, which DDP only tolerates with
+``find_unused_parameters`` (a graph traversal per step, and a warning whenever every expert was
+used).
+
 Under ZeRO (``zero`` 1 or 2) neither DDP nor :func:`average_grads` runs: the optimizer
 (:class:`~shardwise.train.zero.ZeroAdamW`) reduce-scatters the gradients itself, and the schedule
 leaves them summed over micro-batches (``scale_grads=False``) for it to average.
@@ -28,19 +36,27 @@ from torch import nn
 
 from ..loss import vocab_parallel_cross_entropy
 from ..mesh import Mesh
+from ..models.moe import load_balancing_loss, moe_blocks
+from .config import check_moe_pipeline
 
 
 @torch.no_grad()
 def average_grads(model: nn.Module, group, n: int) -> None:
     """``g <- (1/n) sum over the DP group`` for every gradient, in one flat all-reduce (used with
-    PP: torch 2.13's DDP inside a PipelineStage fails its bucket rebuild with > 1 micro-batch)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    PP: torch 2.13's DDP inside a PipelineStage fails its bucket rebuild with > 1 micro-batch;
+    and for a mixture of experts). A parameter no rank has a gradient for (an expert no token of
+    the step chose) keeps none, as in one process: the flat buffer carries one flag per
+    parameter, ``(P + sum numel,)``."""
+    params = list(model.parameters())
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    had = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype,
+                       device=grads[0].device)                                     # (P,)
+    flat = torch.cat([had] + [g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)
     flat /= n
-    offset = 0
-    for p, g in zip(model.parameters(), grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+    offset = len(params)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone() if flat[i] > 0 else None
         offset += g.numel()
 
 
@@ -54,7 +70,10 @@ class StageRunner:
                                           enabled=bf16)
         self.wrapped: nn.Module = model
         self.zero = zero
-        if mesh.dp > 1 and mesh.pp == 1 and not zero:
+        self.moe = bool(moe_blocks(model))
+        if self.moe:
+            check_moe_pipeline(model.config, mesh.pp)
+        if mesh.dp > 1 and mesh.pp == 1 and not zero and not self.moe:
             from torch.nn.parallel import DistributedDataParallel as DDP
             import inspect
             # buffers (rope tables, KV indices) are constants: no per-forward broadcast
@@ -73,10 +92,15 @@ class StageRunner:
                                 scale_grads=not zero)
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of vocabulary-parallel logits ``(b, s, V/t)`` against ``(b, s)``."""
+        """Mean cross-entropy of vocabulary-parallel logits ``(b, s, V/t)`` against ``(b, s)``,
+        plus a mixture of experts' load-balancing loss (module docstring)."""
         head = self.model.lm_head
-        return vocab_parallel_cross_entropy(logits, target, group=self.mesh.tp_group,
+        loss = vocab_parallel_cross_entropy(logits, target, group=self.mesh.tp_group,
                                             vocab_start=head.start, vocab_size=head.num_embeddings)
+        if self.moe:
+            share, _ = load_balancing_loss(self.model, group=self.mesh.ep_group)
+            loss = loss + self.model.config.router_aux_loss_coef * self.mesh.ep * share
+        return loss
 
     def step(self, ids: torch.Tensor, targets: torch.Tensor) -> float | None:
         """``ids``, ``targets``: ``(A x b, s)``. Returns the mean micro-batch loss on the last
@@ -94,6 +118,8 @@ class StageRunner:
                     loss = self.loss_fn(self.wrapped(x), y)
                 (loss / self.micro_batches).backward()
             total += float(loss.detach())
+        if self.moe and self.mesh.dp > 1 and not self.zero:
+            average_grads(self.model, self.mesh.dp_group, self.mesh.dp)
         return total / self.micro_batches
 
     def _pipeline_step(self, ids: torch.Tensor, targets: torch.Tensor) -> float | None:

@@ -17,7 +17,10 @@ is reduce-scattered into the shard and its gradients freed (in every micro-batch
 happens in the shard). Parameters whose
 gradient another collective completes after backward (sequence-parallel norm weights, KV heads
 replicated across TP ranks, the tied embedding under PP) sit in their own buckets, reduced after
-that completion (sums commute: completing before or after the DP sum is the same).
+that completion (sums commute: completing before or after the DP sum is the same). So do a
+mixture of experts' experts: a rank whose tokens chose none of a bucket's experts would never
+see it ready, so every rank reduces them together after backward (an expert no rank's token
+chose gets a zero gradient, where one process leaves it without one).
 
 Step. ``finish_grads``: TP completion and the tied-embedding sum, the remaining reduce-scatters,
 scale by ``1 / (dp x unaveraged micro-batches)``; ``grad_norm``: every element of the model once
@@ -35,6 +38,7 @@ from torch import nn
 
 from ..layers import finalize_grads
 from ..mesh import Mesh
+from ..models.moe import moe_blocks
 from ..shards import assemble_local, sharded_params
 from .optim import (EXP, MeshAdamW, adamw, counted_ranges, embedding_groups, squared_norm,
                     sync_tied_embedding)
@@ -58,7 +62,9 @@ class _Bucket:
 
 def deferred_params(model: nn.Module, mesh: Mesh) -> set[int]:
     """``id`` of every parameter whose gradient a collective completes after backward."""
-    out = {id(p) for p in model.parameters() if getattr(p, "sequence_parallel_partial", False)}
+    out = {id(p) for p in model.parameters() if getattr(p, "tp_partial_grad", False)}
+    for block in moe_blocks(model):  # an expert no token chose has no gradient on this rank
+        out |= {id(p) for p in block.experts.parameters()}
     for m in model.modules():
         layout = getattr(m, "layout", None)
         if layout is not None and hasattr(m, "qkv_proj") and layout.shared_kv_heads():
@@ -218,7 +224,8 @@ class ZeroAdamW(MeshAdamW):
         finalize_grads(self.model, self.mesh.tp_group)
         sync_tied_embedding(self.model, self.mesh, self.emb_group)
         for b in self.buckets:
-            if self.grad_flat is not None or any(p.grad is not None for p in b.params):
+            if self.grad_flat is not None or b.deferred or any(p.grad is not None
+                                                                for p in b.params):
                 self._reduce(b)
             self._grads(b).mul_(self.grad_scale)
 

@@ -1,0 +1,294 @@
+"""``shardwise bench decode``: batch-1 decode and 128-token prefill of a real model, shardwise
+beside llama.cpp (and transformers), interleaved.
+
+Contenders, each measured once per round, rounds repeated (medians reported; a noisy neighbour
+hurts all alike):
+
+* ``shardwise tp=T <dtype> [int8|int4] <eager|compiled|frozen>``:
+  :class:`~shardwise.serve.step.StaticStep` on T pinned ranks (one long-lived pool per tp, dtype
+  and quantization holding the eager and the compiled step, and with ``--freezing`` the compiled
+  step with inductor's freezing, over one copy of the weights). ``--quant int4`` loads SmolLM2's
+  Q4_1 file kept quantized (its Q8_0 embedding as int8 per row); ``int8`` loads the Q8_0 file
+  llama.cpp's contender reads (Q8_0 re-quantized per row), or the Q4_1 file at int8 where
+  llama.cpp is not built; ``<dtype>`` is then the activation dtype;
+* ``llama.cpp <F32|BF16|Q8_0|Q4_1>``: ``llama-bench -p 128 -n 64 -r 1 -t <cores>`` on the same
+  weights converted with ``llama-quantize --allow-requantize`` (Q4_1: the file itself;
+  ``benchmarks/llama_cpp.py`` builds it; skipped with a message where it is not built);
+* ``transformers <dtype>`` (``--transformers``): ``LlamaForCausalLM`` eager with its dynamic
+  cache, all cores.
+
+Decode: a fresh cache, a one-token prompt, then ``--decode-tokens`` greedy tokens (llama-bench's
+tg64 starts from an empty context too); tokens per second of the decode loop. Prefill: a fresh
+cache and a ``--prefill-tokens`` prompt in one step, tokens per second (llama-bench's pp128).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_STATE: dict[str, Any] = {}
+DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+QUANTS = {"int8": "Q8_0", "int4": "Q4_1"}  # shardwise --quant -> the llama.cpp file it faces
+
+
+# ---------------------------------------------------------------------------- shardwise ranks
+def setup(model: str, dtype: str, modes: tuple[str, ...], tp: int,
+          quant: str | None = None) -> dict[str, Any]:
+    """Worker: load the rank's shard (``quant``: int8/int4 weights), build an eager and/or
+    compiled step, compile (timed)."""
+    from ..checkpoint.source import build_model, resolve
+    from ..mesh import Mesh
+    from ..quant.config import QuantConfig
+    from ..serve.kv import PagedKVCache
+    from ..serve.step import StaticStep, StepOptions
+    mesh = Mesh.init(tp=tp)
+    t0 = time.perf_counter()
+    m = build_model(resolve(model, dense=quant is None), group=mesh.tp_group,
+                    dtype=getattr(torch, dtype),
+                    quant=QuantConfig(method=quant) if quant else None).eval()
+    load_s = time.perf_counter() - t0
+    _STATE.update(model=m, group=mesh.tp_group, steps={})
+    from .. import kernels
+    info: dict[str, Any] = {"model": model, "load_s": round(load_s, 2),
+                            "threads": torch.get_num_threads(),
+                            "cores": sorted(os.sched_getaffinity(0)), "kernels": kernels.status()}
+    with torch.inference_mode():
+        for mode in modes:
+            cache = PagedKVCache(m, 32, 16)  # 512 tokens: enough for both phases
+            step = StaticStep(m, cache, StepOptions(compile=mode != "eager", max_seqs=1,
+                                                    max_context=512, freezing=mode == "frozen"))
+            t0 = time.perf_counter()
+            step.warmup()
+            info[f"{mode}_compile_s"] = round(time.perf_counter() - t0, 2)
+            _STATE["steps"][mode] = step
+    return info
+
+
+def measure(mode: str, prompt: list[int], prefill: int, decode: int) -> dict[str, float]:
+    """Worker: one prefill of ``prefill`` tokens, then one-token prompt + ``decode`` tokens."""
+    from ..sampling import SamplingParams, sample
+    from ..serve.kv import Chunk
+    step, head = _STATE["steps"][mode], _STATE["model"].lm_head
+    blocks = list(range(step.cache.num_blocks))
+    greedy = [SamplingParams()]
+
+    def pick(logits: torch.Tensor) -> int:
+        return int(sample(logits, greedy, [None], start=head.start, vocab=head.num_embeddings,
+                          group=_STATE["group"])[0])
+
+    with torch.inference_mode():
+        _barrier()
+        t0 = time.perf_counter()
+        pick(step([Chunk(0, prompt[:prefill], 0, blocks, True)]))
+        prefill_s = time.perf_counter() - t0
+        tok = pick(step([Chunk(0, prompt[:1], 0, blocks, True)]))
+        _barrier()
+        t0 = time.perf_counter()
+        for pos in range(1, decode + 1):
+            tok = pick(step([Chunk(0, [tok], pos, blocks, True)]))
+        decode_s = time.perf_counter() - t0
+    return {"prefill_tps": prefill / prefill_s, "decode_tps": decode / decode_s}
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------- llama.cpp
+def llama_bench(binary: Path, gguf: Path, threads: int, prefill: int, decode: int) -> dict:
+    """One llama-bench run (pp and tg, one repetition each): tokens per second."""
+    out = subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(prefill),
+                          "-n", str(decode), "-r", "1", "-o", "json"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = json.loads(out)
+    get = lambda k: next(r["avg_ts"] for r in rows if r[k] > 0)  # noqa: E731
+    return {"prefill_tps": get("n_prompt"), "decode_tps": get("n_gen")}
+
+
+def llama_contenders(model: str, dtypes: list[str]) -> tuple[dict[str, Any], str | None]:
+    """name -> (llama-bench, gguf) for each dtype (``float32``, ``bfloat16``) or quantization
+    (``int8``, ``int4``), or why llama.cpp is skipped."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import llama_cpp  # benchmarks/llama_cpp.py
+    except ImportError:
+        return {}, "benchmarks/llama_cpp.py not found (run from a source checkout)"
+    if model != "smollm2-135m":
+        return {}, f"llama.cpp runs only the GGUF model smollm2-135m here, not {model!r}"
+    bins, why = llama_cpp.binaries()
+    if bins is None:
+        return {}, why
+    from ..checkpoint.gguf import find_smollm2_gguf
+    src = find_smollm2_gguf()
+    try:
+        return {f"llama.cpp {DTYPES.get(d) or QUANTS[d]}":
+                (bins["llama-bench"], llama_cpp.gguf_at(d, src)) for d in dtypes}, None
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        return {}, f"llama-quantize failed: {e}"
+
+
+# ---------------------------------------------------------------------------- transformers
+def hf_measure(model: str, dtype: str, prompt: list[int], prefill: int, decode: int) -> dict:
+    """transformers eager (dynamic cache) in this process, all cores."""
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoint.source import resolve
+    key = ("hf", dtype)
+    if key not in _STATE:
+        _STATE[key] = AutoModelForCausalLM.from_pretrained(
+            resolve(model).weights, dtype=getattr(torch, dtype)).eval()
+    m = _STATE[key]
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        m(torch.tensor([prompt[:prefill]]))
+        prefill_s = time.perf_counter() - t0
+        out = m(torch.tensor([prompt[:1]]), use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(decode):
+            out = m(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode_s = time.perf_counter() - t0
+    return {"prefill_tps": prefill / prefill_s, "decode_tps": decode / decode_s}
+
+
+# ---------------------------------------------------------------------------- the run
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown"
+
+
+def bench_decode(*, model: str = "smollm2-135m", tps: tuple[int, ...] = (1, 2),
+                 dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+                 modes: tuple[str, ...] = ("eager", "compiled"), rounds: int = 3,
+                 prefill: int = 128, decode: int = 64, llama: bool = True,
+                 transformers: bool = False, progress: bool = True,
+                 quants: tuple[str, ...] = ("none",)) -> dict[str, Any]:
+    """Every contender once per round, ``rounds`` times; medians, ratios and goals.
+    ``quants``: ``none`` (the dtype's dense weights) and/or ``int8``, ``int4``."""
+    from ..launch import WorkerPool
+    if rounds < 1 or prefill < 1 or decode < 1:
+        raise ValueError(f"rounds={rounds}, prefill={prefill}, decode={decode}: each must be >= 1")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, 40000, (max(prefill, 1),), generator=g).tolist()
+    cores = len(os.sched_getaffinity(0))
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": cores, "torch": torch.__version__,
+                            "loadavg_start": list(os.getloadavg()), "skipped": {}}
+    runs: dict[str, list[dict]] = {}
+    pools: dict[tuple[int, str, str], WorkerPool] = {}
+    kinds = [d for d in dtypes if "none" in quants] + [q for q in quants if q != "none"]
+    llamas, why = llama_contenders(model, kinds) if llama else ({}, "--no-llama")
+    specs = {q: model for q in quants}
+    if "int8" in quants and "llama.cpp Q8_0" in llamas:  # the file llama.cpp's Q8_0 reads
+        specs["int8"] = str(llamas["llama.cpp Q8_0"][1])
+    if why:
+        info["skipped"]["llama.cpp"] = why
+        if progress:
+            print(f"llama.cpp skipped: {why}", file=sys.stderr)
+    try:
+        for tp in tps:
+            for dt in dtypes:
+                for q in quants:
+                    pools[(tp, dt, q)] = WorkerPool(tp, timeout_s=1800)
+        for (tp, dt, q), pool in pools.items():
+            info[contender(tp, dt, q)] = pool.run(setup, specs[q], dt, modes, tp,
+                                                  None if q == "none" else q)[0]
+        for r in range(rounds):
+            for (tp, dt, q), pool in pools.items():
+                for mode in modes:
+                    name = f"shardwise {contender(tp, dt, q)} {mode}"
+                    runs.setdefault(name, []).append(
+                        pool.run(measure, mode, prompt, prefill, decode)[0])
+                    _say(progress, r, name, runs[name][-1])
+            for name, (binary, gguf) in llamas.items():
+                runs.setdefault(name, []).append(llama_bench(binary, gguf, cores, prefill, decode))
+                _say(progress, r, name, runs[name][-1])
+            for dt in dtypes if transformers else ():
+                name = f"transformers {dt}"
+                runs.setdefault(name, []).append(hf_measure(model, dt, prompt, prefill, decode))
+                _say(progress, r, name, runs[name][-1])
+    finally:
+        for pool in pools.values():
+            pool.close()
+    info["loadavg_end"] = list(os.getloadavg())
+    return summarize(runs, info, tps, dtypes, quants)
+
+
+def contender(tp: int, dtype: str, quant: str) -> str:
+    return f"tp={tp} {dtype}" + ("" if quant == "none" else f" {quant}")
+
+
+def _say(progress: bool, r: int, name: str, res: dict) -> None:
+    if progress:
+        print(f"round {r + 1} {name:<36} decode {res['decode_tps']:7.1f} tok/s, prefill "
+              f"{res['prefill_tps']:7.1f} tok/s", file=sys.stderr, flush=True)
+
+
+def summarize(runs: dict[str, list[dict]], info: dict[str, Any], tps, dtypes,
+              quants=("none",)) -> dict[str, Any]:
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("decode_tps", "prefill_tps")}
+           for k, v in runs.items()}
+    goals: dict[str, dict[str, Any]] = {}
+    for q in quants:  # issue 16: quantized decode beside llama.cpp's file, and tp=2 / tp=1
+        if q == "none":
+            continue
+        for dt in dtypes:
+            mine = med.get(f"shardwise tp=1 {dt} {q} compiled") or \
+                med.get(f"shardwise tp=1 {dt} {q} eager")
+            ref = med.get(f"llama.cpp {QUANTS[q]}")
+            if mine and ref:
+                goals[f"decode tp=1 {dt} {q} / llama.cpp {QUANTS[q]}"] = \
+                    _goal(mine["decode_tps"] / ref["decode_tps"], 1.0)
+            two = med.get(f"shardwise tp=2 {dt} {q} compiled") or \
+                med.get(f"shardwise tp=2 {dt} {q} eager")
+            if mine and two:
+                goals[f"decode tp=2 / tp=1 {dt} {q}"] = \
+                    _goal(two["decode_tps"] / mine["decode_tps"], 1.0)
+    for dt in dtypes if "none" in quants else ():
+        mine = med.get(f"shardwise tp=1 {dt} compiled")
+        ref = med.get(f"llama.cpp {DTYPES[dt]}")
+        if mine and ref:
+            goals[f"decode tp=1 {dt} / llama.cpp {DTYPES[dt]}"] = \
+                _goal(mine["decode_tps"] / ref["decode_tps"], 1.0)
+            goals[f"prefill {dt} / llama.cpp pp {DTYPES[dt]}"] = \
+                _goal(mine["prefill_tps"] / ref["prefill_tps"], 1.0)
+        two = med.get(f"shardwise tp=2 {dt} compiled")
+        if mine and two:
+            goals[f"decode tp=2 / tp=1 {dt}"] = _goal(two["decode_tps"] / mine["decode_tps"], 1.0)
+    return {"median": med, "runs": runs, "goals": goals, "machine": info}
+
+
+def _goal(ratio: float, goal: float) -> dict[str, Any]:
+    return {"ratio": round(ratio, 3), "goal": goal, "met": ratio >= goal}
+
+
+def format_table(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, load average "
+             f"{m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}", "",
+             "| contender | decode tok/s | prefill tok/s | runs (decode) |", "|---|---|---|---|"]
+    for k, v in res["median"].items():
+        runs = ", ".join(f"{r['decode_tps']:.1f}" for r in res["runs"][k])
+        lines.append(f"| {k} | {v['decode_tps']:.1f} | {v['prefill_tps']:.0f} | {runs} |")
+    lines += ["", "| goal | ratio | |", "|---|---|---|"]
+    for k, g in res["goals"].items():
+        lines.append(f"| {k} >= {g['goal']} | {g['ratio']:.2f} | {'met' if g['met'] else 'MISSED'} |")
+    for k, why in m["skipped"].items():
+        lines.append(f"\n{k} skipped: {why}")
+    for k, v in m.items():
+        if k.startswith("tp="):
+            lines.append(f"{k}: {v}")
+    return "\n".join(lines)

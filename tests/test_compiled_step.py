@@ -1,0 +1,159 @@
+"""The static decode step compiled against the same step eager, at tp 1-3 on random GQA models:
+logits within 1e-4 (fp32), greedy tokens and per-step collectives identical, no graph breaks, one
+graph per batch bucket and no recompiles as widths grow; bucket selection between buckets;
+``--no-compile``; rank placement on a fake NUMA topology.
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from shardwise.affinity import parse_cpulist, plan, read_nodes
+from shardwise.models.config import LlamaConfig
+from shardwise.serve.kv import Chunk
+from shardwise.serve.step import batch_buckets, width_bucket
+
+# 6 query heads over 2 KV heads: regular GQA at tp 1-2, KV heads replicated at tp 3
+GQA = LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256)
+PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46], [26, 43, 38], list(range(40, 100))]
+
+
+def _model(cfg, group):
+    from shardwise.models.llama import LlamaForCausalLM
+    from shardwise.shards import init_weights
+    model = LlamaForCausalLM(cfg, group=group).eval()
+    init_weights(model, seed=0, std=0.3)  # large weights: varied greedy tokens, no near-ties
+    return model
+
+
+def compare_worker(tp: int):
+    import torch.distributed as dist
+    from shardwise.mesh import subgroup
+    from shardwise.serve.compare import compare_compiled
+    group = subgroup(list(range(tp)))
+    if dist.get_rank() >= tp:
+        return None
+    import torch._inductor.config
+    torch._inductor.config.compile_threads = 1  # 4 workers on 2 cores: no compile subprocesses
+    model = _model(GQA, group)
+    # three sequences (bucket 4, one padding row; the 60-token one crosses the width 64), then
+    # at tp=1 one sequence alone (bucket 1); each compile costs seconds, so tp 2-3 check one
+    return [vars(compare_compiled(model, group, p, steps=8)) | {"tp": tp}
+            for p in ((PROMPTS, PROMPTS[:1]) if tp == 1 else (PROMPTS,))]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_compiled_equals_eager(pool, tp):
+    results = [r for r in pool.run(compare_worker, tp) if r]
+    assert len(results) == tp
+    for rank_results in results:
+        assert len(rank_results) == (2 if tp == 1 else 1)
+        for c, bucket in zip(rank_results, ([4], [1])):
+            label = f"tp={tp} bucket {bucket}"
+            assert c["max_abs_diff"] <= 1e-4, label
+            assert c["tokens_equal"], (label, c["eager_tokens"], c["compiled_tokens"])
+            assert c["eager_collectives"] == c["compiled_collectives"], label
+            # per decode step: the embedding + 2 per layer, and the sampling's all-gather
+            want = {"all_reduce": 1 + 2 * GQA.num_hidden_layers, "all_gather": 1} if tp > 1 else {}
+            assert c["compiled_collectives"] == want, label
+            assert c["graph_breaks"] == 0 and c["graphs"] == 1, label  # no recompile as L grows
+            assert c["buckets"] == bucket, label
+    tokens = [r[0]["compiled_tokens"] for r in results]
+    assert all(t == tokens[0] for t in tokens)  # every rank sampled the same tokens
+
+
+@torch.inference_mode()
+def test_graph_budget_and_buckets(monkeypatch):
+    """One step, batches 1..6 and widths 64 and 128: one graph per batch bucket, within budget.
+
+    Dynamo decides the graphs and the breaks whatever compiles them; the ``eager`` backend
+    skips inductor's code generation (compiled == eager above runs inductor)."""
+    import functools
+    from torch._dynamo.utils import counters
+    from shardwise.serve import step as step_module
+    from shardwise.serve.kv import PagedKVCache
+    from shardwise.serve.step import StaticStep, StepOptions
+    monkeypatch.setattr(step_module.torch, "compile",
+                        functools.partial(torch.compile, backend="eager"))
+    model = _model(GQA, None)
+    step = StaticStep(model, PagedKVCache(model, 64, 16), StepOptions(max_seqs=6, max_graphs=3))
+    assert step.buckets == [1, 4, 6]  # ratio 2 would give 1, 2, 4, 6: over a budget of 3
+    graphs0, breaks0 = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    for n, ctx in ((1, 10), (2, 70), (3, 20), (4, 100), (5, 30), (6, 120), (1, 90)):
+        chunks = [Chunk(i, [7], ctx, list(range(i * 10, i * 10 + 10)), True) for i in range(n)]
+        assert step(chunks).shape == (n, GQA.vocab_size)
+    assert counters["stats"]["unique_graphs"] - graphs0 == 3 == len(step.graphs)
+    assert sum(counters["graph_break"].values()) == breaks0
+
+
+def test_bucket_selection_between_buckets():
+    assert batch_buckets(16) == [1, 2, 4, 8, 16]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(256) == [1, 4, 16, 64, 256]  # ratio 4 keeps 5 graphs within 8
+    assert len(batch_buckets(10_000)) <= 8
+    assert [width_bucket(n, 8192) for n in (1, 64, 65, 128, 129, 5000)] == \
+        [64, 64, 128, 128, 256, 8192]
+    assert width_bucket(100, 100) == 100
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        width_bucket(300, 256)
+    from shardwise.serve.kv import PagedKVCache
+    from shardwise.serve.step import StaticStep, StepOptions
+    model = _model(GQA, None)
+    cache = PagedKVCache(model, 16, 16)
+    step = StaticStep(model, cache, StepOptions(compile=False, max_seqs=8))
+    chunks = [Chunk(0, [5], 69, [3, 1, 4, 9, 2], True), Chunk(1, [6], 2, [7], True),
+              Chunk(2, [8], 20, [0, 5], True)]
+    ids, pos, slots, table, lens = step.decode_inputs(chunks)
+    assert ids.tolist() == [5, 6, 8, 0] and pos.tolist() == [69, 2, 20, 0]  # 3 rows -> bucket 4
+    assert table.shape == (4, 128) and lens.tolist() == [70, 3, 21, 1]      # 70 keys -> 128
+    null = cache.null_slot
+    assert slots.tolist() == [2 * 16 + 5, 7 * 16 + 2, 5 * 16 + 4, null]
+    assert table[0, :70].tolist() == [b * 16 + o for b in (3, 1, 4, 9, 2) for o in range(16)][:70]
+    assert (table[0, 70:] == null).all() and (table[1, 3:] == null).all() and (table[3] == null).all()
+    with pytest.raises(ValueError, match="exceed max_seqs=8"):
+        step.decode_inputs([chunks[0]] * 9)
+
+
+def test_no_compile_flag_everywhere():
+    from shardwise.cli import build_parser
+    from shardwise.generate import GenerateJob
+    for argv in (["generate", "--model", "tiny", "--prompt", "x", "--no-compile"],
+                 ["serve", "--model", "tiny", "--no-compile"],
+                 ["verify", "--model", "tiny", "--tp", "2", "--no-compile"],
+                 ["bench", "decode", "--no-compile"], ["bench", "serve", "--no-compile"]):
+        args = build_parser(argv[0]).parse_args(argv)
+        assert args.no_compile is True, argv
+        assert build_parser(argv[0]).parse_args(argv[:-1]).no_compile is False, argv
+    from shardwise.serve.cli import engine_config
+    args = build_parser("serve").parse_args(["serve", "--model", "tiny", "--no-compile"])
+    assert engine_config(args).compile is False
+    assert GenerateJob("tiny", 1, [1], None).compile is True
+
+
+def test_pinning_on_a_fake_numa_topology(tmp_path):
+    for i, cpus in enumerate(("0-3", "4-7")):
+        (tmp_path / f"node{i}").mkdir()
+        (tmp_path / f"node{i}" / "cpulist").write_text(cpus + "\n")
+    (tmp_path / "possible").write_text("0-1\n")  # not a node directory: ignored
+    assert parse_cpulist("0-2,5,7-8") == [0, 1, 2, 5, 7, 8]
+    nodes = read_nodes(tmp_path, allowed=set(range(8)))
+    assert nodes == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    two = plan(2, nodes)
+    assert two.cores == [[0, 1, 2, 3], [4, 5, 6, 7]] and two.nodes == [0, 1] and two.note is None
+    for n in (3, 4, 5, 8):
+        p = plan(n, nodes)
+        flat = [c for cores in p.cores for c in cores]
+        assert len(p.cores) == n and len(flat) == len(set(flat)), (n, p.cores)  # disjoint
+        for cores, node in zip(p.cores, p.nodes):
+            assert set(cores) <= set(nodes[node]) and cores, (n, p.cores)   # within its node
+        assert p.note is None
+    assert plan(4, nodes).cores == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    over = plan(10, nodes)
+    assert over.note and "10 ranks on 8 cores" in over.note
+    assert [c for cores in over.cores for c in cores] == list(range(8)) + [0, 1]
+    # a cgroup that allows only some CPUs: nodes shrink, empty ones disappear
+    assert read_nodes(tmp_path, allowed={1, 2}) == [[1, 2]]
+    assert plan(2, read_nodes(tmp_path, allowed={1, 2})).cores == [[1], [2]]
