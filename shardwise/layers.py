@@ -59,7 +59,7 @@ def _all_sizes(full: int, group: ProcessGroup | None, multiple: int = 1) -> list
 def group_multiple(quant) -> int:
     """Columns that a row-parallel split of a ``quant``-quantized weight keeps together: the
     int4 group (1 for dense and per-channel int8 weights)."""
-    return quant.group if quant is not None and quant.method == "int4" else 1
+    return quant.group if quant is not None and quant.group else 1
 
 
 def _weight(shape: tuple[int, int], dtype, device, quant: tuple[str, int] | None) -> nn.Parameter:

@@ -8,6 +8,8 @@ and the loader's notes).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from shardwise.layers import ColumnParallelLinear, RowParallelLinear, gather_logits
@@ -59,6 +61,10 @@ def run_quant(case: dict, tp: int) -> dict | None:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank >= tp:
         return None
+    if case.get("kernels"):  # "torch": torch's int8/int4 kernels instead of the native ones
+        os.environ["SHARDWISE_QUANT_KERNELS"] = case["kernels"]
+    else:
+        os.environ.pop("SHARDWISE_QUANT_KERNELS", None)
     module = build(case, group).eval()
     notes = fill(module)
     x = inputs(case)

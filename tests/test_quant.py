@@ -87,10 +87,13 @@ def test_kernel_grid_rules():
     assert int4_grid(24, 64, 64).kernel_group is None
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_runtime_forms_equal_their_values(method):
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+@pytest.mark.parametrize("method,group", [("int8", None), ("int8", 128), ("int4", 128)])
+def test_runtime_forms_equal_their_values(method, group, kernels, monkeypatch):
+    if kernels == "torch":
+        monkeypatch.setenv("SHARDWISE_QUANT_KERNELS", "torch")
     w = torch.randn(48, 576, generator=torch.Generator().manual_seed(3))
-    qt = quantize(w, method, group=128 if method == "int4" else None)
+    qt = quantize(w, method, group=group)
     x = torch.randn(2, 3, 576)
     for part in (qt, qt.cols(320, 576), qt.cols(16, 64)):
         qw, _ = prepare(part, dtype=torch.float32)
@@ -108,11 +111,17 @@ CASES = [
     {"kind": "model", "kw": STRADDLE, "quant": {"method": "int8"}},
     {"kind": "model", "kw": dict(STRADDLE, tie_word_embeddings=False),
      "quant": {"method": "int4", "group": 32, "embedding": "int4"}},
+    # torch's kernels (the fallback where the native ones are not built)
+    {"kind": "model", "kw": STRADDLE, "quant": {"method": "int4", "group": 128},
+     "kernels": "torch"},
+    {"kind": "model", "kw": STRADDLE, "quant": {"method": "int8", "group": 0}, "kernels": "torch"},
 ]
+KERNEL_FORMS = {"int4", "int8", "int4-native", "int8-native"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['kind']}-{c['quant']['method']}-"
-                         f"{c['quant'].get('group', '')}-{c['kw'].get('tie_word_embeddings', '')}")
+                         f"{c['quant'].get('group', '')}-{c['kw'].get('tie_word_embeddings', '')}"
+                         f"-{c.get('kernels', 'native')}")
 def test_sharded_equals_unsharded(pool, case):
     ref = reference(case)
     forms = set()
@@ -122,7 +131,9 @@ def test_sharded_equals_unsharded(pool, case):
         forms |= {f for r in res for f in r["forms"].values()}
         assert not any("re-quantized" in line for r in res for said in r["notes"].values()
                        for line in said), "exact splits must not re-quantize"
-    assert forms & {"int4", "int8"}, forms  # the kernels ran, not only the fallback
+    assert forms & KERNEL_FORMS, forms  # the kernels ran, not only the dequantizing fallback
+    if case.get("kernels") == "torch":
+        assert not {f for f in forms if f.endswith("-native")}, forms
 
 
 def test_every_head_layout_loads_and_odd_heads_requantize_as_documented(pool):
@@ -162,3 +173,38 @@ def test_quant_config_refuses_bad_values():
         QuantConfig("int4", group=100)
     with pytest.raises(ValueError, match="int3"):
         QuantConfig("int3")
+
+
+# ----------------------------------------------------------------------- the native kernel
+@pytest.mark.skipif(not __import__("shardwise.kernels").kernels.qlinear_available(),
+                    reason="shardwise::qlinear needs AVX-512 and a C++ compiler")
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kernel_equals_the_dequantized_weight(method, dtype):
+    """``shardwise::qlinear`` (1-16 rows streamed, more rows dequantize-then-GEMM) against
+    ``x @ W^T`` of the dequantized values with the scales rounded to the activation dtype:
+    fp32 within 1e-5 of the largest output, bf16 within its output rounding (2^-8 relative)."""
+    from shardwise.quant.kernels import Native, pack_words, tiled, unpack_words, untiled
+    g = torch.Generator().manual_seed(5)
+    n, k = 176, 256                                 # 11 tiles of 16 rows: passes of 4 and 1
+    for group in (32, 128, k):
+        if method == "int4" and group == k:
+            continue
+        qt = quantize(torch.randn(n, k, generator=g), method, group=group)
+        qw = Native(method, qt.q, qt.scale, qt.zero, group, dtype, "cpu")
+        if method == "int4":
+            assert torch.equal(unpack_words(pack_words(qt.q)), qt.q)
+        assert torch.equal(untiled(tiled(qt.scale)), qt.scale)
+        s = qt.scale.to(dtype).float().repeat_interleave(group, 1)
+        w = qt.q.float() * s if method == "int8" else \
+            (qt.q.float() - 8) * s + qt.zero.to(dtype).float().repeat_interleave(group, 1)
+        assert torch.equal(qw.dequantize(), w)
+        assert torch.equal(qw.rows(torch.tensor([[3, 50]])).float(), w[[3, 50]].to(dtype)[None].float())
+        bias = torch.randn(n, generator=g).to(dtype)
+        for rows in (1, 2, 3, 4, 5, 16, 17):
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            want = x.float() @ w.t() + bias.float()
+            got = qw.linear(x, bias)
+            assert got.dtype == dtype
+            tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+            assert rel_err(got.float(), want) < tol, (group, rows)

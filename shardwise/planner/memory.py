@@ -50,10 +50,11 @@ KV cache per token per GPU: 2 x (layers / pp) x (KV heads per rank) x head_dim x
 
 Serving weights at 16 or 8 bits (fp8): bytes per weight, embeddings and head in 16 bits. At int8
 and int4 (weight-only, ``shardwise.quant``): what shardwise's loader holds on the busiest rank,
-matrix by matrix (:func:`shardwise.quant.grid.kernel_bytes`): int8 values with one 16-bit scale
-per output row; int4 two values per byte with a 16-bit scale and zero point per kernel group (the
-group, or the largest of 32/64/128/256 dividing it and the rank's columns: SmolLM2's hidden size
-576 runs groups of 128 as 64); the embedding and an untied head at int8 per row, norms in 16 bits.
+matrix by matrix (:func:`shardwise.quant.grid.kernel_bytes`): int8 values with a 16-bit scale
+per kernel group (or per output row with group 0); int4 two values per byte with a 16-bit scale
+and zero point per kernel group (the group, or the largest of 32/64/128/256 dividing it and the
+rank's columns: SmolLM2's hidden size 576 runs groups of 128 as 64); the embedding and an untied
+head at int8 in the same groups, norms in 16 bits.
 
 Mixtures of experts (``moe.py``): a rank holds its slot's experts (ceil(E / slots), each f / etp
 columns) and the router; the MLP's activations are the MoE formula of ``moe.py`` instead of
@@ -246,7 +247,7 @@ INT4_GROUP = 128  # shardwise convert --quant int4's default
 
 
 def _mlp_columns(m: ModelSpec, tp: int, group: int) -> int:
-    """Rank 0's MLP columns: split on multiples of the int4 group (``aligned_sizes``)."""
+    """Rank 0's MLP columns: split on multiples of the quantization group (``aligned_sizes``)."""
     while group > 1 and -(-m.ffn // group) < tp:
         group //= 2
     return split_sizes(-(-m.ffn // group), tp)[0] * group
@@ -258,15 +259,14 @@ def quantized_weight_bytes(m: ModelSpec, *, tp: int, pp: int, precision: str,
     an int8 or int4 model (see the module doc)."""
     h, hd = m.hidden, m.hd
     q, k = heads_per_rank(m, tp) * hd, kv_heads_per_rank(m, tp) * hd
-    g = group if precision == "int4" else 0
-    f = _mlp_columns(m, tp, group) if precision == "int4" else split_sizes(m.ffn, tp)[0]
-    mat = lambda n, cols: kernel_bytes(n, cols, g or cols, 0, act_bytes=act_bytes,  # noqa: E731
+    f = _mlp_columns(m, tp, group) if group else split_sizes(m.ffn, tp)[0]
+    mat = lambda n, cols: kernel_bytes(n, cols, group or cols, 0, act_bytes=act_bytes,  # noqa: E731
                                        method=precision)
     layer = mat(q + 2 * k, h) + mat(h, q) + mat(2 * f, h) + mat(h, f) + 2 * h * act_bytes
     if m.bias == "qkv":
         layer += (q + 2 * k) * act_bytes
     rows = vocab_rows_per_rank(m, tp)
-    edge = kernel_bytes(rows, h, h, act_bytes=act_bytes, method="int8")
+    edge = kernel_bytes(rows, h, group or h, act_bytes=act_bytes, method="int8")
     head = edge if (not m.tied_embeddings or pp > 1) else 0
     stage_edge = edge + head + h * act_bytes if pp == 1 else max(edge, head + h * act_bytes)
     return layers_per_stage(m, pp) * layer + stage_edge

@@ -72,11 +72,16 @@ def kernel_bytes(n: int, k: int, group: int, offset: int = 0, *, act_bytes: int 
     * int4 on the kernel: ``n k / 2`` packed values + ``(k / kg) n`` (scale, zero) pairs in the
       activation dtype; without a kernel: the values two per byte + fp32 scales and zero points;
     * int8 per channel (``group >= k``): ``n k`` + ``n`` scales in the activation dtype; int8 in
-      blocks: ``n k`` + one scale per block.
+      groups: ``n k`` + one scale per kernel group (the grid above, exact grids only; else fp32
+      scales per source group, dequantized at each matmul).
     """
     if method == "int8":
-        groups = 1 if group >= k + offset else -(-(offset + k) // group)
-        return n * k + n * groups * act_bytes
+        if group >= k + offset:
+            return n * k + n * act_bytes
+        grid = int4_grid(n, k, group, offset)
+        if grid.exact:
+            return n * k + n * (k // grid.kernel_group) * act_bytes
+        return n * k + n * -(-(offset + k) // group) * 4
     grid = int4_grid(n, k, group, offset)
     if grid.kernel_group is None:
         groups = -(-(offset + k) // group)

@@ -9,11 +9,21 @@ form               matmul ``y = x W^T``                                        b
 ``int8-blocks``    one int8 kernel call per block column, summed (GGUF Q8_0)    1 + a / block
 ``int4``           ``aten._weight_int4pack_mm_for_cpu(x, packed, kg, sz)``      1/2 + 2 a / kg
 ``int4-cuda``      ``aten._weight_int4pack_mm`` (CUDA's own packing, bf16)      1/2 + 2 a / kg
+``int8-native``    ``shardwise::qlinear``: int8 in groups (or per channel)         1 + a / group
+``int4-native``    ``shardwise::qlinear``: int4 in groups                          1/2 + 2 a / kg
 ``dequantize``     ``F.linear(x, dequantize(W))``: any grid, any shape           q + 8 / group
 =================  ===========================================================  ================
 
 (``a``: bytes of the activation dtype, in which the kernels keep scales and zero points; the
 int4 kernel group ``kg`` and re-quantized straddling groups: :mod:`shardwise.quant.grid`.)
+
+The native forms (:mod:`shardwise.kernels`, ``qlinear.cpp``; AVX-512 CPUs, fp32 and bf16
+activations) stream the weight once and dequantize it in registers, for the few rows of a decode
+step; above :data:`shardwise.kernels.MAX_ROWS` rows they dequantize the whole weight once and
+run the GEMM. They take any group that is a multiple of 32 dividing the rank's columns, int8
+included (Q8_0's blocks of 32 or ``--group``), which torch's int8 kernel does not. Where they
+are built they are the CPU's forms; torch's kernels are the fallback (and the forms with
+``SHARDWISE_QUANT_KERNELS=torch`` in the environment, for comparison).
 
 Facts about torch 2.13's CPU kernels this relies on (checked by ``tests/test_quant.py``): the
 int8 kernel takes per-output-channel scales only, a 2-D contiguous ``x`` and, in bf16, ``k`` a
@@ -22,6 +32,8 @@ in blocks of 64 (so packing 64-row chunks equals packing the whole). Both are fa
 bf16 (AVX-512 BF16 paths); in fp32 they are exact but slow (the tests' path).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +217,103 @@ class Int4Cuda(Int4Kernel):
         return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.kg, self.sz)
 
 
+def tiled(t: torch.Tensor) -> torch.Tensor:
+    """(n, c) -> (n/16, c, 16): tiles of 16 rows, column-major inside (``shardwise::qlinear``'s
+    layout: one load gives a column's 16 rows)."""
+    n, c = t.shape
+    return t.view(n // 16, 16, c).transpose(1, 2).contiguous()
+
+
+def untiled(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`tiled`: (n/16, c, 16) -> (n, c)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])
+
+
+# bit offset of column c (0..7) of an 8-column block in ``shardwise::qlinear``'s int4 words:
+# column pairs (2p, 2p + 1) at bits 4p and 16 + 4p (a shift and mask gives a pair in 16-bit halves)
+_SHIFTS = torch.tensor([0, 16, 4, 20, 8, 24, 12, 28], dtype=torch.int32)
+
+
+def pack_words(q: torch.Tensor) -> torch.Tensor:
+    """(n, k) int4 values -> (n, k/8) int32 words, 8 columns each (offsets: ``_SHIFTS``)."""
+    n, k = q.shape
+    v = q.to(torch.int32).view(n, k // 8, 8)
+    return (v << _SHIFTS).sum(-1, dtype=torch.int32)  # disjoint bits: the sum is the OR
+
+
+def unpack_words(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_words`: (..., k/8) int32 -> (..., k) uint8 values."""
+    return ((w.unsqueeze(-1) >> _SHIFTS.to(w.device)) & 0xF).flatten(-2).to(torch.uint8)
+
+
+class Native(QuantizedWeight):
+    """int8 or int4 in uniform groups of ``group`` columns on ``shardwise::qlinear`` (rows a
+    multiple of 16), stored in its tiles; scales and zero points
+    (:class:`~shardwise.quant.qtensor.QTensor`'s formulas) in the activation dtype."""
+
+    def __init__(self, method: str, q: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None, group: int, dtype: torch.dtype, device) -> None:
+        super().__init__(*q.shape, dtype)
+        self.method, self.group, self.bits = method, group, 8 if method == "int8" else 4
+        self.form = f"{method}-native"
+        self.register_buffer("q", tiled(q if method == "int8" else pack_words(q)).to(device))
+        self.register_buffer("scale", tiled(scale.to(dtype)).to(device))
+        self.register_buffer("zero", None if zero is None else tiled(zero.to(dtype)).to(device))
+
+    def _mm(self, x2):
+        from .. import kernels
+        if x2.shape[0] > kernels.MAX_ROWS:  # a prefill: one dequantization, then the GEMM
+            return F.linear(x2, self.dequantize(self.dtype))
+        return torch.ops.shardwise.qlinear(x2, self.q, self.scale, self.zero, self.group,
+                                           self.bits)
+
+    def _values(self, q, s, z) -> torch.Tensor:
+        """(rows, k) fp32 from untiled rows ``q`` (values, or int4 words) and their scales."""
+        s = s.float().repeat_interleave(self.group, dim=-1)
+        if self.method == "int8":
+            return q.float() * s
+        return (unpack_words(q).float() - 8) * s + z.float().repeat_interleave(self.group, -1)
+
+    def rows(self, ids):
+        """Rows ``ids`` (a lookup: tile ``i // 16``, lane ``i % 16``)."""
+        t, lane = ids // 16, ids % 16
+        pick = lambda a: a[t, :, lane] if a is not None else None  # noqa: E731
+        return self._values(pick(self.q), pick(self.scale), pick(self.zero)).to(self.dtype)
+
+    def dequantize(self, dtype=torch.float32):
+        z = None if self.zero is None else untiled(self.zero)
+        return self._values(untiled(self.q), untiled(self.scale), z).to(dtype)
+
+
+def native(qt: QTensor, *, dtype: torch.dtype, device: torch.device,
+           lookup: bool) -> tuple[QuantizedWeight | None, list[str]]:
+    """``qt`` on ``shardwise::qlinear``, or None where it does not fit (another device or
+    dtype, columns not in 32s or rows not in 16s, int4 without a kernel grid)."""
+    from .. import kernels
+    n, k = qt.shape
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or k % 32 or n % 16 \
+            or os.environ.get("SHARDWISE_QUANT_KERNELS") == "torch" \
+            or not kernels.qlinear_available():
+        return None, []
+    if qt.method == "int8" and qt.offset + k <= qt.group:  # per channel: one group per row
+        return Native("int8", qt.q, qt.scale, None, k, dtype, device), []
+    if qt.method == "int4" and lookup:
+        return None, []
+    grid = int4_grid(n, k, qt.group, qt.offset)  # the same uniform grid for int8 groups
+    if grid.kernel_group is None:
+        return None, []
+    if qt.method == "int8":  # exact grids only: a straddling int8 group stays dequantized
+        if not grid.exact:
+            return None, []
+        return Native("int8", qt.q, qt.scale[:, list(grid.source)], None, grid.kernel_group,
+                      dtype, device), []
+    q, s, z = _regrid(qt, grid.kernel_group, grid.source)
+    notes = [f"re-quantized {grid.requantized} of {len(grid.source)} groups of "
+             f"{grid.kernel_group} straddling the source groups of {qt.group} (the slice "
+             f"starts {qt.offset} columns into one)"] if grid.requantized else []
+    return Native("int4", q, s, z, grid.kernel_group, dtype, device), notes
+
+
 class Dequantize(QuantizedWeight):
     """Any grid, any shape: the exact values kept compact (int8, or int4 two per byte, fp32
     scales and zero points), dequantized at each matmul (or only the looked-up rows)."""
@@ -250,6 +359,9 @@ def prepare(qt: QTensor, *, dtype: torch.dtype, device: torch.device | str = "cp
     """
     device = torch.device(device)
     n, k = qt.shape
+    form, notes = native(qt, dtype=dtype, device=device, lookup=lookup)
+    if form is not None:
+        return form, notes
     if qt.method == "int8":
         if qt.offset + k <= qt.group:
             return Int8Channel(qt, dtype, device), []

@@ -40,7 +40,7 @@ def quantizing_reader(read: ReadFn) -> QReadFn:
     def qread(name: str, shape: tuple, dim: int, start: int, stop: int, method: str,
               group: int) -> QTensor:
         k = shape[1]
-        g = k if method == "int8" else group                 # int8: one scale per row
+        g = group or k                                       # 0: one scale per row
         if dim == 0:
             return quantize(read(name, shape, 0, start, stop), method, group=g)
         a, b = group_span(start, stop, g, k)

@@ -216,7 +216,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baselines", default="llama-server,static,generate_batch",
                    help="comma-separated: llama-server, static, generate_batch (empty for none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights of shardwise and llama-server (transformers: fp32)")
+                   help="weights of shardwise and llama-server (transformers: fp32); with "
+                        "--quant shardwise's activations")
+    p.add_argument("--quant", choices=["int8", "int4"], default=None,
+                   help="serve quantized: shardwise --quant on the file llama-server reads "
+                        "(int4: the Q4_1 GGUF; int8: its Q8_0 re-quantization)")
     p.add_argument("--max-batched-tokens", type=int_range(1), default=256)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--timeout", type=float_range(0.0, strict=True), default=1800.0,
