@@ -3,7 +3,8 @@
 The reference is the fp32 model dequantized from the GGUF (the only real weights here). The
 contenders, all at tp=1 with ``--dtype`` activations (default fp32: the weights' error alone):
 
-* ``int8`` and ``int4 g<G>``: ``shardwise convert --quant`` from those fp32 weights (written to
+* ``int8`` (groups of 128, the default), ``int8 per channel`` (``--group 0``) and ``int4 g<G>``:
+  ``shardwise convert --quant`` from those fp32 weights (written to
   a temporary sharded checkpoint, then loaded like any checkpoint): quantizing the Q4_1
   file's values again is the honest test of our quantizer;
 * ``gguf int4 (q8_0=block|channel)``: the GGUF kept quantized (Q4_1 as int4, its Q8_0
@@ -58,7 +59,7 @@ def contenders(dense_dir: Path, tmp: Path, groups: list[int]):
     from shardwise.checkpoint.convert import save_quantized
     from shardwise.quant.config import QuantConfig
     out = [("fp32", str(dense_dir), None)]
-    for name, q in [("int8", QuantConfig("int8"))] + \
+    for name, q in [("int8", QuantConfig("int8")), ("int8 per channel", QuantConfig("int8", group=0))] + \
             [(f"int4 g{g}", QuantConfig("int4", group=g)) for g in groups]:
         t0 = time.perf_counter()
         path = save_quantized(str(dense_dir), tmp / name.replace(" ", "_"), tp=1, quant=q)

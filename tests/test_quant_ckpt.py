@@ -47,7 +47,7 @@ def test_quantized_checkpoint_reloads_at_another_tp(pool, tmp_path, method, grou
 def _zeros_reader(name, shape, dim, a, b, method, group):
     """Quantized tensors of the requested shapes (values do not change the bytes held)."""
     n, k = shape
-    g = k if method == "int8" else group
+    g = group or k  # 0: int8 per row
     rows, cols, off = (b - a, k, 0) if dim == 0 else (n, b - a, a % g)
     ng = n_groups(cols, g, off)
     q = torch.zeros(rows, cols, dtype=torch.int8 if method == "int8" else torch.uint8)
@@ -58,7 +58,8 @@ def _zeros_reader(name, shape, dim, a, b, method, group):
 @pytest.mark.parametrize("method,tp", [("int8", 2), ("int4", 1), ("int4", 3)])
 def test_planner_prices_what_the_loader_holds(method, tp):
     """SmolLM2-135M's shape in bf16: the planner's weight bytes within 5% of the runtime forms
-    the loader builds on rank 0 (int4: groups of 128 running as kernel groups of 64)."""
+    the loader builds on rank 0 (int8 in groups of 32; int4: groups of 128 running as kernel
+    groups of 64)."""
     cfg = PRESETS["smollm2-135m-config"]
     spec = ModelSpec("smollm2", hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,
                      heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,

@@ -66,6 +66,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from . import moe
+from ..quant.config import DEFAULT_GROUP
 from ..quant.grid import kernel_bytes
 from .models import (ModelSpec, heads_per_rank, kv_heads_per_rank, layer_params_per_rank,
                      layers_per_stage, matmul_params_per_rank, split_sizes, vocab_rows_per_rank)
@@ -243,7 +244,6 @@ def training_memory(m: ModelSpec, *, tp: int, pp: int, dp: int, micro_batch: int
                   recompute_workspace=work, overhead=overhead_bytes(capacity))
 
 
-INT4_GROUP = 128  # shardwise convert --quant int4's default
 
 
 def _mlp_columns(m: ModelSpec, tp: int, group: int) -> int:
@@ -254,9 +254,11 @@ def _mlp_columns(m: ModelSpec, tp: int, group: int) -> int:
 
 
 def quantized_weight_bytes(m: ModelSpec, *, tp: int, pp: int, precision: str,
-                           group: int = INT4_GROUP, act_bytes: int = 2) -> float:
+                           group: int | None = None, act_bytes: int = 2) -> float:
     """Weight bytes of the busiest rank (rank 0 of the first stage) as shardwise's loader holds
-    an int8 or int4 model (see the module doc)."""
+    an int8 or int4 model (see the module doc); ``group``: ``--quant``'s default for the
+    precision (:data:`shardwise.quant.config.DEFAULT_GROUP`) unless given."""
+    group = DEFAULT_GROUP[precision] if group is None else group
     h, hd = m.hidden, m.hd
     q, k = heads_per_rank(m, tp) * hd, kv_heads_per_rank(m, tp) * hd
     f = _mlp_columns(m, tp, group) if group else split_sizes(m.ffn, tp)[0]

@@ -9,7 +9,7 @@ into the runtime form (:func:`shardwise.quant.kernels.prepare`) and installs it 
 * :func:`quantizing_reader`: any float :data:`~shardwise.shards.ReadFn` (HF safetensors, a float
   sharded checkpoint, seeded random weights). A row slice is quantized as it is (groups run
   along the columns); a column slice ``[a, b)`` reads the whole groups it touches, quantizes
-  them and keeps ``[a, b)`` (per-channel int8 reads whole rows). So every rank holds exactly
+  them and keeps ``[a, b)`` (per-channel int8, ``group=0``, reads whole rows). So every rank holds exactly
   the values the unsharded quantized tensor has;
 * a quantized sharded checkpoint (:mod:`shardwise.checkpoint.sharded`) and a GGUF file
   (:mod:`shardwise.checkpoint.gguf_read`) read their stored integers and scales directly.
@@ -42,9 +42,10 @@ def quantizing_reader(read: ReadFn) -> QReadFn:
         k = shape[1]
         g = group or k                                       # 0: one scale per row
         if dim == 0:
-            return quantize(read(name, shape, 0, start, stop), method, group=g)
+            return quantize(read(name, shape, 0, start, stop), method, group=g, search=True)
         a, b = group_span(start, stop, g, k)
-        return quantize(read(name, shape, 1, a, b), method, group=g).cols(start - a, stop - a)
+        return quantize(read(name, shape, 1, a, b), method, group=g, search=True).cols(
+            start - a, stop - a)
     return qread
 
 

@@ -137,13 +137,16 @@ def _grouped(w: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
     return w.view(n, -1, group), pad                          # (n, groups, group)
 
 
-def quantize(w: torch.Tensor, method: str, *, group: int | None = None) -> QTensor:
+def quantize(w: torch.Tensor, method: str, *, group: int | None = None,
+             search: bool = False) -> QTensor:
     """Round-to-nearest quantization of a full tensor (or of columns starting on a group
     boundary) ``w`` (n, k), computed in fp32.
 
     int8: symmetric, ``s = max|w| / 127`` per group (default: per row). int4: asymmetric min-max
     per group of ``group`` columns: ``s = (max - min) / 15``, ``q = round((w - min) / s)``,
     ``z = min + 8 s`` (so that ``(q - 8) s + z = q s + min``). A constant group gets ``s = 0``.
+    ``search`` (int4): per group, the scale and minimum of least squared error instead
+    (:func:`_fit_int4`); min-max stays the bound a re-quantized straddle keeps.
     """
     w = w.float()
     n, k = w.shape
@@ -161,9 +164,51 @@ def quantize(w: torch.Tensor, method: str, *, group: int | None = None) -> QTens
         g[:, -1, group - pad:] = g[:, -1, :1]
     lo, hi = g.amin(-1), g.amax(-1)                               # (n, groups)
     s = (hi - lo) / 15
+    if search:
+        s, lo = _fit_int4(g, lo, s)
     inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
     q = torch.round((g - lo.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
     return QTensor("int4", q.view(n, -1)[:, :k], s, lo + 8 * s, group)
+
+
+SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # candidate fractions of a group's range
+REFITS = 2
+
+
+def _fit_int4(g: torch.Tensor, lo: torch.Tensor, s: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of ``g`` (n, groups, group): the step ``s`` and minimum ``m`` of the 16 levels
+    ``m + q s`` with the least squared error, searched as llama.cpp's k-quants do in spirit:
+    from min-max shrunk to each fraction in :data:`SHRINK` of the range (clipping the tails), the
+    levels rounded, then ``(s, m)`` refitted by least squares on those levels (:data:`REFITS`
+    times); the best candidate per group wins (min-max itself is a candidate, so the error never
+    grows). Chunked over rows to bound the memory."""
+    best_s, best_m = s.clone(), lo.clone()
+    for r in range(0, g.shape[0], 1024):
+        x = g[r:r + 1024]
+        mid = (lo[r:r + 1024] + s[r:r + 1024] * 7.5).unsqueeze(-1)
+        rng = (s[r:r + 1024] * 15).unsqueeze(-1)
+        best = None
+        for t in SHRINK:
+            m, st = mid - rng * t / 2, rng * t / 15                   # (rows, groups, 1)
+            for _ in range(REFITS + 1):
+                inv = torch.where(st > 0, 1 / st, torch.zeros_like(st))
+                q = torch.round((x - m) * inv).clamp_(0, 15)
+                err = ((q * st + m - x) ** 2).sum(-1)                 # (rows, groups)
+                if best is None:
+                    best = err
+                better = err < best
+                best = torch.where(better, err, best)
+                best_s[r:r + 1024] = torch.where(better, st[..., 0], best_s[r:r + 1024])
+                best_m[r:r + 1024] = torch.where(better, m[..., 0], best_m[r:r + 1024])
+                # least squares of x on q: st = cov(q, x) / var(q), m = mean(x) - st mean(q)
+                qm, xm = q.mean(-1, keepdim=True), x.mean(-1, keepdim=True)
+                var = ((q - qm) ** 2).sum(-1, keepdim=True)
+                cov = ((q - qm) * (x - xm)).sum(-1, keepdim=True)
+                fit = torch.where(var > 0, cov / var.clamp_min(1e-30), st)
+                st = torch.where(fit > 0, fit, st)
+                m = xm - st * qm
+    return best_s, best_m
 
 
 def quantize_cols(w: torch.Tensor, method: str, group: int, start: int) -> QTensor:
