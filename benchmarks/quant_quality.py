@@ -3,7 +3,7 @@
 The reference is the fp32 model dequantized from the GGUF (the only real weights here). The
 contenders, all at tp=1 with ``--dtype`` activations (default fp32: the weights' error alone):
 
-* ``int8`` (groups of 128, the default), ``int8 per channel`` (``--group 0``) and ``int4 g<G>``:
+* ``int8`` (groups of 32, the default), ``int8 per channel`` (``--group 0``) and ``int4 g<G>``:
   ``shardwise convert --quant`` from those fp32 weights (written to
   a temporary sharded checkpoint, then loaded like any checkpoint): quantizing the Q4_1
   file's values again is the honest test of our quantizer;

@@ -81,7 +81,7 @@ def run_generation(job: GenerateJob) -> dict:
     with phase("start"):
         mesh = Mesh.init(tp=job.tp, device=job.device)
     source = resolve(job.model, dense=job.quant is None)
-    dtype = pick_dtype(job.dtype, mesh.device)
+    dtype = pick_dtype(job.dtype, mesh.device, quantized=bool(job.quant or source.quant))
     model = build_model(source, group=mesh.tp_group, dtype=dtype, device=mesh.device,
                         quant=job.quant).eval()
     tokenizer = load_tokenizer(source) if source.tokenizer else None

@@ -95,7 +95,8 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
                         "CUDA is present, else the CPU with gloo / shared memory")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV cache (with --quant: activations, scales and the "
-                        "dense weights); auto (default): bfloat16 on a GPU, float32 on CPU")
+                        "dense weights); auto (default): bfloat16 on a GPU, float32 on CPU "
+                        "(with --quant: bfloat16 where the CPU has AVX512-BF16)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, launch decode steps kernel by kernel instead of replaying "
                         "captured CUDA graphs")

@@ -216,7 +216,8 @@ def _decode(kind: str, raw: np.ndarray, block: int) -> QTensor:
 def _empty_like(part: QTensor, rows: int) -> QTensor:
     """A QTensor of ``rows`` rows shaped and typed like ``part`` (filled by :func:`_fill`)."""
     new = lambda t: None if t is None else t.new_empty((rows,) + tuple(t.shape[1:]))  # noqa: E731
-    return QTensor(part.method, new(part.q), new(part.scale), new(part.zero), part.group)
+    return QTensor(part.method, new(part.q), new(part.scale), new(part.zero), part.group,
+                   owned=True)
 
 
 def _fill(qt: QTensor, part: QTensor, row: int) -> None:

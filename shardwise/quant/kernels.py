@@ -224,6 +224,19 @@ def tiled(t: torch.Tensor) -> torch.Tensor:
     return t.view(n // 16, 16, c).transpose(1, 2).contiguous()
 
 
+def tiled_(t: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """:func:`tiled` in ``t``'s own memory (``t`` contiguous, owned by the caller): each 16-row
+    tile occupies the same bytes in both layouts, so chunks of tiles are transposed in place
+    through a chunk-sized buffer (a big weight is not held twice while it is laid out)."""
+    n, c = t.shape
+    flat = t.view(-1)
+    for r in range(0, n, rows):
+        r1 = min(n, r + rows)
+        block = t[r:r1].reshape(-1, 16, c).transpose(1, 2).reshape(-1)  # a copy of the chunk
+        flat[r * c:r1 * c] = block
+    return t.view(n // 16, c, 16)
+
+
 def untiled(t: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`tiled`: (n/16, c, 16) -> (n, c)."""
     return t.transpose(1, 2).reshape(-1, t.shape[1])
@@ -234,11 +247,15 @@ def untiled(t: torch.Tensor) -> torch.Tensor:
 _SHIFTS = torch.tensor([0, 16, 4, 20, 8, 24, 12, 28], dtype=torch.int32)
 
 
-def pack_words(q: torch.Tensor) -> torch.Tensor:
-    """(n, k) int4 values -> (n, k/8) int32 words, 8 columns each (offsets: ``_SHIFTS``)."""
+def pack_words(q: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """(n, k) int4 values -> (n, k/8) int32 words, 8 columns each (offsets: ``_SHIFTS``), in
+    chunks of rows (the int32 transient stays small)."""
     n, k = q.shape
-    v = q.to(torch.int32).view(n, k // 8, 8)
-    return (v << _SHIFTS).sum(-1, dtype=torch.int32)  # disjoint bits: the sum is the OR
+    out = torch.empty(n, k // 8, dtype=torch.int32)
+    for r in range(0, n, rows):
+        v = q[r:r + rows].to(torch.int32).view(-1, k // 8, 8)
+        out[r:r + rows] = (v << _SHIFTS).sum(-1, dtype=torch.int32)  # disjoint bits: an OR
+    return out
 
 
 def unpack_words(w: torch.Tensor) -> torch.Tensor:
@@ -252,11 +269,16 @@ class Native(QuantizedWeight):
     (:class:`~shardwise.quant.qtensor.QTensor`'s formulas) in the activation dtype."""
 
     def __init__(self, method: str, q: torch.Tensor, scale: torch.Tensor,
-                 zero: torch.Tensor | None, group: int, dtype: torch.dtype, device) -> None:
+                 zero: torch.Tensor | None, group: int, dtype: torch.dtype, device, *,
+                 consume: bool = False) -> None:
         super().__init__(*q.shape, dtype)
         self.method, self.group, self.bits = method, group, 8 if method == "int8" else 4
         self.form = f"{method}-native"
-        self.register_buffer("q", tiled(q if method == "int8" else pack_words(q)).to(device))
+        if method == "int4":
+            q = tiled_(pack_words(q))  # a fresh tensor: laid out in place
+        else:  # ``consume``: q is this weight's alone (QTensor.owned), lay it out in place
+            q = tiled_(q) if consume and q.is_contiguous() and q.device.type == "cpu" else tiled(q)
+        self.register_buffer("q", q.to(device))
         self.register_buffer("scale", tiled(scale.to(dtype)).to(device))
         self.register_buffer("zero", None if zero is None else tiled(zero.to(dtype)).to(device))
 
@@ -285,8 +307,8 @@ class Native(QuantizedWeight):
         return self._values(untiled(self.q), untiled(self.scale), z).to(dtype)
 
 
-def native(qt: QTensor, *, dtype: torch.dtype, device: torch.device,
-           lookup: bool) -> tuple[QuantizedWeight | None, list[str]]:
+def native(qt: QTensor, *, dtype: torch.dtype, device: torch.device, lookup: bool,
+           consume: bool = False) -> tuple[QuantizedWeight | None, list[str]]:
     """``qt`` on ``shardwise::qlinear``, or None where it does not fit (another device or
     dtype, columns not in 32s or rows not in 16s, int4 without a kernel grid)."""
     from .. import kernels
@@ -296,7 +318,8 @@ def native(qt: QTensor, *, dtype: torch.dtype, device: torch.device,
             or not kernels.qlinear_available():
         return None, []
     if qt.method == "int8" and qt.offset + k <= qt.group:  # per channel: one group per row
-        return Native("int8", qt.q, qt.scale, None, k, dtype, device), []
+        return Native("int8", qt.q, qt.scale, None, k, dtype, device,
+                      consume=consume and qt.owned), []
     if qt.method == "int4" and lookup:
         return None, []
     grid = int4_grid(n, k, qt.group, qt.offset)  # the same uniform grid for int8 groups
@@ -306,7 +329,7 @@ def native(qt: QTensor, *, dtype: torch.dtype, device: torch.device,
         if not grid.exact:
             return None, []
         return Native("int8", qt.q, qt.scale[:, list(grid.source)], None, grid.kernel_group,
-                      dtype, device), []
+                      dtype, device, consume=consume and qt.owned), []
     q, s, z = _regrid(qt, grid.kernel_group, grid.source)
     notes = [f"re-quantized {grid.requantized} of {len(grid.source)} groups of "
              f"{grid.kernel_group} straddling the source groups of {qt.group} (the slice "
@@ -351,15 +374,17 @@ class Dequantize(QuantizedWeight):
 
 
 def prepare(qt: QTensor, *, dtype: torch.dtype, device: torch.device | str = "cpu",
-            lookup: bool = False) -> tuple[QuantizedWeight, list[str]]:
+            lookup: bool = False, consume: bool = False) -> tuple[QuantizedWeight, list[str]]:
     """The runtime form of ``qt`` (see the module table) and notes for the load report.
 
     ``lookup``: the weight is also an embedding (rows are looked up), which the int4 kernels'
-    packing does not allow: int4 embeddings keep the compact form.
+    packing does not allow: int4 embeddings keep the compact form. ``consume``: ``qt`` is not
+    used afterwards (the loader's case): a form may lay out ``qt.q`` in its own memory when
+    ``qt.owned``.
     """
     device = torch.device(device)
     n, k = qt.shape
-    form, notes = native(qt, dtype=dtype, device=device, lookup=lookup)
+    form, notes = native(qt, dtype=dtype, device=device, lookup=lookup, consume=consume)
     if form is not None:
         return form, notes
     if qt.method == "int8":

@@ -93,7 +93,7 @@ def install(module: nn.Module, placeholder: nn.Parameter, value: QTensor | torch
     """Put ``value`` in ``module``: ``qweight`` (runtime form) or a dense ``weight``."""
     pieces = pieces_of(placeholder)
     if isinstance(value, QTensor):
-        qw, notes = prepare(value, dtype=dtype, device=device, lookup=lookup)
+        qw, notes = prepare(value, dtype=dtype, device=device, lookup=lookup, consume=True)
         qw.pieces = pieces
         del module.weight
         module.qweight = qw

@@ -47,6 +47,7 @@ class QTensor:
     group: int
     offset: int = 0
     notes: list[str] = field(default_factory=list)  # what the reader did (for the load report)
+    owned: bool = False  # q was made for this tensor alone: a runtime form may reuse its memory
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,7 +79,7 @@ class QTensor:
     def rows(self, start: int, stop: int) -> "QTensor":
         z = None if self.zero is None else self.zero[start:stop]
         return replace(self, q=self.q[start:stop], scale=self.scale[start:stop], zero=z,
-                       notes=list(self.notes))
+                       notes=list(self.notes), owned=False)
 
     def cols(self, start: int, stop: int) -> "QTensor":
         """Columns ``[start, stop)``: the groups they touch, clipped (no value changes)."""
@@ -86,7 +87,8 @@ class QTensor:
         b = -(-(self.offset + stop) // self.group)
         z = None if self.zero is None else self.zero[:, a:b]
         return replace(self, q=self.q[:, start:stop], scale=self.scale[:, a:b], zero=z,
-                       offset=(self.offset + start) % self.group, notes=list(self.notes))
+                       offset=(self.offset + start) % self.group, notes=list(self.notes),
+                       owned=False)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.zero)
@@ -117,7 +119,7 @@ def stack_rows(parts: list[QTensor], pads: list[int] | None = None) -> QTensor:
         (rows,) + tuple(t.shape[1:]), fill)
     out = replace(first, q=new(first.q, 0 if first.method == "int8" else 8),
                   scale=new(first.scale, 0), zero=new(first.zero, 0),
-                  notes=[n for p in parts for n in p.notes])
+                  notes=[n for p in parts for n in p.notes], owned=True)
     at = 0
     for p, pad in zip(parts, pads):
         n = p.q.shape[0]
@@ -156,7 +158,7 @@ def quantize(w: torch.Tensor, method: str, *, group: int | None = None,
         s = g.abs().amax(-1) / 127                                # (n, groups)
         inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
         q = torch.round(g * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-        return QTensor("int8", q.view(n, -1)[:, :k], s, None, group)
+        return QTensor("int8", q.view(n, -1)[:, :k], s, None, group, owned=not pad)
     if method != "int4" or group is None:
         raise ValueError(f"quantize: {method!r} (int4 needs a group size)")
     g, pad = _grouped(w, group)
@@ -168,7 +170,7 @@ def quantize(w: torch.Tensor, method: str, *, group: int | None = None,
         s, lo = _fit_int4(g, lo, s)
     inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
     q = torch.round((g - lo.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
-    return QTensor("int4", q.view(n, -1)[:, :k], s, lo + 8 * s, group)
+    return QTensor("int4", q.view(n, -1)[:, :k], s, lo + 8 * s, group, owned=not pad)
 
 
 SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # candidate fractions of a group's range

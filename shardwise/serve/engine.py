@@ -401,7 +401,8 @@ def run_rank(cfg: EngineConfig, cmd_q, evt_q) -> None:
             mesh = Mesh.init(tp=cfg.tp, ep=cfg.ep, device=cfg.device, timeout_s=7 * 86400.0)
             source = resolve(cfg.model, dense=cfg.quant is None)
             model = build_model(source, group=mesh.tp_group, device=mesh.device,
-                                dtype=pick_dtype(cfg.dtype, mesh.device), quant=cfg.quant,
+                                dtype=pick_dtype(cfg.dtype, mesh.device, quantized=bool(
+                                    cfg.quant or source.quant)), quant=cfg.quant,
                                 experts=ExpertParallel(mesh.ep_group, cfg.expert_tp)).eval()
             context = source.config.max_position_embeddings
             with failure.phase("allocate KV cache"):
