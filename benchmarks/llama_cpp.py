@@ -96,8 +96,12 @@ def build() -> dict[str, Path]:
 
 
 def gguf_at(precision: str, source: Path) -> Path:
-    """SmolLM2's GGUF re-quantized to ``F32`` or ``BF16`` (cached beside the build)."""
-    kind = {"float32": "F32", "fp32": "F32", "bfloat16": "BF16", "bf16": "BF16"}[precision]
+    """SmolLM2's GGUF re-quantized to ``F32``, ``BF16`` or ``Q8_0`` (cached beside the build);
+    ``Q4_1``: the file itself."""
+    kind = {"float32": "F32", "fp32": "F32", "bfloat16": "BF16", "bf16": "BF16",
+            "int8": "Q8_0", "Q8_0": "Q8_0", "int4": "Q4_1", "Q4_1": "Q4_1"}[precision]
+    if kind == "Q4_1" and source.stem.endswith("Q4_1"):
+        return source
     out = CACHE / "models" / f"{source.stem}-{kind}.gguf"
     if not out.is_file():
         got, why = binaries()

@@ -1,6 +1,7 @@
 """Where a batch-1 decode step's time goes: matmuls vs everything else vs collectives.
 
     python benchmarks/profile_decode.py --tp 1,2 --dtype float32,bfloat16 [--mode legacy|eager|compiled]
+        [--quant int8|int4]
 
 One process per rank (cores split evenly, pinned), SmolLM2-135M-Instruct, a 16-token prompt, then
 ``--steps`` decode steps under ``torch.profiler``; rank 0's table. *matmul* is the self time of
@@ -23,7 +24,8 @@ import torch  # noqa: E402
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
           "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::_weight_int8pack_mm",
-          "mkldnn::_linear_pointwise.binary", "aten::mv", "shardwise::linear")
+          "mkldnn::_linear_pointwise.binary", "aten::mv", "shardwise::linear",
+          "shardwise::qlinear", "aten::_weight_int4pack_mm_for_cpu")
 COLLECTIVES = ("shardwise::all_reduce", "shardwise::all_gather")
 
 
@@ -65,12 +67,14 @@ def _static(model, prompt, n, compiled):
     return step
 
 
-def rank_main(tp: int, dtype: str, mode: str, steps: int) -> dict:
+def rank_main(tp: int, dtype: str, mode: str, steps: int, quant: str | None = None) -> dict:
     from shardwise.checkpoint.source import build_model, resolve
     from shardwise.mesh import Mesh
+    from shardwise.quant.config import QuantConfig
     mesh = Mesh.init(tp=tp)
-    model = build_model(resolve("smollm2-135m"), group=mesh.tp_group,
-                        dtype=getattr(torch, dtype)).eval()
+    model = build_model(resolve("smollm2-135m", dense=quant is None), group=mesh.tp_group,
+                        dtype=getattr(torch, dtype),
+                        quant=QuantConfig(quant) if quant else None).eval()
     prompt = list(range(1000, 1016))
     with torch.inference_mode():
         step = _legacy(model, prompt, steps * 3) if mode == "legacy" else \
@@ -97,6 +101,8 @@ def main() -> int:
     p.add_argument("--dtype", default="float32,bfloat16")
     p.add_argument("--mode", default="compiled", choices=("legacy", "eager", "compiled"))
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--quant", choices=("int8", "int4"), default=None,
+                   help="the GGUF kept quantized (--dtype: the activations)")
     a = p.parse_args()
     from shardwise.launch import spawn
     print(open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"),
@@ -105,7 +111,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for tp in (int(t) for t in a.tp.split(",")):
         for dtype in a.dtype.split(","):
-            r = spawn(rank_main, tp, tp, dtype, a.mode, a.steps)[0]
+            r = spawn(rank_main, tp, tp, dtype, a.mode, a.steps, a.quant)[0]
             pct = lambda k: f"{r[k]:.2f} ms ({100 * r[k] / r['step_ms']:.0f}%)"  # noqa: E731
             print(f"| {tp} | {dtype} | {r['step_ms']:.2f} | {pct('matmul_ms')} | "
                   f"{pct('other_ms')} | {pct('collectives_ms')} |", flush=True)

@@ -25,6 +25,8 @@ from .comm import Ledger
 from .failure import phase
 from .mesh import Mesh, pick_dtype, under_launcher
 from .partition import HeadLayout
+from .quant.config import QuantConfig
+from .quant.load import weight_bytes
 from .sampling import SamplingParams, sample
 from .serve.kv import Chunk, PagedKVCache, blocks_for
 from .serve.step import StaticStep, StepOptions
@@ -42,6 +44,7 @@ class GenerateJob:
     compile: bool = True
     device: str = "auto"           # "auto" (CUDA when present), "cpu" or "cuda"
     cuda_graphs: bool = True       # on CUDA: replay captured decode steps
+    quant: QuantConfig | None = None
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:
@@ -77,9 +80,10 @@ def run_generation(job: GenerateJob) -> dict:
     t0 = time.perf_counter()
     with phase("start"):
         mesh = Mesh.init(tp=job.tp, device=job.device)
-    source = resolve(job.model)
-    dtype = pick_dtype(job.dtype, mesh.device)
-    model = build_model(source, group=mesh.tp_group, dtype=dtype, device=mesh.device).eval()
+    source = resolve(job.model, dense=job.quant is None)
+    dtype = pick_dtype(job.dtype, mesh.device, quantized=bool(job.quant or source.quant))
+    model = build_model(source, group=mesh.tp_group, dtype=dtype, device=mesh.device,
+                        quant=job.quant).eval()
     tokenizer = load_tokenizer(source) if source.tokenizer else None
     load_s = time.perf_counter() - t0
     p = job.params
@@ -149,7 +153,7 @@ def run_generation(job: GenerateJob) -> dict:
         "compile_s": round(compile_s, 3),
         "prefill_tokens_per_s": round(len(job.prompt_ids) / times[0], 1) if times else 0.0,
         "decode_tokens_per_s": round(len(decode) / sum(decode), 1) if decode else 0.0,
-        "param_mib": round(sum(q.numel() * q.element_size() for q in model.parameters()) / 2**20, 1),
+        "param_mib": round(weight_bytes(model) / 2**20, 1),
         "peak_rss_mib": round(_peak_rss_mib(), 1),
         "comm_s": round(ledger.seconds, 4),
         "compute_s": round(max(0.0, total - ledger.seconds), 4),

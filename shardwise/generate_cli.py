@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-chat-template", action="store_true")
+    from .quant.config import add_arguments as quant_arguments
+    quant_arguments(p)
     add_device_arguments(p)
     p.add_argument("--no-compile", action="store_true",
                    help="run the decode step eager instead of as a compiled graph")
@@ -38,7 +40,11 @@ def check(args: argparse.Namespace) -> None:
     args.params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed,
                                  max_tokens=args.max_new_tokens, stop=args.stop)
-    args.source = resolve(args.model)
+    from .quant.config import from_args
+    args.quant_config = from_args(args)
+    args.source = resolve(args.model, dense=args.quant_config is None)
+    from .checkpoint.source import quant_for
+    quant_for(args.source, args.quant_config)
     require("transformers", what="generate (the tokenizer)")
     from .checkpoint.source import load_tokenizer
     tokenizer = load_tokenizer(args.source)
@@ -54,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
         check(args)
     job = GenerateJob(args.model, args.tp, args.ids, args.params,
                       stream="stderr" if args.json else "stdout", dtype=args.dtype,
-                      eos_ids=args.source.config.eos_ids, compile=not args.no_compile,
-                      device=args.device, cuda_graphs=not args.no_cuda_graphs)
+                      eos_ids=args.source.config.eos_ids, quant=args.quant_config,
+                      compile=not args.no_compile, device=args.device,
+                      cuda_graphs=not args.no_cuda_graphs)
     summary = summarize(generate(job))
     if launch_env().rank != 0:  # under torchrun: rank 0 speaks for every rank
         return 0

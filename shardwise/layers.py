@@ -15,6 +15,13 @@ A column layer followed by a row layer (attention: QKV then output; MLP: gate/up
 costs one all-reduce forward and one backward. With sequence parallelism the activations between
 blocks are split along the sequence: the column layer all-gathers its input (reduce-scatter
 backward) and the row layer reduce-scatters its output (all-gather backward).
+
+Quantized weights (``quant=``, a :class:`~shardwise.quant.qtensor.QuantConfig`): the layer's
+``weight`` is a placeholder on the meta device that carries the pieces and ``weight.quant =
+(method, group)``; :func:`shardwise.quant.load.load_quantized` replaces it with ``qweight``, a
+:class:`~shardwise.quant.kernels.QuantizedWeight` holding this rank's slice on the full tensor's
+quantization grid (or, where a source keeps a tensor dense, with a plain ``weight`` again). The
+forward is the same with ``x W^T`` done by the quantized kernel; there is no backward.
 """
 from __future__ import annotations
 
@@ -26,20 +33,42 @@ from torch import nn
 
 from . import comm, kernels
 from .mesh import ProcessGroup, group_rank, group_size
-from .partition import Partition
+from .partition import Partition, aligned_sizes
 from .shards import Piece
 
 
 def even_pieces(full: int, group: ProcessGroup | None, *, dim: int = 0, unit_size: int = 1,
-                unit: str = "features") -> list[Piece]:
-    """One piece: this rank's share of ``full`` (= units x unit_size), split as evenly as possible."""
+                unit: str = "features", multiple: int = 1) -> list[Piece]:
+    """One piece: this rank's share of ``full`` (= units x unit_size), split as evenly as
+    possible; with ``multiple``, on multiples of it (quantization groups: :func:`aligned_sizes`)."""
+    if multiple > 1:
+        sizes = aligned_sizes(full, group_size(group), multiple=multiple, unit=unit)
+        r = group_rank(group)
+        return [Piece("", dim, sum(sizes[:r]), sum(sizes[:r + 1]), full)]
     part = Partition(full // unit_size, group_size(group), unit=unit)
     start, stop = part.range(group_rank(group))
     return [Piece("", dim, start * unit_size, stop * unit_size, full)]
 
 
-def _all_sizes(full: int, group: ProcessGroup | None) -> list[int]:
+def _all_sizes(full: int, group: ProcessGroup | None, multiple: int = 1) -> list[int]:
+    if multiple > 1:
+        return aligned_sizes(full, group_size(group), multiple=multiple, unit="features")
     return Partition(full, group_size(group), unit="features").sizes
+
+
+def group_multiple(quant) -> int:
+    """Columns that a row-parallel split of a ``quant``-quantized weight keeps together: the
+    int4 group (1 for dense and per-channel int8 weights)."""
+    return quant.group if quant is not None and quant.group else 1
+
+
+def _weight(shape: tuple[int, int], dtype, device, quant: tuple[str, int] | None) -> nn.Parameter:
+    """A dense weight, or (``quant = (method, group)``) a placeholder for a quantized one."""
+    if quant is None:
+        return nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+    p = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
+    p.quant = quant
+    return p
 
 
 def _mark(p: nn.Parameter, pieces: list[Piece] | None = None, *, sp_partial: bool = False) -> None:
@@ -90,7 +119,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out: int | Sequence[Piece], *,
                  group: ProcessGroup | None, bias: bool = False, gather_output: bool = False,
                  sequence_parallel: bool = False, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, quant=None) -> None:
         super().__init__()
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
         self.in_features = in_features
@@ -102,7 +131,9 @@ class ColumnParallelLinear(nn.Module):
                 raise ValueError("gather_output needs a plain split, not fused pieces")
             self.gather_sizes, pieces = None, list(out)
         local = sum(p.length for p in pieces)
-        self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype, device=device))
+        self.qweight = None
+        self.weight = _weight((local, in_features), dtype, device,
+                              quant and (quant.method, quant.group))
         _mark(self.weight, [Piece(p.key, 0, p.start, p.stop, p.full, p.pad) for p in pieces])
         self.bias = None
         if bias:
@@ -110,6 +141,11 @@ class ColumnParallelLinear(nn.Module):
             _mark(self.bias, [Piece(p.key, 0, p.start, p.stop, p.full, p.pad) for p in pieces])
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.qweight is not None and weight is None:
+            x = comm.gather_seq(x, self.group) if self.sequence_parallel else x
+            y = self.qweight.linear(x, self.bias)
+            return comm.gather_from_tp(y, self.group, self.gather_sizes) if self.gather_output \
+                else y
         weight = self.weight if weight is None else weight
         if self.sequence_parallel:
             y = F.linear(comm.gather_seq(x, self.group), weight, self.bias)
@@ -134,15 +170,19 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, group: ProcessGroup | None,
                  bias: bool = False, input_is_parallel: bool = True,
                  sequence_parallel: bool = False, in_pieces: Sequence[Piece] | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 quant=None) -> None:
         super().__init__()
         self.group, self.input_is_parallel = group, input_is_parallel
         self.sequence_parallel = sequence_parallel
+        multiple = group_multiple(quant)
         pieces = [Piece(p.key, 1, p.start, p.stop, p.full) for p in in_pieces] if in_pieces \
-            else even_pieces(in_features, group, dim=1)
-        self.split_sizes = None if in_pieces else _all_sizes(in_features, group)
+            else even_pieces(in_features, group, dim=1, multiple=multiple)
+        self.split_sizes = None if in_pieces else _all_sizes(in_features, group, multiple)
         local = sum(p.length for p in pieces)
-        self.weight = nn.Parameter(torch.empty(out_features, local, dtype=dtype, device=device))
+        self.qweight = None
+        self.weight = _weight((out_features, local), dtype, device,
+                              quant and (quant.method, quant.group))
         _mark(self.weight, pieces)
         self.bias = None
         if bias:
@@ -152,14 +192,15 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = comm.scatter_to_tp(x, self.group, self.split_sizes)
-        y = kernels.linear(x, self.weight)
+        y = kernels.linear(x, self.weight) if self.qweight is None else self.qweight.linear(x)
         y = comm.reduce_scatter_seq(y, self.group) if self.sequence_parallel \
             else comm.reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
 
 
 def _vocab_rows(module: nn.Module, num_embeddings: int, embedding_dim: int,
-                group: ProcessGroup | None, pad_multiple: int, dtype, device) -> nn.Parameter:
+                group: ProcessGroup | None, pad_multiple: int, dtype, device,
+                quant=None) -> nn.Parameter:
     """Give ``module`` its vocabulary partition (``partition``, ``start``, ``stop``) and return
     a weight of its rows ``(stop - start, embedding_dim)``, padding rows included."""
     module.num_embeddings = num_embeddings
@@ -167,8 +208,9 @@ def _vocab_rows(module: nn.Module, num_embeddings: int, embedding_dim: int,
                                  multiple=max(1, pad_multiple))
     module.start, module.stop = module.partition.range(group_rank(group))
     real0, real1 = module.partition.real_range(group_rank(group))
-    weight = nn.Parameter(torch.empty(module.stop - module.start, embedding_dim, dtype=dtype,
-                                      device=device))
+    module.qweight = None
+    weight = _weight((module.stop - module.start, embedding_dim), dtype, device,
+                     quant and (quant.embedding, quant.group))
     _mark(weight, [Piece("", 0, real0, real1, num_embeddings,
                          pad=(module.stop - module.start) - (real1 - real0))])
     return weight
@@ -184,18 +226,24 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, group: ProcessGroup | None,
                  pad_multiple: int = 1, sequence_parallel: bool = False,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 quant=None) -> None:
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _vocab_rows(self, num_embeddings, embedding_dim, group, pad_multiple,
-                                  dtype, device)
+                                  dtype, device, quant)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the local weight (dequantized when it is quantized)."""
+        return F.embedding(ids, self.weight) if self.qweight is None else self.qweight.rows(ids)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if group_size(self.group) == 1:
-            return F.embedding(ids, self.weight)
+            return self.lookup(ids)
         outside = (ids < self.start) | (ids >= self.stop)
         local = torch.where(outside, 0, ids - self.start)
-        out = F.embedding(local, self.weight) * (~outside).unsqueeze(-1).to(self.weight.dtype)
+        out = self.lookup(local)
+        out = out * (~outside).unsqueeze(-1).to(out.dtype)
         if self.sequence_parallel:
             return comm.reduce_scatter_seq(out, self.group)
         return comm.reduce_from_tp(out, self.group)
@@ -216,11 +264,12 @@ class ParallelLMHead(nn.Module):
                  pad_multiple: int = 1, tied_to: VocabParallelEmbedding | None = None,
                  sequence_parallel: bool = False, softcap: float | None = None,
                  dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, quant=None) -> None:
         super().__init__()
         self.group, self.sequence_parallel, self.softcap = group, sequence_parallel, softcap
         weight = _vocab_rows(self, num_embeddings, embedding_dim, group, pad_multiple, dtype,
-                             "meta" if tied_to is not None else device)
+                             "meta" if tied_to is not None else device,
+                             None if tied_to is not None else quant)
         self.valid = max(0, min(self.stop, self.num_embeddings) - self.start)
         # not a submodule: the embedding is registered once, by the model
         object.__setattr__(self, "_tied", tied_to)
@@ -236,7 +285,11 @@ class ParallelLMHead(nn.Module):
         return self._tied.weight if self._tied is not None else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
+        holder = self._tied if self._tied is not None else self
+        if holder.qweight is not None:
+            x = comm.gather_seq(x, self.group) if self.sequence_parallel else x
+            logits = holder.qweight.linear(x)
+        elif self.sequence_parallel:
             x = comm.gather_seq(x, self.group)
             logits = F.linear(x, self.local_weight())
         elif group_size(self.group) > 1 and torch.is_grad_enabled() and x.requires_grad:

@@ -146,11 +146,15 @@ def pick_device(want: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, *, quantized: bool = False) -> torch.dtype:
     """``name`` ("auto", "float32", "bfloat16", "float16") as a dtype; "auto" is bfloat16 on a
     GPU (half the bytes a decode step reads, the format checkpoints ship in) and float32 on the
-    CPU (exact comparisons with the unsharded model)."""
+    CPU (exact comparisons with the unsharded model), except for ``quantized`` weights on a CPU
+    with AVX512-BF16: their activations in bfloat16 (the int4 kernel's dot products)."""
     if name == "auto":
+        if device.type == "cpu" and quantized:
+            from .kernels import _cpu_flags
+            return torch.bfloat16 if " avx512_bf16" in _cpu_flags() else torch.float32
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

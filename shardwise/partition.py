@@ -30,6 +30,20 @@ def split_sizes(total: int, parts: int, *, unit: str = "units") -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(parts)]
 
 
+def aligned_sizes(total: int, parts: int, *, multiple: int, unit: str = "columns") -> list[int]:
+    """Sizes of ``parts`` contiguous pieces of ``total`` that start on multiples of ``multiple``
+    (quantization groups: 1536 columns in groups of 128 over 5 ranks -> 384 + 384 + 256 + 256 +
+    256): blocks of ``multiple`` (the last may be short) split as evenly as possible. Where there
+    are fewer blocks than parts, ``multiple`` halves until there are enough (down to 1)."""
+    _check(total, parts, unit)
+    while multiple > 1 and -(-total // multiple) < parts:
+        multiple //= 2
+    blocks = split_sizes(-(-total // multiple), parts, unit=unit)
+    sizes = [b * multiple for b in blocks]
+    sizes[-1] -= sum(sizes) - total  # the last block is short
+    return sizes
+
+
 def stage_layers(num_layers: int, pp: int, stage: int) -> range:
     """Layers of pipeline stage ``stage``: contiguous, as even as possible (earlier stages get
     the extra layer: the last stage also runs the LM head)."""

@@ -133,22 +133,25 @@ def seeded_normal(name: str, shape: tuple[int, ...], *, seed: int, std: float) -
     return torch.randn(shape, generator=gen) * std
 
 
+def seeded_reader(*, seed: int, std: float, fill=0.0) -> ReadFn:
+    """A :data:`ReadFn` over the full tensors an unsharded model would be initialised with:
+    matrices and embeddings N(0, std^2) (Llama's ``initializer_range``); vectors ``fill`` (a
+    number, or a function of the tensor's name giving one). Each full tensor is materialised, on
+    CPU."""
+    def read(name: str, shape: tuple, dim: int, start: int, stop: int) -> torch.Tensor:
+        full = seeded_normal(name, shape, seed=seed, std=std) if len(shape) >= 2 \
+            else torch.full(shape, fill(name) if callable(fill) else fill)
+        return full.narrow(dim, start, stop - start) if full.dim() else full
+    return read
+
+
 @torch.no_grad()
 def init_weights(module: nn.Module, *, seed: int = 0, std: float = 0.02) -> None:
-    """Initialise every parameter as the unsharded model would be, then keep the local rows.
-
-    Matrices and embeddings: N(0, std^2) (Llama's ``initializer_range``); vectors: the
-    parameter's ``init_fill`` (norm weights: 1, or 0 for Gemma's ``1 + w``), else zeros
-    (biases). Each full tensor is materialised once, on CPU.
-    """
+    """Initialise every parameter as the unsharded model would be (:func:`seeded_reader`), then
+    keep the local rows. A vector's fill is the parameter's ``init_fill`` (norm weights: 1, or 0
+    for Gemma's ``1 + w``), else 0 (biases). Placeholders of quantized weights (on the meta
+    device) are left to the quantized loader."""
     for path, p, _ in sharded_params(module):
-        fill = getattr(p, "init_fill", 0.0)
-
-        def read(name: str, shape: tuple, dim: int, start: int, stop: int) -> torch.Tensor:
-            if len(shape) >= 2:
-                full = seeded_normal(name, shape, seed=seed, std=std)
-            else:
-                full = torch.full(shape, fill)
-            return full.narrow(dim, start, stop - start) if full.dim() else full
-
-        p.copy_(assemble_local(path, p, read).to(p.dtype))
+        if not p.is_meta:
+            read = seeded_reader(seed=seed, std=std, fill=getattr(p, "init_fill", 0.0))
+            p.copy_(assemble_local(path, p, read).to(p.dtype))

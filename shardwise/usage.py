@@ -94,7 +94,9 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
                    help="where each rank runs: auto (default) is cuda:LOCAL_RANK with NCCL when "
                         "CUDA is present, else the CPU with gloo / shared memory")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV cache; auto (default): bfloat16 on a GPU, float32 on CPU")
+                   help="weights and KV cache (with --quant: activations, scales and the "
+                        "dense weights); auto (default): bfloat16 on a GPU, float32 on CPU "
+                        "(with --quant: bfloat16 where the CPU has AVX512-BF16)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, launch decode steps kernel by kernel instead of replaying "
                         "captured CUDA graphs")

@@ -36,6 +36,8 @@ from .comm import Ledger, all_gather_dim
 from .failure import phase
 from .layers import gather_logits
 from .mesh import Mesh, group_size, launch_env, pick_device, subgroup, under_launcher
+from .quant.config import QuantConfig
+from .quant.load import weight_bytes
 
 EXIT_EXCEEDED = 1
 
@@ -51,6 +53,7 @@ class VerifyJob:
     corrupt: tuple[str, int] | None = None  # test hook: (parameter name, tp rank) to perturb
     compile: bool = False  # also decode compiled vs eager on the tp=N model
     device: str = "auto"   # "auto" (CUDA when present), "cpu" or "cuda"
+    quant: QuantConfig | None = None        # both sides quantized alike (shardwise.quant)
 
 
 @dataclass
@@ -150,9 +153,9 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
         group, device = _group_for(job.tp, job.device)
     if group is False:
         return None
-    source = resolve(job.model)
+    source = resolve(job.model, dense=job.quant is None)
     model = build_model(source, group=group, sequence_parallel=job.sequence_parallel,
-                        seed=job.seed, device=device).eval()
+                        seed=job.seed, device=device, quant=job.quant).eval()
     rank = 0 if group is None else torch.distributed.get_rank(group)
     if job.corrupt is not None and job.corrupt[1] == rank:
         params = dict(model.named_parameters())
@@ -203,14 +206,15 @@ def run_rank(job: VerifyJob) -> dict[str, Any] | None:
     return {"rank": rank, "outputs": {k: v.cpu() for k, v in full.items()} if rank == 0 else None,
             "counts": counts, "device": str(device),
             "compiled": compiled,
-            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "param_bytes": weight_bytes(model),
             "peak_rss_mib": round(_peak_rss_mib(), 1), "comm_backend": _comm_backend(group)}
 
 
 def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
            sequence_parallel: bool = False, atol: float = 1e-4, rtol: float = 1e-4,
            corrupt: tuple[str, int] | None = None, pool: Any = None,
-           compile: bool = False, device: str = "auto") -> Report:
+           compile: bool = False, device: str = "auto",
+           quant: QuantConfig | None = None) -> Report:
     """Compare ``model`` at ``tp`` ranks (spawned locally, on ``pool``, a
     :class:`~shardwise.launch.WorkerPool` of at least ``tp`` ranks, or torchrun's processes) with
     tp=1 in this process (rank 0's under torchrun). Under torchrun every rank returns the report.
@@ -222,14 +226,14 @@ def verify(model: str, tp: int, *, batch: int = 2, seq: int = 16, seed: int = 0,
         raise ValueError(f"tp={tp}: must be >= 1")
     if sequence_parallel and seq % tp:
         raise ValueError(f"sequence parallelism needs seq % tp == 0 (seq={seq}, tp={tp})")
-    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt, compile, device)
+    job = VerifyJob(model, tp, batch, seq, seed, sequence_parallel, corrupt, compile, device, quant)
     if under_launcher() and tp > 1:
         ref, results = _launched(job)
     else:
-        ref = run_rank(VerifyJob(model, 1, batch, seq, seed, device=device))
+        ref = run_rank(VerifyJob(model, 1, batch, seq, seed, device=device, quant=quant))
         results = _local(job, pool)
     from .checkpoint.source import resolve
-    qk_all = resolve(model).config.arch.qk_norm_all
+    qk_all = resolve(model, dense=quant is None).config.arch.qk_norm_all
     stages, first = [], None
     for name, want in ref["outputs"].items():
         got = results[0]["outputs"][name]
@@ -330,13 +334,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the compiled-vs-eager decode check")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto (default): cuda:LOCAL_RANK with NCCL when CUDA is present")
+    from .quant.config import add_arguments as quant_arguments
+    quant_arguments(parser)
 
 
 def check(args: argparse.Namespace) -> None:
     """The model, the layout and the lengths, before any worker starts."""
-    from .checkpoint.source import resolve
+    from .checkpoint.source import quant_for, resolve
     from .partition import HeadLayout
-    cfg = resolve(args.model).config
+    from .quant.config import from_args
+    args.quant_config = from_args(args)
+    source = resolve(args.model, dense=args.quant_config is None)
+    quant_for(source, args.quant_config)
+    cfg = source.config
     HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
     if args.sequence_parallel and args.seq % args.tp:
         raise ValueError(f"sequence parallelism splits --seq={args.seq} over tp={args.tp} ranks: "
@@ -351,7 +361,8 @@ def check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     rep = verify(args.model, args.tp, batch=args.batch, seq=args.seq, seed=args.seed,
                  sequence_parallel=bool(args.sequence_parallel), atol=args.atol, rtol=args.rtol,
-                 compile=not args.no_compile, device=args.device)
+                 compile=not args.no_compile, device=args.device,
+                 quant=getattr(args, "quant_config", None))
     if launch_env().rank == 0:  # under torchrun: rank 0 speaks for every rank
         print(json.dumps(rep.to_json(), indent=1) if args.json else format_report(rep))
     return 0 if rep.ok else EXIT_EXCEEDED

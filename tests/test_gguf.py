@@ -78,8 +78,9 @@ def _writer(path, c, arch: str, theta: float):
     return w
 
 
-def _write_gguf(path, model, qtype: str = "F32", arch: str | None = None, extra=None) -> None:
-    """Write ``model`` as llama.cpp would: its names, permuted q/k for llama, 2-D weights in ``qtype``."""
+def _write_gguf(path, model, qtype="F32", arch: str | None = None, extra=None) -> None:
+    """Write ``model`` as llama.cpp would: its names, permuted q/k for llama, 2-D weights in ``qtype``
+    (a type name, or a function of the GGUF tensor name giving one)."""
     c = model.config
     w = _writer(path, c, arch or c.model_type, c.rope_parameters["rope_theta"])
     heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}
@@ -91,12 +92,13 @@ def _write_gguf(path, model, qtype: str = "F32", arch: str | None = None, extra=
         kind = name.split(".")[2] if name.startswith("blk.") else ""
         if c.model_type == "llama" and kind in heads:
             a = llama_cpp_permute(a, heads[kind])
-        if a.ndim == 1 or qtype == "F32":
+        qt = qtype(name) if callable(qtype) else qtype
+        if a.ndim == 1 or qt == "F32":
             w.add_tensor(name, a)
-        elif qtype == "F16":
+        elif qt == "F16":
             w.add_tensor(name, a.astype(np.float16))
         else:
-            q = gguf.GGMLQuantizationType[qtype]
+            q = gguf.GGMLQuantizationType[qt]
             w.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
     for name, a in (extra or {}).items():
         w.add_tensor(name, a)

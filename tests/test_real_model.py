@@ -53,7 +53,7 @@ def assert_same_or_near_tie(got, expect, gaps, label):
     assert len(got) == len(expect), f"{label}: {len(got)} tokens vs {len(expect)}"
 
 
-@pytest.mark.parametrize("tp", [1, 2, 3])
+@pytest.mark.parametrize("tp", [1, 3])  # tp=2: compiled == eager (test_compiled_step), serving
 def test_greedy_generation_matches_transformers(smollm2, reference, tp):
     from shardwise.generate import GenerateJob, generate
     from shardwise.sampling import SamplingParams

@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--tp", default="1,2", help="comma-separated tp degrees (default 1,2)")
     d.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes")
+    d.add_argument("--quant", default="none",
+                   help="comma-separated weights: none (the dtype's), int8, int4 (default none)")
     d.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     d.add_argument("--prefill-tokens", type=int, default=128)
     d.add_argument("--decode-tokens", type=int, default=64)
@@ -141,6 +143,9 @@ def _check_decode(args: argparse.Namespace) -> None:
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     if not dtypes or set(dtypes) - {"float32", "bfloat16"}:
         raise ValueError(f"--dtype {args.dtype!r}: use a comma list of float32, bfloat16")
+    quants = [q.strip() for q in args.quant.split(",") if q.strip()]
+    if not quants or set(quants) - {"none", "int8", "int4"}:
+        raise ValueError(f"--quant {args.quant!r}: use a comma list of none, int8, int4")
     if args.rounds < 1 or args.decode_tokens < 1 or args.prefill_tokens < 1:
         raise ValueError(f"--rounds {args.rounds}, --decode-tokens {args.decode_tokens} and "
                          f"--prefill-tokens {args.prefill_tokens} must each be >= 1")
@@ -154,7 +159,8 @@ def _run_decode(args: argparse.Namespace) -> int:
                        ("eager", "compiled") + (("frozen",) if args.freezing else ()),
                        rounds=args.rounds, prefill=args.prefill_tokens,
                        decode=args.decode_tokens, llama=not args.no_llama,
-                       transformers=args.transformers)
+                       transformers=args.transformers,
+                       quants=tuple(q.strip() for q in args.quant.split(",") if q.strip()))
     print(format_table(res))
     if args.json:
         _write_json(args.json, res)

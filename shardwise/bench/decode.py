@@ -4,13 +4,16 @@ beside llama.cpp (and transformers), interleaved.
 Contenders, each measured once per round, rounds repeated (medians reported; a noisy neighbour
 hurts all alike):
 
-* ``shardwise tp=T <dtype> <eager|compiled|frozen>``: :class:`~shardwise.serve.step.StaticStep`
-  on T pinned ranks (one long-lived pool per tp and dtype holding the eager and the compiled
-  step, and with ``--freezing`` the compiled step with inductor's freezing, over one copy of the
-  weights);
-* ``llama.cpp <F32|BF16>``: ``llama-bench -p 128 -n 64 -r 1 -t <cores>`` on the same weights
-  converted with ``llama-quantize --allow-requantize`` (``benchmarks/llama_cpp.py`` builds it;
-  skipped with a message where it is not built);
+* ``shardwise tp=T <dtype> [int8|int4] <eager|compiled|frozen>``:
+  :class:`~shardwise.serve.step.StaticStep` on T pinned ranks (one long-lived pool per tp, dtype
+  and quantization holding the eager and the compiled step, and with ``--freezing`` the compiled
+  step with inductor's freezing, over one copy of the weights). ``--quant int4`` loads SmolLM2's
+  Q4_1 file kept quantized (its Q8_0 embedding as int8 per row); ``int8`` loads the Q8_0 file
+  llama.cpp's contender reads (Q8_0 re-quantized per row), or the Q4_1 file at int8 where
+  llama.cpp is not built; ``<dtype>`` is then the activation dtype;
+* ``llama.cpp <F32|BF16|Q8_0|Q4_1>``: ``llama-bench -p 128 -n 64 -r 1 -t <cores>`` on the same
+  weights converted with ``llama-quantize --allow-requantize`` (Q4_1: the file itself;
+  ``benchmarks/llama_cpp.py`` builds it; skipped with a message where it is not built);
 * ``transformers <dtype>`` (``--transformers``): ``LlamaForCausalLM`` eager with its dynamic
   cache, all cores.
 
@@ -33,20 +36,29 @@ import torch
 
 _STATE: dict[str, Any] = {}
 DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+QUANTS = {"int8": "Q8_0", "int4": "Q4_1"}  # shardwise --quant -> the llama.cpp file it faces
 
 
 # ---------------------------------------------------------------------------- shardwise ranks
-def setup(model: str, dtype: str, modes: tuple[str, ...], tp: int) -> dict[str, Any]:
-    """Worker: load the rank's shard, build an eager and/or compiled step, compile (timed)."""
+def setup(model: str, dtype: str, modes: tuple[str, ...], tp: int,
+          quant: str | None = None) -> dict[str, Any]:
+    """Worker: load the rank's shard (``quant``: int8/int4 weights), build an eager and/or
+    compiled step, compile (timed)."""
     from ..checkpoint.source import build_model, resolve
     from ..mesh import Mesh
+    from ..quant.config import QuantConfig
     from ..serve.kv import PagedKVCache
     from ..serve.step import StaticStep, StepOptions
     mesh = Mesh.init(tp=tp)
-    m = build_model(resolve(model), group=mesh.tp_group, dtype=getattr(torch, dtype)).eval()
+    t0 = time.perf_counter()
+    m = build_model(resolve(model, dense=quant is None), group=mesh.tp_group,
+                    dtype=getattr(torch, dtype),
+                    quant=QuantConfig(method=quant) if quant else None).eval()
+    load_s = time.perf_counter() - t0
     _STATE.update(model=m, group=mesh.tp_group, steps={})
     from .. import kernels
-    info: dict[str, Any] = {"threads": torch.get_num_threads(),
+    info: dict[str, Any] = {"model": model, "load_s": round(load_s, 2),
+                            "threads": torch.get_num_threads(),
                             "cores": sorted(os.sched_getaffinity(0)), "kernels": kernels.status()}
     with torch.inference_mode():
         for mode in modes:
@@ -103,7 +115,8 @@ def llama_bench(binary: Path, gguf: Path, threads: int, prefill: int, decode: in
 
 
 def llama_contenders(model: str, dtypes: list[str]) -> tuple[dict[str, Any], str | None]:
-    """name -> (llama-bench, gguf) for each dtype, or why llama.cpp is skipped."""
+    """name -> (llama-bench, gguf) for each dtype (``float32``, ``bfloat16``) or quantization
+    (``int8``, ``int4``), or why llama.cpp is skipped."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     try:
         import llama_cpp  # benchmarks/llama_cpp.py
@@ -117,8 +130,8 @@ def llama_contenders(model: str, dtypes: list[str]) -> tuple[dict[str, Any], str
     from ..checkpoint.gguf import find_smollm2_gguf
     src = find_smollm2_gguf()
     try:
-        return {f"llama.cpp {DTYPES[d]}": (bins["llama-bench"], llama_cpp.gguf_at(d, src))
-                for d in dtypes}, None
+        return {f"llama.cpp {DTYPES.get(d) or QUANTS[d]}":
+                (bins["llama-bench"], llama_cpp.gguf_at(d, src)) for d in dtypes}, None
     except (RuntimeError, subprocess.CalledProcessError) as e:
         return {}, f"llama-quantize failed: {e}"
 
@@ -162,8 +175,10 @@ def bench_decode(*, model: str = "smollm2-135m", tps: tuple[int, ...] = (1, 2),
                  dtypes: tuple[str, ...] = ("float32", "bfloat16"),
                  modes: tuple[str, ...] = ("eager", "compiled"), rounds: int = 3,
                  prefill: int = 128, decode: int = 64, llama: bool = True,
-                 transformers: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Every contender once per round, ``rounds`` times; medians, ratios and goals."""
+                 transformers: bool = False, progress: bool = True,
+                 quants: tuple[str, ...] = ("none",)) -> dict[str, Any]:
+    """Every contender once per round, ``rounds`` times; medians, ratios and goals.
+    ``quants``: ``none`` (the dtype's dense weights) and/or ``int8``, ``int4``."""
     from ..launch import WorkerPool
     if rounds < 1 or prefill < 1 or decode < 1:
         raise ValueError(f"rounds={rounds}, prefill={prefill}, decode={decode}: each must be >= 1")
@@ -173,8 +188,12 @@ def bench_decode(*, model: str = "smollm2-135m", tps: tuple[int, ...] = (1, 2),
     info: dict[str, Any] = {"cpu": cpu_model(), "cores": cores, "torch": torch.__version__,
                             "loadavg_start": list(os.getloadavg()), "skipped": {}}
     runs: dict[str, list[dict]] = {}
-    pools: dict[tuple[int, str], WorkerPool] = {}
-    llamas, why = llama_contenders(model, list(dtypes)) if llama else ({}, "--no-llama")
+    pools: dict[tuple[int, str, str], WorkerPool] = {}
+    kinds = [d for d in dtypes if "none" in quants] + [q for q in quants if q != "none"]
+    llamas, why = llama_contenders(model, kinds) if llama else ({}, "--no-llama")
+    specs = {q: model for q in quants}
+    if "int8" in quants and "llama.cpp Q8_0" in llamas:  # the file llama.cpp's Q8_0 reads
+        specs["int8"] = str(llamas["llama.cpp Q8_0"][1])
     if why:
         info["skipped"]["llama.cpp"] = why
         if progress:
@@ -182,13 +201,15 @@ def bench_decode(*, model: str = "smollm2-135m", tps: tuple[int, ...] = (1, 2),
     try:
         for tp in tps:
             for dt in dtypes:
-                pools[(tp, dt)] = WorkerPool(tp, timeout_s=1800)
-        for (tp, dt), pool in pools.items():
-            info[f"tp={tp} {dt}"] = pool.run(setup, model, dt, modes, tp)[0]
+                for q in quants:
+                    pools[(tp, dt, q)] = WorkerPool(tp, timeout_s=1800)
+        for (tp, dt, q), pool in pools.items():
+            info[contender(tp, dt, q)] = pool.run(setup, specs[q], dt, modes, tp,
+                                                  None if q == "none" else q)[0]
         for r in range(rounds):
-            for (tp, dt), pool in pools.items():
+            for (tp, dt, q), pool in pools.items():
                 for mode in modes:
-                    name = f"shardwise tp={tp} {dt} {mode}"
+                    name = f"shardwise {contender(tp, dt, q)} {mode}"
                     runs.setdefault(name, []).append(
                         pool.run(measure, mode, prompt, prefill, decode)[0])
                     _say(progress, r, name, runs[name][-1])
@@ -203,7 +224,11 @@ def bench_decode(*, model: str = "smollm2-135m", tps: tuple[int, ...] = (1, 2),
         for pool in pools.values():
             pool.close()
     info["loadavg_end"] = list(os.getloadavg())
-    return summarize(runs, info, tps, dtypes)
+    return summarize(runs, info, tps, dtypes, quants)
+
+
+def contender(tp: int, dtype: str, quant: str) -> str:
+    return f"tp={tp} {dtype}" + ("" if quant == "none" else f" {quant}")
 
 
 def _say(progress: bool, r: int, name: str, res: dict) -> None:
@@ -212,11 +237,27 @@ def _say(progress: bool, r: int, name: str, res: dict) -> None:
               f"{res['prefill_tps']:7.1f} tok/s", file=sys.stderr, flush=True)
 
 
-def summarize(runs: dict[str, list[dict]], info: dict[str, Any], tps, dtypes) -> dict[str, Any]:
+def summarize(runs: dict[str, list[dict]], info: dict[str, Any], tps, dtypes,
+              quants=("none",)) -> dict[str, Any]:
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("decode_tps", "prefill_tps")}
            for k, v in runs.items()}
     goals: dict[str, dict[str, Any]] = {}
-    for dt in dtypes:
+    for q in quants:  # issue 16: quantized decode beside llama.cpp's file, and tp=2 / tp=1
+        if q == "none":
+            continue
+        for dt in dtypes:
+            mine = med.get(f"shardwise tp=1 {dt} {q} compiled") or \
+                med.get(f"shardwise tp=1 {dt} {q} eager")
+            ref = med.get(f"llama.cpp {QUANTS[q]}")
+            if mine and ref:
+                goals[f"decode tp=1 {dt} {q} / llama.cpp {QUANTS[q]}"] = \
+                    _goal(mine["decode_tps"] / ref["decode_tps"], 1.0)
+            two = med.get(f"shardwise tp=2 {dt} {q} compiled") or \
+                med.get(f"shardwise tp=2 {dt} {q} eager")
+            if mine and two:
+                goals[f"decode tp=2 / tp=1 {dt} {q}"] = \
+                    _goal(two["decode_tps"] / mine["decode_tps"], 1.0)
+    for dt in dtypes if "none" in quants else ():
         mine = med.get(f"shardwise tp=1 {dt} compiled")
         ref = med.get(f"llama.cpp {DTYPES[dt]}")
         if mine and ref:

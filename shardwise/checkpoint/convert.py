@@ -6,6 +6,12 @@ write goes through :mod:`shardwise.checkpoint.atomic` (a killed write leaves the
     shardwise convert --from ckpt/tp2 --tp 3 --out ckpt/tp3          # reshard (any tp/pp/dp)
     shardwise convert --from runs/x/checkpoints --to-hf hf/x         # export for transformers
     shardwise convert --from OLD --out NEW                           # rewrite an older format
+    shardwise convert --model smollm2-135m --quant int4 --tp 2 --out q4/tp2   # quantize
+    shardwise convert --from q4/tp2 --tp 3 --out q4/tp3              # a quantized one, resharded
+
+Quantized checkpoints (``--quant``, :mod:`.qsharded`) are written in one process, one target
+rank and one tensor at a time, from a float model (fp32/bf16: quantized on the full tensors'
+grids) or from a GGUF (its Q4_0/Q4_1/Q8_0 blocks kept as they are).
 """
 from __future__ import annotations
 
@@ -61,6 +67,23 @@ def check_layout(cfg, tp: int, pp: int, dp: int) -> None:
 
 
 @torch.no_grad()
+def save_quantized(spec: str, out: str | Path, *, tp: int, pp: int = 1, quant=None) -> Path:
+    """Write model ``spec`` (a preset, HF directory, GGUF or sharded checkpoint) quantized with
+    ``quant`` (a quantized checkpoint: as it is stored) as a checkpoint for layout (tp, pp)."""
+    from .qsharded import write_quantized
+    from .source import quant_for, readers, resolve
+    source = resolve(spec, dense=False)
+    quant = quant_for(source, quant)
+    if quant is None:
+        raise ValueError(f"{spec} is not quantized: give --quant int8 or int4")
+    check_layout(source.config, tp, pp, 1)
+    with readers(source, quant=quant) as (read, qread):
+        return atomic_dir(out, lambda tmp: write_quantized(
+            tmp, source.config, quant, tp=tp, pp=pp, read=read, qread=qread,
+            meta={"model": source.name, "dtype": "float32"}, tokenizer=source.tokenizer))
+
+
+@torch.no_grad()
 def reshard(src: str | Path, out: str | Path, *, tp: int, pp: int = 1, dp: int = 1) -> Path:
     """Rewrite checkpoint ``src`` (any format, any layout) at ``out`` for layout (tp, pp, dp):
     the one resharding function, for model and training checkpoints (optimizer states included;
@@ -69,6 +92,8 @@ def reshard(src: str | Path, out: str | Path, *, tp: int, pp: int = 1, dp: int =
     from ..models.config import LlamaConfig
     from ..models.llama import LlamaForCausalLM
     ck = Checkpoint(src)
+    if ck.meta.get("quant"):
+        return save_quantized(str(ck.dir), out, tp=tp, pp=pp)
     cfg = LlamaConfig.from_hf(ck.config)
     check_layout(cfg, tp, pp, dp)
     kinds = [k for k in KINDS if ck.has(k)]
@@ -101,6 +126,9 @@ def export_hf(src: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
     import json
     ck = Checkpoint(src)
+    if ck.meta.get("quant"):
+        raise ValueError(f"{ck.dir} is quantized ({ck.meta['quant']['method']}): export its float "
+                         "source to Hugging Face instead")
 
     def fill(tmp: Path) -> None:
         tensors = {n: ck.full("param", n).contiguous() for n in ck.names("param")}
@@ -122,6 +150,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int_range(1), default=None, help="data-parallel size of the output")
     p.add_argument("--to-hf", help="export --from as a Hugging Face directory")
     p.add_argument("--out", help="output checkpoint directory")
+    from ..quant.config import add_arguments as quant_arguments
+    quant_arguments(p)
 
 
 def _save_worker(model_spec: str, tp: int, out: str) -> None:
@@ -141,11 +171,15 @@ def check(args: argparse.Namespace) -> None:
     if args.model and args.src:
         raise ValueError("give either --model (save a model) or --from (export, reshard or "
                          "rewrite a checkpoint), not both")
+    from ..quant.config import from_args
+    args.quant_config = from_args(args)
     if args.model:
         if not (args.tp and args.out):
             raise ValueError("saving a model needs --tp N and --out DIR")
-        from .source import resolve
-        cfg = resolve(args.model).config
+        from .source import quant_for, resolve
+        source = resolve(args.model, dense=args.quant_config is None)
+        quant_for(source, args.quant_config)
+        cfg = source.config
         HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
         return
     if not args.src:
@@ -159,9 +193,16 @@ def check(args: argparse.Namespace) -> None:
     if not (args.to_hf or args.out):
         raise ValueError("with --from, give --to-hf DIR and/or --out DIR (with --tp/--pp/--dp)")
     ck = Checkpoint(src)  # one line when src is no checkpoint of any format
+    if args.quant_config is not None and (args.to_hf or not args.out):
+        raise ValueError("--quant writes a quantized checkpoint: give --out DIR (not --to-hf)")
     if args.out:
         from ..models.config import LlamaConfig
         check_layout(LlamaConfig.from_hf(ck.config), *_out_layout(args, ck))
+
+
+def _is_quantized(spec: str) -> bool:
+    from .sharded import is_checkpoint
+    return is_checkpoint(spec) and bool(Checkpoint(spec).meta.get("quant"))
 
 
 def _out_layout(args: argparse.Namespace, ck: Checkpoint) -> tuple[int, int, int]:
@@ -171,12 +212,22 @@ def _out_layout(args: argparse.Namespace, ck: Checkpoint) -> tuple[int, int, int
 
 def run(args: argparse.Namespace) -> int:
     """The conversion :func:`check` accepted."""
+    quant = args.quant_config
+    if args.model and (quant is not None or _is_quantized(args.model)):
+        save_quantized(args.model, args.out, tp=args.tp, quant=quant)
+        print(f"saved {args.model} quantized at tp={args.tp} to {args.out}")
+        return 0
     if args.model:
         from ..launch import spawn
         spawn(_save_worker, args.tp, args.model, args.tp, args.out)
         print(f"saved {args.model} at tp={args.tp} to {args.out}")
         return 0
     ck = Checkpoint(args.src)
+    if quant is not None:
+        tp, pp, _ = _out_layout(args, ck)
+        save_quantized(str(ck.dir), args.out, tp=tp, pp=pp, quant=quant)
+        print(f"wrote {ck.dir} quantized ({quant.method}) at tp={tp} pp={pp} to {args.out}")
+        return 0
     if args.to_hf:
         export_hf(ck.dir, args.to_hf)
         print(f"exported {ck.dir} to {args.to_hf}")

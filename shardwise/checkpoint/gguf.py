@@ -245,13 +245,15 @@ def _write_tokenizer(reader: Any, gguf_path: Path, out: Path, context_length: in
 
 
 def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-               dtype: torch.dtype = torch.float32) -> Path:
+               dtype: torch.dtype = torch.float32, weights: bool = True) -> Path:
     """Convert a Llama-family GGUF into a Hugging Face directory at ``out_dir`` and return it.
 
     Every tensor is dequantised to ``dtype`` (Q4_0/Q4_1/Q8_0/F16/... through ``gguf.quants``), renamed,
     and for q/k unpermuted, one at a time. The directory is built in a hidden sibling temp dir and
     renamed into place, so ``out_dir`` either does not exist or is complete. Raises FileExistsError if
     ``out_dir`` already exists (and is not empty), ValueError for non-Llama-family GGUFs.
+    ``weights=False`` writes the config and tokenizer only (quantized loading reads the weights
+    from the GGUF itself: :mod:`.gguf_read`).
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = _open(gguf_path)
@@ -262,8 +264,11 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         out_dir.rmdir()  # empty: the rename below puts the conversion there
 
     def fill(tmp: Path) -> None:
+        from .gguf_read import TABLE, tensor_table
         cfg = _hf_config(reader, _field(reader, "general.architecture"), arch, dtype)
-        _write_weights(reader, arch, cfg, tmp, dtype)
+        if weights:
+            _write_weights(reader, arch, cfg, tmp, dtype)
+        (tmp / TABLE).write_text(json.dumps(tensor_table(reader, gguf_path)))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -274,8 +279,18 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     return out_dir
 
 
-def _is_converted(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+def _is_converted(path: Path, weights: bool = True) -> bool:
+    return (path / "config.json").is_file() and (not weights or any(path.glob("*.safetensors")))
+
+
+def _with_table(target: Path, gguf_path: Path) -> Path:
+    """Add the tensor table to a directory converted before it was written there."""
+    from .gguf_read import TABLE, tensor_table
+    if not (target / TABLE).is_file():
+        tmp = target / f".{TABLE}.{os.getpid()}"
+        tmp.write_text(json.dumps(tensor_table(_open(gguf_path), gguf_path)))
+        os.replace(tmp, target / TABLE)
+    return target
 
 
 def cache_key(gguf_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> str:
@@ -287,12 +302,13 @@ def cache_key(gguf_path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
 
 
 def cached_hf_dir(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                  dtype: torch.dtype = torch.float32) -> Path:
+                  dtype: torch.dtype = torch.float32, weights: bool = True) -> Path:
     """The converted HF directory of ``gguf_path``, converting it on first use.
 
     Cache: ``cache_dir`` or ``~/.cache/shardwise/gguf``, entry `cache_key`. Later calls only stat the
     file. Concurrent callers (e.g. every rank of a launch) wait on a file lock so that one converts and
     the rest reuse its result; without fcntl (Windows) the atomic rename still keeps them correct.
+    ``weights=False``: config and tokenizer only (entry ``<key>-meta``, unless the full one exists).
     """
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -300,7 +316,9 @@ def cached_hf_dir(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike 
     root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "shardwise" / "gguf"
     target = root / cache_key(gguf_path, dtype=dtype)
     if _is_converted(target):
-        return target
+        return _with_table(target, gguf_path)
+    if not weights:
+        target = target.with_name(target.name + "-meta")
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{target.name}.lock", "a") as lock:
         try:
@@ -309,11 +327,11 @@ def cached_hf_dir(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike 
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         except ImportError:
             pass
-        if _is_converted(target):
+        if _is_converted(target, weights):
             return target
         try:
-            gguf_to_hf(gguf_path, target, dtype=dtype)
+            gguf_to_hf(gguf_path, target, dtype=dtype, weights=weights)
         except FileExistsError:
-            if not _is_converted(target):
+            if not _is_converted(target, weights):
                 raise
     return target

@@ -14,7 +14,9 @@ layout. A file's tensor ``"{kind}/{HF name}"`` (kind ``param``, ``exp_avg``, ``e
 ``dim`` (``dim`` null: the whole tensor; ``"name"``: the tensor when the key carries a ``#start``
 suffix, for a second piece of one tensor in one file), optionally ``"flat": [a, b]``: only elements ``[a, b)`` of
 that block, flattened row-major (a ZeRO shard of optimizer state). Pieces may overlap (a KV head
-replicated on two TP ranks is written by both); vocabulary padding is never written.
+replicated on two TP ranks is written by both); vocabulary padding is never written. A quantized
+model (``"quant"`` in the metadata) stores each quantized weight as ``qweight``, ``qscale`` and
+``qzero`` pieces instead of ``param`` (:mod:`.qsharded`).
 
 Why not ``torch.distributed.checkpoint`` (DCP): a DCP tensor is a set of rectangular chunks that
 must not overlap and must cover it exactly (``default_planner._validate_global_plan``). shardwise's
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -138,6 +140,7 @@ class Entry:
     stop: int
     flat: tuple[int, int] | None
     load: Callable[[tuple[int, int] | None], torch.Tensor]
+    info: dict = field(default_factory=dict)  # other keys of the piece (quantized: method, group)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -257,8 +260,10 @@ def _read_v2(d: Path, meta: dict) -> tuple[dict, list[Entry], Callable]:
                 rng_keys.setdefault(coords["rank"], (path, []))[1].append(key)
                 continue
             flat = tuple(pc["flat"]) if pc.get("flat") else None
+            info = {k: v for k, v in pc.items()
+                    if k not in ("shape", "dim", "start", "stop", "flat")}
             entries.append(Entry(kind, name, tuple(pc["shape"]), pc["dim"], pc["start"],
-                                 pc["stop"], flat, _loader(path, key)))
+                                 pc["stop"], flat, _loader(path, key), info))
 
     meta = dict(meta, config=json.loads((d / "config.json").read_text()))
 

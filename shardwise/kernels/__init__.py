@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("linear.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("qlinear.cpp"))
 MAX_ROWS = 16          # above this many rows a GEMM (oneDNN/MKL) wins: F.linear
 _STATE: dict[str, object] = {}
 
@@ -32,7 +33,7 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() +
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + _cpu_flags().encode() +
                          torch.__version__.encode()).hexdigest()[:16]
     return Path(os.path.expanduser("~/.cache/shardwise/kernels")) / f"linear-{key}"
 
@@ -56,11 +57,12 @@ def load() -> bool:
         with open(d / "build.flock", "w") as held:
             fcntl.flock(held, fcntl.LOCK_EX)
             (d / "lock").unlink(missing_ok=True)
-            cpp_load(name="shardwise_kernels", sources=[str(SOURCE)], build_directory=str(d),
+            cpp_load(name="shardwise_kernels", sources=[str(p) for p in SOURCES], build_directory=str(d),
                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
                      # libgomp.so.1 by soname: the process's copy (torch's own) is the one used
                      extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         torch.library.register_fake("shardwise::linear")(_fake)
+        torch.library.register_fake("shardwise::qlinear")(_qfake)
         _STATE["ok"] = True
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: fall back
         _STATE["why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
@@ -108,3 +110,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+def _qfake(x, q, scale, zero, group, bits, bias=None) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (q.shape[0] * 16,))
+
+
+def qlinear_available() -> bool:
+    """Whether ``shardwise::qlinear`` (grouped int8/int4 weights, :mod:`shardwise.quant`) runs
+    on this CPU."""
+    return load() and bool(torch.ops.shardwise.qlinear_supported())

@@ -122,7 +122,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, cfg: LlamaConfig, layer: int, group: ProcessGroup | None, *,
-                 sequence_parallel: bool, dtype=None, device=None) -> None:
+                 sequence_parallel: bool, dtype=None, device=None, quant=None) -> None:
         super().__init__()
         self.layer, self.group = layer, group
         self.layout = HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, group_size(group))
@@ -133,11 +133,11 @@ class Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, qkv_pieces(cfg, (q0, q1), (k0, k1)),
                                              group=group, bias=cfg.attention_bias,
                                              sequence_parallel=sequence_parallel,
-                                             dtype=dtype, device=device)
+                                             dtype=dtype, device=device, quant=quant)
         self.o_proj = RowParallelLinear(H, cfg.hidden_size, group=group,
                                         in_pieces=[Piece("", 1, q0 * d, q1 * d, H)],
                                         sequence_parallel=sequence_parallel,
-                                        dtype=dtype, device=device)
+                                        dtype=dtype, device=device, quant=quant)
         arch = cfg.arch
         self.qk_norm, self.qk_norm_all = arch.qk_norm and not arch.qk_norm_all, arch.qk_norm_all
         if self.qk_norm_all:  # OLMoE: one weight over all heads, sharded like q and k
@@ -208,10 +208,10 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, layer: int, group: ProcessGroup | None, *,
                  sequence_parallel: bool = False, experts: ExpertParallel = ExpertParallel(),
-                 dtype=None, device=None) -> None:
+                 dtype=None, device=None, quant=None) -> None:
         super().__init__()
         arch = cfg.arch
-        kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device)
+        kw = dict(sequence_parallel=sequence_parallel, dtype=dtype, device=device, quant=quant)
 
         def norm() -> RMSNorm:
             return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=arch.norm_offset,
@@ -255,15 +255,16 @@ class LlamaBackbone(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, group, layers: range, *, has_embed: bool, has_norm: bool,
                  sequence_parallel: bool, pad_multiple: int, experts: ExpertParallel,
-                 dtype=None, device=None) -> None:
+                 dtype=None, device=None, quant=None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
             cfg.vocab_size, cfg.hidden_size, group=group, pad_multiple=pad_multiple,
-            sequence_parallel=sequence_parallel, dtype=dtype, device=device) if has_embed else None
+            sequence_parallel=sequence_parallel, dtype=dtype, device=device,
+            quant=quant) if has_embed else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, group,
                                                           sequence_parallel=sequence_parallel,
                                                           experts=experts, dtype=dtype,
-                                                          device=device)
+                                                          device=device, quant=quant)
                                      for i in layers})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.arch.norm_offset,
                             partial_grad=sequence_parallel, dtype=dtype,
@@ -285,9 +286,10 @@ class LlamaForCausalLM(nn.Module):
                  sequence_parallel: bool = False, layers: range | None = None,
                  pad_multiple: int = 1, experts: ExpertParallel = ExpertParallel(),
                  dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, quant=None) -> None:
         super().__init__()
         self.config, self.group, self.sequence_parallel = cfg, group, sequence_parallel
+        self.quant = quant  # a QuantConfig: the matmul weights are filled by quant.load
         layers = range(cfg.num_hidden_layers) if layers is None else layers
         self.first = layers.start == 0
         self.last = layers.stop == cfg.num_hidden_layers
@@ -299,13 +301,13 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaBackbone(cfg, group, layers, has_embed=self.first or (self.last and tied),
                                    has_norm=self.last, sequence_parallel=sequence_parallel,
                                    pad_multiple=pad_multiple, experts=experts, dtype=dtype,
-                                   device=device)
+                                   device=device, quant=quant)
         self.lm_head = ParallelLMHead(
             cfg.vocab_size, cfg.hidden_size, group=group, pad_multiple=pad_multiple,
             tied_to=self.model.embed_tokens if tied else None,
             sequence_parallel=sequence_parallel,
             softcap=cfg.final_logit_softcapping if cfg.arch.final_softcap else None,
-            dtype=dtype, device=device) if self.last else None
+            dtype=dtype, device=device, quant=quant) if self.last else None
         self.embed_scale = cfg.hidden_size ** 0.5 if cfg.arch.embed_scale else 1.0
         for name, inv in rope_tables(cfg).items():
             self.register_buffer(name, inv.to(device), persistent=False)

@@ -63,6 +63,7 @@ from ..layers import _mark
 from ..mesh import ProcessGroup, group_rank, group_size
 from ..partition import Partition
 from ..shards import Piece
+from .pieces import glu
 
 GLU_NAMES = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_NAMES = ("w1", "w3", "w2")
@@ -181,11 +182,6 @@ class Expert(nn.Module):
     def forward(self, x: torch.Tensor, rc) -> torch.Tensor:
         gate_up = F.linear(x, self.gate_up_proj.weight)                  # (n, 2 x local)
         return F.linear(rc(glu, gate_up, self.local, self.act), self.down_proj.weight)
-
-
-def glu(gate_up: torch.Tensor, local: int, act: Callable) -> torch.Tensor:
-    gate, up = gate_up.split(local, dim=-1)
-    return act(gate) * up
 
 
 class _ScaleGrad(torch.autograd.Function):

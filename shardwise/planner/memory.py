@@ -48,6 +48,14 @@ With 1F1B pipelining the first stage holds min(p, m) micro-batches of activation
 
 KV cache per token per GPU: 2 x (layers / pp) x (KV heads per rank) x head_dim x bytes.
 
+Serving weights at 16 or 8 bits (fp8): bytes per weight, embeddings and head in 16 bits. At int8
+and int4 (weight-only, ``shardwise.quant``): what shardwise's loader holds on the busiest rank,
+matrix by matrix (:func:`shardwise.quant.grid.kernel_bytes`): int8 values with a 16-bit scale
+per kernel group (or per output row with group 0); int4 two values per byte with a 16-bit scale
+and zero point per kernel group (the group, or the largest of 32/64/128/256 dividing it and the
+rank's columns: SmolLM2's hidden size 576 runs groups of 128 as 64); the embedding and an untied
+head at int8 in the same groups, norms in 16 bits.
+
 Mixtures of experts (``moe.py``): a rank holds its slot's experts (ceil(E / slots), each f / etp
 columns) and the router; the MLP's activations are the MoE formula of ``moe.py`` instead of
 ``A 4f``. With ep > 1 the TP groups of an EP group run different sequences: the KV cache of a
@@ -58,8 +66,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from . import moe
+from ..quant.config import DEFAULT_GROUP
+from ..quant.grid import kernel_bytes
 from .models import (ModelSpec, heads_per_rank, kv_heads_per_rank, layer_params_per_rank,
-                     layers_per_stage, matmul_params_per_rank, vocab_rows_per_rank)
+                     layers_per_stage, matmul_params_per_rank, split_sizes, vocab_rows_per_rank)
 
 GiB = 2**30
 RUNTIME_BYTES = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers
@@ -234,14 +244,48 @@ def training_memory(m: ModelSpec, *, tp: int, pp: int, dp: int, micro_batch: int
                   recompute_workspace=work, overhead=overhead_bytes(capacity))
 
 
+
+
+def _mlp_columns(m: ModelSpec, tp: int, group: int) -> int:
+    """Rank 0's MLP columns: split on multiples of the quantization group (``aligned_sizes``)."""
+    while group > 1 and -(-m.ffn // group) < tp:
+        group //= 2
+    return split_sizes(-(-m.ffn // group), tp)[0] * group
+
+
+def quantized_weight_bytes(m: ModelSpec, *, tp: int, pp: int, precision: str,
+                           group: int | None = None, act_bytes: int = 2) -> float:
+    """Weight bytes of the busiest rank (rank 0 of the first stage) as shardwise's loader holds
+    an int8 or int4 model (see the module doc); ``group``: ``--quant``'s default for the
+    precision (:data:`shardwise.quant.config.DEFAULT_GROUP`) unless given."""
+    group = DEFAULT_GROUP[precision] if group is None else group
+    h, hd = m.hidden, m.hd
+    q, k = heads_per_rank(m, tp) * hd, kv_heads_per_rank(m, tp) * hd
+    f = _mlp_columns(m, tp, group) if group else split_sizes(m.ffn, tp)[0]
+    mat = lambda n, cols: kernel_bytes(n, cols, group or cols, 0, act_bytes=act_bytes,  # noqa: E731
+                                       method=precision)
+    layer = mat(q + 2 * k, h) + mat(h, q) + mat(2 * f, h) + mat(h, f) + 2 * h * act_bytes
+    if m.bias == "qkv":
+        layer += (q + 2 * k) * act_bytes
+    rows = vocab_rows_per_rank(m, tp)
+    edge = kernel_bytes(rows, h, group or h, act_bytes=act_bytes, method="int8")
+    head = edge if (not m.tied_embeddings or pp > 1) else 0
+    stage_edge = edge + head + h * act_bytes if pp == 1 else max(edge, head + h * act_bytes)
+    return layers_per_stage(m, pp) * layer + stage_edge
+
+
 def serving_memory(m: ModelSpec, *, tp: int, pp: int, batch: int, prompt: int, output: int,
                    precision: str, kv_bytes: float, capacity: float, ep: int = 1,
                    etp: int | None = None) -> Memory:
-    """Weights (embeddings and head kept 16-bit), KV cache for ``batch`` full-length sequences
-    (``batch / ep`` on a rank under expert parallelism), prefill workspace for one prompt (its
-    layer activations and the batch's fp32 logits)."""
+    """Weights (16-bit and fp8: embeddings and head kept 16-bit; int8/int4: as shardwise's loader
+    holds them), KV cache for ``batch`` full-length sequences (``batch / ep`` on a rank under
+    expert parallelism), prefill workspace for one prompt (its layer activations and the batch's
+    fp32 logits)."""
     layers, edge = stage_params_per_rank(m, tp, pp, ep, etp)
-    weights = layers * WEIGHT_BYTES[precision] + edge * 2
+    if precision in ("int8", "int4") and trains_like_llama(m) and not m.experts:
+        weights = quantized_weight_bytes(m, tp=tp, pp=pp, precision=precision)
+    else:
+        weights = layers * WEIGHT_BYTES[precision] + edge * 2
     mine = -(-batch // ep)
     kv = mine * (prompt + output) * kv_bytes_per_token(m, tp, pp, kv_bytes)
     q = heads_per_rank(m, tp) * m.hd

@@ -10,7 +10,8 @@ Contenders, interleaved and repeated (medians reported, the machine is noisy):
   first token and inter-token latency (client side, per SSE chunk) p50 / p99, and the engine's
   step profile from ``/metrics``;
 * ``llama-server``: llama.cpp's server on the same weights at the same precision (F32 / BF16
-  GGUF), one slot per client, all cores (``benchmarks/llama_cpp.py`` builds it);
+  GGUF; with ``--quant int4`` the Q4_1 file both serve, ``int8`` its Q8_0 re-quantization), one
+  slot per client, all cores (``benchmarks/llama_cpp.py`` builds it);
 * ``hf static``: transformers ``generate`` on batches of ``--concurrency`` in arrival order, each
   batch until its longest request is done (left padding);
 * ``hf generate_batch``: transformers' continuous batching on the whole workload with each
@@ -142,16 +143,22 @@ def bench_shardwise(args: argparse.Namespace, tp: int, work) -> Run:
     from ..launch import free_port
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "shardwise.serve", "--model", args.model, "--tp", str(tp),
+    model = args.model
+    if args.quant == "int8":  # the Q8_0 file llama-server reads
+        from ..bench.decode import llama_contenders
+        found, _ = llama_contenders(args.model, ["int8"])
+        model = str(next(iter(found.values()))[1]) if found else model
+    cmd = [sys.executable, "-m", "shardwise.serve", "--model", model, "--tp", str(tp),
            "--port", str(port), "--max-seqs", str(args.concurrency), "--dtype", args.dtype,
            "--max-batched-tokens", str(args.max_batched_tokens), "--profile"]
     cmd += ["--no-compile"] if args.no_compile else []
+    cmd += ["--quant", args.quant] if args.quant else []
     t0 = time.perf_counter()
     proc = _start(cmd, url, f"server tp={tp}")
     try:
         start_s = time.perf_counter() - t0
         name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        run = Run(f"shardwise tp={tp}", 0, 0.0)
+        run = Run(f"shardwise tp={tp}" + (f" {args.quant}" if args.quant else ""), 0, 0.0)
         before = httpx.get(url + "/metrics").text
         _drive(args, url, name, run, work)
         after = httpx.get(url + "/metrics").text
@@ -176,9 +183,9 @@ def bench_shardwise(args: argparse.Namespace, tp: int, work) -> Run:
 def bench_llama_server(args: argparse.Namespace, work) -> Run:
     """llama.cpp's server on the same weights (F32 / BF16 GGUF), ``--concurrency`` slots of
     ``prompt_max + out_max`` tokens each, continuous batching, all cores."""
-    from ..bench.decode import DTYPES, llama_contenders
+    from ..bench.decode import DTYPES, QUANTS, llama_contenders
     from ..launch import free_port
-    found, why = llama_contenders(args.model, [args.dtype])
+    found, why = llama_contenders(args.model, [args.quant or args.dtype])
     if not found:
         raise RuntimeError(f"llama-server unavailable: {why}")
     bench_bin, gguf = next(iter(found.values()))
@@ -192,7 +199,8 @@ def bench_llama_server(args: argparse.Namespace, work) -> Run:
     t0 = time.perf_counter()
     proc = _start(cmd, url, "llama-server")
     try:
-        run = Run(f"llama-server {DTYPES[args.dtype]}", 0, 0.0,
+        run = Run(f"llama-server {QUANTS[args.quant] if args.quant else DTYPES[args.dtype]}",
+                  0, 0.0,
                   extra={"start_s": time.perf_counter() - t0})
         try:
             _drive(args, url, "model", run, work)
@@ -276,7 +284,8 @@ def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> str:
     from ..bench.decode import cpu_model
     lines = [f"Workload: {args.requests} requests, prompts {args.prompt_min}-{args.prompt_max} "
              f"tokens, outputs {args.out_min}-{args.out_max} tokens, at most {args.concurrency} "
-             f"in flight; model {args.model} {args.dtype}; {args.repeats} interleaved repeat(s), "
+             f"in flight; model {args.model} {args.dtype}"
+             f"{' --quant ' + args.quant if args.quant else ''}; {args.repeats} interleaved repeat(s), "
              f"medians. {cpu_model()}, load average {os.getloadavg()[0]:.2f} at the end.",
              "", "| contender | output tok/s | vs llama-server | vs static | TTFT p50 / p99 (s) | "
              "ITL p50 / p99 (ms) | step ms: decode / mixed | mixed share | in collectives | "

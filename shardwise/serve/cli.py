@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait beyond --max-seqs; more get 429")
     parser.add_argument("--max-prompt-tokens", type=int_range(1), default=None,
                         help="longest prompt accepted, in tokens (default: the context - 1)")
+    from ..quant.config import add_arguments as quant_arguments
+    quant_arguments(parser)
     add_device_arguments(parser)
     parser.add_argument("--threads", type=int_range(1), default=None,
                         help="torch threads per rank (default max(1, cores // tp))")
@@ -58,13 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
+    from ..quant.config import from_args
     from .engine import EngineConfig
     return EngineConfig(model=args.model, tp=args.tp, ep=args.ep, expert_tp=args.expert_tp,
                         kv_tokens=args.kv_tokens,
                         block_size=args.block_size, max_seqs=args.max_seqs,
                         max_batched_tokens=args.max_batched_tokens, dtype=args.dtype,
                         threads=args.threads, profile=args.profile,
-                        prefix_caching=args.prefix_cache, compile=not args.no_compile,
+                        prefix_caching=args.prefix_cache, quant=from_args(args),
+                        compile=not args.no_compile,
                         device=args.device, cuda_graphs=not args.no_cuda_graphs)
 
 
@@ -120,7 +124,10 @@ def check(args: argparse.Namespace) -> None:
     args.limits = ServeLimits(api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
                               max_running=args.max_seqs, max_queue=args.max_queue)
     args.engine_config = engine_config(args)
-    args.source = resolve(args.model)
+    quant = args.engine_config.quant
+    args.source = resolve(args.model, dense=quant is None)
+    from ..checkpoint.source import quant_for
+    quant_for(args.source, quant)
     cfg = args.source.config
     HeadLayout(cfg.num_attention_heads, cfg.num_key_value_heads, args.tp)
     check_experts(cfg, args.tp, args.ep, args.expert_tp)
@@ -209,7 +216,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baselines", default="llama-server,static,generate_batch",
                    help="comma-separated: llama-server, static, generate_batch (empty for none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights of shardwise and llama-server (transformers: fp32)")
+                   help="weights of shardwise and llama-server (transformers: fp32); with "
+                        "--quant shardwise's activations")
+    p.add_argument("--quant", choices=["int8", "int4"], default=None,
+                   help="serve quantized: shardwise --quant on the file llama-server reads "
+                        "(int4: the Q4_1 GGUF; int8: its Q8_0 re-quantization)")
     p.add_argument("--max-batched-tokens", type=int_range(1), default=256)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--timeout", type=float_range(0.0, strict=True), default=1800.0,

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Ledger
+from ..quant.config import QuantConfig
 from ..sampling import SamplingParams, mask_words, parallel_logprobs, sample
 from ..shm import PeerError
 from .admit import admission_error, make_sampler
@@ -73,6 +74,7 @@ class EngineConfig:
     profile: bool = False             # time collectives in each step (the Ledger)
     compile: bool = True              # decode steps through torch.compile (--no-compile: eager)
     cuda_graphs: bool = True          # on CUDA, replay captured decode steps (--no-cuda-graphs)
+    quant: QuantConfig | None = None  # weight-only quantization (shardwise.quant)
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the option, before any worker starts."""
@@ -397,9 +399,10 @@ def run_rank(cfg: EngineConfig, cmd_q, evt_q) -> None:
         with torch.inference_mode(), failure.phase("start"):
             t0 = time.perf_counter()
             mesh = Mesh.init(tp=cfg.tp, ep=cfg.ep, device=cfg.device, timeout_s=7 * 86400.0)
-            source = resolve(cfg.model)
+            source = resolve(cfg.model, dense=cfg.quant is None)
             model = build_model(source, group=mesh.tp_group, device=mesh.device,
-                                dtype=pick_dtype(cfg.dtype, mesh.device),
+                                dtype=pick_dtype(cfg.dtype, mesh.device, quantized=bool(
+                                    cfg.quant or source.quant)), quant=cfg.quant,
                                 experts=ExpertParallel(mesh.ep_group, cfg.expert_tp)).eval()
             context = source.config.max_position_embeddings
             with failure.phase("allocate KV cache"):

@@ -85,6 +85,10 @@ def validate(cfg: TrainConfig, source: ModelSource, *, world: int | None = None)
     WORLD_SIZE, or the workers this launcher starts)."""
     world = cfg.workers if world is None and cfg.workers is not None else world
     validate_degrees(cfg.tp, cfg.pp, cfg.dp, cfg.world if world is None else world)
+    if getattr(source, "quant", None) is not None:
+        raise ValueError(f"{source.name} is quantized ({source.quant.method}): training needs "
+                         "float weights; train its fp32/bf16 source and quantize after "
+                         "(shardwise convert --quant)")
     mc = source.config
     if cfg.pp > mc.num_hidden_layers:
         raise ValueError(f"pp={cfg.pp} but the model has {mc.num_hidden_layers} layers: each "
