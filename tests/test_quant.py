@@ -181,10 +181,11 @@ def test_quant_config_refuses_bad_values():
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_kernel_equals_the_dequantized_weight(method, dtype):
-    """``shardwise::qlinear`` (1-16 rows streamed, more rows dequantize-then-GEMM) against
+    """``shardwise::qlinear`` (up to NATIVE_ROWS rows streamed, more dequantize-then-GEMM) against
     ``x @ W^T`` of the dequantized values with the scales rounded to the activation dtype:
     fp32 within 1e-5 of the largest output, bf16 within its output rounding (2^-8 relative)."""
-    from shardwise.quant.kernels import Native, pack_words, tiled, unpack_words, untiled
+    from shardwise.quant.kernels import (NATIVE_ROWS, Native, pack_words, tiled, unpack_words,
+                                         untiled)
     g = torch.Generator().manual_seed(5)
     n, k = 176, 256                                 # 11 tiles of 16 rows: passes of 4 and 1
     for group in (32, 128, k):
@@ -201,7 +202,8 @@ def test_native_kernel_equals_the_dequantized_weight(method, dtype):
         assert torch.equal(qw.dequantize(), w)
         assert torch.equal(qw.rows(torch.tensor([[3, 50]])).float(), w[[3, 50]].to(dtype)[None].float())
         bias = torch.randn(n, generator=g).to(dtype)
-        for rows in (1, 2, 3, 4, 5, 16, 17):
+        limit = NATIVE_ROWS[qw.bits]
+        for rows in (1, 2, 3, 4, 5, 16, 17, limit + 1):
             x = torch.randn(rows, k, generator=g).to(dtype)
             want = x.float() @ w.t() + bias.float()
             got = qw.linear(x, bias)
