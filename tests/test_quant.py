@@ -184,7 +184,7 @@ def test_native_kernel_equals_the_dequantized_weight(method, dtype):
     """``shardwise::qlinear`` (up to NATIVE_ROWS rows streamed, more dequantize-then-GEMM) against
     ``x @ W^T`` of the dequantized values with the scales rounded to the activation dtype:
     fp32 within 1e-5 of the largest output, bf16 within its output rounding (2^-8 relative)."""
-    from shardwise.quant.kernels import (NATIVE_ROWS, Native, pack_words, tiled, unpack_words,
+    from shardwise.quant.native import (NATIVE_ROWS, Native, pack_words, tiled, unpack_words,
                                          untiled)
     g = torch.Generator().manual_seed(5)
     n, k = 176, 256                                 # 11 tiles of 16 rows: passes of 4 and 1

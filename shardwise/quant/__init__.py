@@ -6,8 +6,8 @@
 * :mod:`.grid`: how a rank's columns of a grouped tensor map onto a kernel's uniform groups
   (exact splits, re-quantized straddling groups);
 * :mod:`.kernels`: :class:`QuantizedWeight`, the runtime form a layer multiplies with
-  (shardwise's native ``qlinear`` on AVX-512 CPUs, else torch's int8/int4 kernels where they
-  fit, dequantize-then-matmul where nothing does);
+  (shardwise's native ``qlinear`` on AVX-512 CPUs, :mod:`.native`; else torch's int8/int4
+  kernels where they fit, dequantize-then-matmul where nothing does);
 * :mod:`.load`: quantizing readers (a float checkpoint quantized on the global grid, then sliced)
   and the loader that installs each rank's quantized weights into a model.
 

@@ -9,8 +9,8 @@ into the runtime form (:func:`shardwise.quant.kernels.prepare`) and installs it 
 * :func:`quantizing_reader`: any float :data:`~shardwise.shards.ReadFn` (HF safetensors, a float
   sharded checkpoint, seeded random weights). A row slice is quantized as it is (groups run
   along the columns); a column slice ``[a, b)`` reads the whole groups it touches, quantizes
-  them and keeps ``[a, b)`` (per-channel int8, ``group=0``, reads whole rows). So every rank holds exactly
-  the values the unsharded quantized tensor has;
+  them and keeps ``[a, b)`` (per-channel int8, ``group=0``, reads whole rows). So every rank
+  holds exactly the values the unsharded quantized tensor has;
 * a quantized sharded checkpoint (:mod:`shardwise.checkpoint.sharded`) and a GGUF file
   (:mod:`shardwise.checkpoint.gguf_read`) read their stored integers and scales directly.
 
