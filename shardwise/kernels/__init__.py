@@ -1,7 +1,11 @@
 """Native kernels, built on first use for this machine and cached outside the package.
 
-``linear.cpp`` is ``shardwise::linear``, the matrix product of the few rows of a decode step: it
-streams each weight once (AVX-512 fp32, AVX512-BF16 bf16). It is compiled with the C++ compiler
+``linear.cpp`` holds the dense products of inference, which stream each weight once (AVX-512
+fp32, AVX512-BF16 bf16): ``shardwise::linear_tiled`` over weights laid out in 16-row tiles
+(:class:`Tiled`, what the inference engines hold: :func:`tile_weights`) for any number of rows,
+and ``shardwise::linear`` over row-major weights for the few rows of a decode step (a weight
+that cannot be tiled). ``qlinear.cpp`` is the quantized product (:mod:`shardwise.quant.native`).
+They are compiled with the C++ compiler
 torch.compile already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the
 source and this CPU's flags) through ``torch.utils.cpp_extension``; its threads are torch's
 intra-op threads (the one OpenMP runtime torch loaded). Where it cannot be built or the CPU
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 SOURCE = Path(__file__).with_name("linear.cpp")
 SOURCES = (SOURCE, Path(__file__).with_name("qlinear.cpp"))
@@ -62,6 +67,7 @@ def load() -> bool:
                      # libgomp.so.1 by soname: the process's copy (torch's own) is the one used
                      extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         torch.library.register_fake("shardwise::linear")(_fake)
+        torch.library.register_fake("shardwise::linear_tiled")(_tfake)
         torch.library.register_fake("shardwise::qlinear")(_qfake)
         _STATE["ok"] = True
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: fall back
@@ -108,8 +114,131 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+class WeightForm(nn.Module):
+    """The runtime form of one rank's ``(n, k)`` weight, what a layer multiplies with in place of
+    its ``weight`` parameter (set as the layer's ``qweight``): quantized forms
+    (:class:`shardwise.quant.kernels.QuantizedWeight`) and the dense :class:`Tiled`.
+    ``linear(x, bias)``: ``x W^T + bias`` for ``x`` (..., k) in the activation dtype;
+    ``rows(ids)``: the rows ``W[ids]`` (an embedding lookup); ``dequantize()``: the whole weight.
+    Inference only: there is no backward."""
+
+    form = "?"
+    no_backward = "runtime weight forms are for inference and have no backward"
+
+    def __init__(self, n: int, k: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.n, self.k, self.dtype = n, k, dtype
+        self.pieces = None  # the float parameter's pieces (shardwise.shards)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(self.no_backward)
+        lead = x.shape[:-1]
+        y = self._mm(x.reshape(-1, self.k).to(self.dtype).contiguous())  # (tokens, k)
+        y = y.view(*lead, self.n)                                        # (..., n)
+        return y if bias is None else y + bias
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2, self.dequantize(self.dtype))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.form} weights are not looked up by row")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"{self.form}, n={self.n}, k={self.k}, dtype={self.dtype}"
+
+
+class Tiled(WeightForm):
+    """A dense fp32 or bf16 weight in ``shardwise::linear_tiled``'s tiles of 16 rows, column-major
+    inside: fp32 ``(n/16, k, 16)``, bf16 ``(n/16, k/2, 32)`` (column pairs, the operand of a bf16
+    dot product). Same bytes as the row-major weight; each thread streams its tiles as one
+    sequential read (benchmarks/RESULTS.md, issue 10: 1.3-1.5x the row-major kernel's bandwidth in
+    bf16), and every row count runs on it (a unit of tiles is read from memory once and serves
+    all the rows from cache)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        n, k = weight.shape
+        super().__init__(n, k, weight.dtype)
+        self.form = "bf16-tiled" if weight.dtype == torch.bfloat16 else "fp32-tiled"
+        self.register_buffer("w", _tile(weight.detach()))
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.shardwise.linear_tiled(x2, self.w)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(self.no_backward)
+        return torch.ops.shardwise.linear_tiled(x.to(self.dtype), self.w, bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids``: tile ``i // 16``, lane ``i % 16``."""
+        t, lane = ids // 16, ids % 16
+        return self.w.view(self.n // 16, -1, 16, self.w.shape[2] // 16)[t, :, lane].reshape(
+            *ids.shape, self.k)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.rows(torch.arange(self.n, device=self.w.device)).to(dtype)
+
+
+def _tile(w: torch.Tensor) -> torch.Tensor:
+    """(n, k) -> :class:`Tiled`'s layout (a new tensor)."""
+    n, k = w.shape
+    p = 2 if w.dtype == torch.bfloat16 else 1
+    return w.reshape(n // 16, 16, k // p, p).transpose(1, 2).reshape(n // 16, k // p, 16 * p) \
+        .contiguous()
+
+
+def tileable(w: torch.Tensor) -> bool:
+    """Whether :class:`Tiled` takes ``w`` here (kernels built, its dtype supported on this CPU,
+    rows in 16s, columns even)."""
+    return (w.dim() == 2 and w.device.type == "cpu" and not w.is_meta and w.dtype in _ENABLED
+            and w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0 and w.numel() > 0)
+
+
+@torch.no_grad()
+def tile_weights(model: nn.Module) -> int:
+    """Lay out the dense weights of ``model``'s sharded linears, embedding and head as
+    :class:`Tiled` (their ``qweight``; the ``weight`` parameter is dropped, so each is held once):
+    for the inference engines, after :func:`enable`. Returns the bytes tiled. Skipped (the
+    weight stays row-major) where a weight does not fit, for models with experts (their layers
+    read weights directly), and with ``SHARDWISE_TILED=0`` in the environment (for comparing the
+    two layouts)."""
+    if os.environ.get("SHARDWISE_TILED", "1") == "0" or not _ENABLED:
+        return 0
+    from ..layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, \
+        VocabParallelEmbedding
+    if getattr(getattr(getattr(model, "config", None), "arch", None), "mlp", None) == "moe":
+        return 0
+    kinds = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, ParallelLMHead)
+    done = 0
+    for module in model.modules():
+        w = module._parameters.get("weight") if isinstance(module, kinds) else None
+        if w is None or getattr(module, "qweight", None) is not None or not tileable(w):
+            continue
+        form = Tiled(w)
+        form.pieces = getattr(w, "pieces", None)
+        del module.weight
+        module.qweight = form
+        done += form.nbytes()
+    return done
+
+
 def _fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+def _tfake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (w.shape[0] * 16,))
 
 
 def _qfake(x, q, scale, zero, group, bits, bias=None) -> torch.Tensor:

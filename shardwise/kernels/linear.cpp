@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -31,11 +32,13 @@ struct F32 {  // 16 fp32 products per FMA
   using T = float;
   using In = __m512;
   static constexpr int V = 16;
+  static constexpr int TMB = 8;  // input rows per pass over cached tiles (measured best)
   static In load(const T* p) { return _mm512_loadu_ps(p); }
   static In load(int64_t n, const T* p) {
     return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
   }
   static __m512 fma(__m512 acc, In w, In x) { return _mm512_fmadd_ps(w, x, acc); }
+  static In bcast(const T* p) { return _mm512_set1_ps(*p); }
   static float value(T v) { return v; }
   static T store(float v) { return v; }
 };
@@ -46,11 +49,17 @@ struct BF16 {  // 32 bf16 products per dot-product instruction, fp32 sums
   using T = uint16_t;
   using In = __m512bh;
   static constexpr int V = 32;
+  static constexpr int TMB = 4;
   static In load(const T* p) { return (__m512bh)_mm512_loadu_si512(p); }
   static In load(int64_t n, const T* p) {
     return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
   }
   static __m512 fma(__m512 acc, In w, In x) { return _mm512_dpbf16_ps(acc, w, x); }
+  static In bcast(const T* p) {  // the column pair (p[0], p[1]) in every 32-bit lane
+    uint32_t pair;
+    std::memcpy(&pair, p, 4);
+    return (__m512bh)_mm512_set1_epi32(pair);
+  }
   static float value(T v) {
     uint32_t u = uint32_t(v) << 16;
     float f;
@@ -171,6 +180,145 @@ void product(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::T
   });
 }
 
+bool supported(c10::ScalarType dtype) {
+#if defined(__AVX512F__)
+  if (dtype == at::kFloat) return true;
+#endif
+#if defined(__AVX512BF16__)
+  if (dtype == at::kBFloat16) return true;
+#endif
+  return false;
+}
+
+constexpr int64_t PREFETCH = 256;  // bytes ahead in each tile's stream
+// ---- the tiled layout: one contiguous stream per thread -------------------------------------
+//
+// W laid out in tiles of 16 rows, column-major inside: fp32 (N/16, K, 16), bf16 (N/16, K/2, 32)
+// (a column pair per row: the operand layout of a bf16 dot product). One 64-byte load is one
+// (pair of) column(s) of 16 rows, the 16 lanes are output rows: no horizontal sums, and each
+// thread's range of tiles is a single sequential stream for the prefetchers (row-major rows are
+// 16 short streams per tile, which bf16's 1 KiB rows leave too short to reach the bandwidth).
+template <class A, int NT, int R>
+inline void ttiles(const typename A::T* x, int64_t K, const typename A::T* w, int64_t t,
+                   typename A::T* y, int64_t ldy, const typename A::T* bias) {
+  constexpr int P = A::V / 16;           // columns per lane: 1 (fp32) or 2 (bf16 pairs)
+  constexpr int H = NT * R >= 8 ? 1 : 2; // accumulator chains per output vector (FMA latency)
+  const int64_t tile = K * 16;           // elements per tile
+  __m512 acc[NT][R][H];
+#pragma GCC unroll 32
+  for (int i = 0; i < NT * R * H; ++i) acc[i / (R * H)][(i / H) % R][i % H] = _mm512_setzero_ps();
+  // columns (pairs) k + h * P for h < HS, each from every tile, times every row
+  auto step = [&](int64_t k, auto hs) {
+    constexpr int HS = decltype(hs)::value;
+#pragma GCC unroll 2
+    for (int h = 0; h < HS; ++h) {
+      typename A::In xv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) xv[r] = A::bcast(x + r * K + k + h * P);
+#pragma GCC unroll 8
+      for (int u = 0; u < NT; ++u) {
+        const typename A::T* wp = w + (t + u) * tile + (k + h * P) * 16;
+        if (h == 0) _mm_prefetch(reinterpret_cast<const char*>(wp) + PREFETCH, _MM_HINT_T0);
+        const typename A::In wv = A::load(wp);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[u][r][h % H] = A::fma(acc[u][r][h % H], wv, xv[r]);
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + 2 * P <= K; k += 2 * P) step(k, std::integral_constant<int, 2>{});
+  if (k < K) step(k, std::integral_constant<int, 1>{});  // an odd count of columns (pairs)
+#pragma GCC unroll 8
+  for (int u = 0; u < NT; ++u)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      alignas(64) float out[16];
+      __m512 a = acc[u][r][0];
+      if constexpr (H == 2) a = _mm512_add_ps(a, acc[u][r][H - 1]);
+      _mm512_store_ps(out, a);
+      typename A::T* yr = y + r * ldy + (t + u) * 16;
+      const typename A::T* br = bias ? bias + (t + u) * 16 : nullptr;
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) yr[i] = A::store(out[i] + (br ? A::value(br[i]) : 0.f));
+    }
+}
+
+template <class A, int R>
+void tpass(const typename A::T* x, int64_t K, const typename A::T* w, int64_t t0, int64_t t1,
+           typename A::T* y, int64_t ldy, const typename A::T* bias) {
+  // tiles streamed at once, registers permitting (NT x R accumulators of 32)
+  constexpr int NT = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 3;
+  int64_t t = t0;
+  for (; t + NT <= t1; t += NT) ttiles<A, NT, R>(x, K, w, t, y, ldy, bias);
+  if constexpr (NT > 2)
+    for (; t + 2 <= t1; t += 2) ttiles<A, 2, R>(x, K, w, t, y, ldy, bias);
+  for (; t < t1; ++t) ttiles<A, 1, R>(x, K, w, t, y, ldy, bias);
+}
+
+template <class A>
+void tproduct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+              at::Tensor& y) {
+  using T = typename A::T;
+  const int64_t T16 = w.size(0), N = T16 * 16, K = x.size(-1), M = x.numel() / K;
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+  const T* bp = b ? reinterpret_cast<const T*>(b->data_ptr()) : nullptr;
+  T* yp = reinterpret_cast<T*>(y.data_ptr());
+  // contiguous ranges of tiles per thread, in units of UNIT tiles: each unit streams from
+  // memory once, then serves every input row (in passes of up to TMB) from cache
+  constexpr int64_t UNIT = 12;
+  at::parallel_for(0, (T16 + UNIT - 1) / UNIT, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t t0 = u * UNIT, t1 = std::min<int64_t>(T16, t0 + UNIT);
+      for (int64_t m0 = 0; m0 < M; m0 += A::TMB) {
+        const T* xr = xp + m0 * K;
+        T* yr = yp + m0 * N;
+        switch (std::min<int64_t>(A::TMB, M - m0)) {
+          case 1: tpass<A, 1>(xr, K, wp, t0, t1, yr, N, bp); break;
+          case 2: tpass<A, 2>(xr, K, wp, t0, t1, yr, N, bp); break;
+          case 3: tpass<A, 3>(xr, K, wp, t0, t1, yr, N, bp); break;
+          case 4: tpass<A, 4>(xr, K, wp, t0, t1, yr, N, bp); break;
+          case 5: tpass<A, 5>(xr, K, wp, t0, t1, yr, N, bp); break;
+          case 6: tpass<A, 6>(xr, K, wp, t0, t1, yr, N, bp); break;
+          case 7: tpass<A, 7>(xr, K, wp, t0, t1, yr, N, bp); break;
+          default: tpass<A, 8>(xr, K, wp, t0, t1, yr, N, bp); break;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor linear_tiled(const at::Tensor& x_, const at::Tensor& w,
+                        const c10::optional<at::Tensor>& b) {
+  const auto dt = x_.scalar_type();
+  const int64_t K = x_.size(-1), P = dt == at::kBFloat16 ? 2 : 1;
+  TORCH_CHECK(x_.device().is_cpu() && w.device().is_cpu(), "linear_tiled: CPU tensors only");
+  TORCH_CHECK(supported(dt) && w.scalar_type() == dt,
+              "linear_tiled: x and w must be float32 or bfloat16 alike, on a CPU with the "
+              "instructions (check linear_supported first)");
+  TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && w.size(1) == K / P && w.size(2) == 16 * P &&
+              K % P == 0,
+              "linear_tiled: w must be contiguous ", P == 2 ? "(N/16, K/2, 32) with K even" :
+              "(N/16, K, 16)", "; got K = ", K, " and w ", w.sizes());
+  TORCH_CHECK(!b || (b->numel() == w.size(0) * 16 && b->scalar_type() == dt && b->is_contiguous()),
+              "linear_tiled: bias must have N elements of x's dtype");
+  const auto x = x_.contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() = w.size(0) * 16;
+  auto y = at::empty(sizes, x.options());
+  if (x.numel() == 0) return y;
+#if defined(__AVX512F__)
+  if (dt == at::kFloat) {
+    tproduct<F32>(x, w, b, y);
+    return y;
+  }
+#endif
+#if defined(__AVX512BF16__)
+  tproduct<BF16>(x, w, b, y);
+#endif
+  return y;
+}
+
 bool usable(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
   if (x.device().type() != c10::kCPU || w.device().type() != c10::kCPU) return false;
   if (x.scalar_type() != w.scalar_type() || w.dim() != 2 || !w.is_contiguous()) return false;
@@ -203,21 +351,15 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, const c10::optional
   return y;
 }
 
-bool supported(c10::ScalarType dtype) {
-#if defined(__AVX512F__)
-  if (dtype == at::kFloat) return true;
-#endif
-#if defined(__AVX512BF16__)
-  if (dtype == at::kBFloat16) return true;
-#endif
-  return false;
-}
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shardwise, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_supported(ScalarType dtype) -> bool", &supported);
+  m.def("linear_tiled(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(shardwise, CPU, m) { m.impl("linear", &linear); }
+TORCH_LIBRARY_IMPL(shardwise, CPU, m) { m.impl("linear", &linear);
+  m.impl("linear_tiled", &linear_tiled);
+}

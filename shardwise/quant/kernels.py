@@ -36,54 +36,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ..kernels import WeightForm
 from .grid import int4_grid
 from .qtensor import QTensor, pack_nibbles, quantize, unpack_nibbles
 
 PACK_ROWS = 256  # rows packed at a time (a multiple of the kernel's 64-row blocks)
 
 
-class QuantizedWeight(nn.Module):
-    """One rank's ``(n, k)`` quantized weight. ``linear(x, bias)``: ``x W^T + bias`` for
-    ``x`` (..., k) in the activation dtype; ``rows(ids)``: the dequantized rows ``W[ids]``
-    (an embedding lookup); ``dequantize()``: the whole weight."""
+class QuantizedWeight(WeightForm):
+    """One rank's ``(n, k)`` quantized weight (:class:`~shardwise.kernels.WeightForm`'s
+    interface): ``linear(x, bias)``, ``rows(ids)`` dequantized, ``dequantize()``."""
 
-    form = "?"
-
-    def __init__(self, n: int, k: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.n, self.k, self.dtype = n, k, dtype
-        self.pieces = None  # set by the loader: the float parameter's pieces
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.k)
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("quantized weights are for inference and have no backward: "
-                               "train the float model, then quantize it (shardwise convert "
-                               "--quant)")
-        lead = x.shape[:-1]
-        y = self._mm(x.reshape(-1, self.k).to(self.dtype).contiguous())  # (tokens, k)
-        y = y.view(*lead, self.n)                                        # (..., n)
-        return y if bias is None else y + bias
-
-    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
-        return F.linear(x2, self.dequantize(self.dtype))
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{self.form} weights are not looked up by row")
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raise NotImplementedError
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def extra_repr(self) -> str:
-        return f"{self.form}, n={self.n}, k={self.k}, dtype={self.dtype}"
+    no_backward = ("quantized weights are for inference and have no backward: train the float "
+                   "model, then quantize it (shardwise convert --quant)")
 
 
 class Int8Channel(QuantizedWeight):

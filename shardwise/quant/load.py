@@ -165,9 +165,11 @@ def quantized_bytes(model: nn.Module) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as held: parameters plus quantized weights' buffers."""
+    """Bytes of the model's weights as held: parameters plus runtime weight forms' buffers
+    (quantized, or dense laid out in tiles)."""
+    from ..kernels import WeightForm
     return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta) + \
-        quantized_bytes(model)
+        sum(m.nbytes() for m in model.modules() if isinstance(m, WeightForm))
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -117,6 +117,7 @@ class StaticStep:
         self.device = cache.device
         if self.device.type == "cpu":
             kernels.enable()  # before anything is traced: the decode products' kernel
+            kernels.tile_weights(model)  # dense weights in its tiles (held once)
         self.buckets = batch_buckets(options.max_seqs, options.max_graphs)
         self.limit = min(options.max_context or model.config.max_position_embeddings,
                          cache.num_blocks * cache.block_size)
