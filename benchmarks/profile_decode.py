@@ -25,7 +25,7 @@ import torch  # noqa: E402
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
           "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::_weight_int8pack_mm",
           "mkldnn::_linear_pointwise.binary", "aten::mv", "shardwise::linear",
-          "shardwise::qlinear", "aten::_weight_int4pack_mm_for_cpu")
+          "shardwise::qlinear", "shardwise::linear_tiled", "aten::_weight_int4pack_mm_for_cpu")
 COLLECTIVES = ("shardwise::all_reduce", "shardwise::all_gather")
 
 

@@ -81,7 +81,11 @@ def status() -> str:
         return f"native kernels unavailable ({_STATE['why']}): F.linear"
     kinds = [n for n, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
              if torch.ops.shardwise.linear_supported(dt)]
-    return f"native decode linear for {', '.join(kinds) or 'no dtype on this CPU'}"
+    if not kinds:
+        return "native dense kernels: no dtype on this CPU (F.linear)"
+    layout = "tiled weights" if os.environ.get("SHARDWISE_TILED", "1") != "0" else \
+        "row-major weights (SHARDWISE_TILED=0)"
+    return f"native dense kernels for {', '.join(kinds)}: {layout}"
 
 
 def enable() -> frozenset[torch.dtype]:

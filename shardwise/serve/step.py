@@ -1,5 +1,5 @@
-"""The engine step as a graph: static shapes over a preallocated paged KV cache, compiled once
-per batch bucket, the collectives inside the graph.
+"""The engine step as a graph: bucketed shapes over a preallocated paged KV cache, compiled into
+two graphs, the collectives inside them.
 
 A *decode step* (every scheduled sequence feeds one token) is the function::
 
@@ -15,13 +15,14 @@ A *decode step* (every scheduled sequence feeds one token) is the function::
 * The KV cache (:class:`~shardwise.serve.kv.PagedKVCache`) is allocated once; a step writes its
   new keys and values into it in place, inside the graph.
 
-Under ``torch.compile`` (``fullgraph=True``) ``B`` is static and ``L`` a symbolic dimension:
-one graph per batch bucket serves every width, so a server compiles at most
-``len(batch_buckets(max_seqs))`` graphs, which :func:`batch_buckets` keeps within the budget
-(8). Widths stay bucketed all the same: on a CUDA device each ``(B, L)`` bucket is also captured as
-a CUDA graph (:mod:`.graphs`, with static input buffers) and replayed, so a step costs one launch
-instead of hundreds. Buckets compile (and capture) lazily on first use, or all batch buckets at
-once with :meth:`StaticStep.warmup`; inductor's on-disk cache makes the second start fast.
+Under ``torch.compile`` (``fullgraph=True``) ``L`` is a symbolic dimension, and so is ``B`` above
+1: two graphs serve every bucket, the batch of one (dynamo specializes a size of 1) and one graph
+for every batch bucket above it. (A graph per batch bucket, as before, cost a server 2.3x the
+start-up for no faster step: benchmarks/RESULTS.md.) Batches and widths stay bucketed all the
+same: the buckets bound the padding, and on a CUDA device each ``(B, L)`` bucket is also captured
+as a CUDA graph (:mod:`.graphs`, with static input buffers) and replayed, so a step costs one
+launch instead of hundreds. Graphs compile (and capture) lazily on first use, or at once with
+:meth:`StaticStep.warmup`; inductor's on-disk cache makes the second start fast.
 
 A step with prefill chunks (*mixed*: prompts being fed, plus the decodes of the same step) runs
 eager as one flat row ``(1, T)`` (:meth:`PagedKVCache.attend`): its matmuls over T rows dominate
@@ -44,8 +45,9 @@ MIN_WIDTH = 64
 
 
 def batch_buckets(max_seqs: int, budget: int = 8) -> list[int]:
-    """Batch sizes that get a graph: powers of ``r`` from 1, then ``max_seqs`` itself, with the
-    smallest ratio ``r`` in 2, 4, 8, ... that keeps the count within ``budget``."""
+    """The batch buckets: powers of ``r`` from 1, then ``max_seqs`` itself, with the smallest
+    ratio ``r`` in 2, 4, 8, ... that keeps the count within ``budget`` (each is a CUDA graph per
+    KV width on a GPU; on the CPU they share two compiled graphs)."""
     if max_seqs < 1 or budget < 1:
         raise ValueError(f"max_seqs={max_seqs} and budget={budget} must be >= 1")
     ratio = 2
@@ -93,12 +95,12 @@ class StepOptions:
     ``compile``: decode steps through ``torch.compile`` (False: the same static-shape function,
     eager). ``cuda_graphs``: on a CUDA device, capture each decode bucket as a CUDA graph and
     replay it (compiled or eager alike; the CPU has no graphs to capture). ``max_seqs``: the
-    largest batch bucket. ``max_graphs``: the budget of compiled graphs. ``max_context``: the
-    widest KV width (the model's context by default). ``freezing``: inductor's freezing (weights
-    folded in as constants, linears prepacked for oneDNN); off by default: measured 0.90-0.96x
-    the unfrozen decode speed (the decode products are ``shardwise::linear``, which it does not
-    prepack) and a 2-2.7x slower warm start (the folding is redone at every start);
-    benchmarks/RESULTS.md, issue 10.
+    largest batch bucket. ``max_graphs``: the most batch buckets (:func:`batch_buckets`).
+    ``max_context``: the widest KV width (the model's context by default). ``freezing``:
+    inductor's freezing (weights folded in as constants, linears prepacked for oneDNN); off by
+    default: measured 0.90-0.96x the unfrozen decode speed (the decode products are shardwise's
+    own kernels, which it does not prepack) and a 2-2.7x slower warm start (the folding is redone
+    at every start); benchmarks/RESULTS.md, issue 10.
     """
 
     compile: bool = True
@@ -137,10 +139,13 @@ class StaticStep:
 
     @property
     def graph_count(self) -> int:
-        """Graphs ready: CUDA graphs captured, else compiled batch buckets (eager: 0)."""
+        """Graphs ready: CUDA graphs captured, else compiled graphs (the batch of one, and one
+        for every bucket above; eager: 0)."""
         if self.cuda is not None:
             return len(self.cuda.graphs)
-        return len(self.graphs) if self.options.compile else 0
+        if not self.options.compile:
+            return 0
+        return (1 in self.graphs) + any(b > 1 for b in self.graphs)
 
     def _mark(self, static) -> None:
         """The KV width is a symbolic dimension of the compiled graph."""
@@ -217,6 +222,9 @@ class StaticStep:
             else:
                 args = tuple(t.to(self.device) for t in host)
                 torch._dynamo.mark_dynamic(args[3], 1)
+                if args[0].shape[0] > 1:  # one graph for every batch bucket above 1
+                    for t in args:
+                        torch._dynamo.mark_dynamic(t, 0)
                 logits = self._decode_fn(*args)                                # (B, V / t)
             return logits[[i for i, _ in rows]]
         ids, pos, last = self.cache.prepare(list(chunks))
