@@ -109,6 +109,7 @@ class StepOptions:
     max_graphs: int = 8
     max_context: int | None = None
     freezing: bool = False
+    shared_graph: bool = True
 
 
 class StaticStep:
@@ -222,7 +223,7 @@ class StaticStep:
             else:
                 args = tuple(t.to(self.device) for t in host)
                 torch._dynamo.mark_dynamic(args[3], 1)
-                if args[0].shape[0] > 1:  # one graph for every batch bucket above 1
+                if args[0].shape[0] > 1 and self.options.shared_graph:  # one graph for B > 1
                     for t in args:
                         torch._dynamo.mark_dynamic(t, 0)
                 logits = self._decode_fn(*args)                                # (B, V / t)
