@@ -4,7 +4,9 @@
 fp32, AVX512-BF16 bf16): ``shardwise::linear_tiled`` over weights laid out in 16-row tiles
 (:class:`Tiled`, what the inference engines hold: :func:`tile_weights`) for any number of rows,
 and ``shardwise::linear`` over row-major weights for the few rows of a decode step (a weight
-that cannot be tiled). ``qlinear.cpp`` is the quantized product (:mod:`shardwise.quant.native`).
+that cannot be tiled). ``qlinear.cpp`` is the quantized product (:mod:`shardwise.quant.native`),
+``attention.cpp`` the decode step's attention over the paged KV cache (``shardwise::paged_decode``,
+:class:`shardwise.serve.step.StaticStep`).
 They are compiled with the C++ compiler
 torch.compile already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the
 source and this CPU's flags) through ``torch.utils.cpp_extension``; its threads are torch's
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SOURCE = Path(__file__).with_name("linear.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("qlinear.cpp"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("linear.cpp", "qlinear.cpp", "attention.cpp"))
 MAX_ROWS = 16          # above this many rows a GEMM (oneDNN/MKL) wins: F.linear
 _STATE: dict[str, object] = {}
 
@@ -68,6 +70,7 @@ def load() -> bool:
                      extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         torch.library.register_fake("shardwise::linear")(_fake)
         torch.library.register_fake("shardwise::linear_tiled")(_tfake)
+        torch.library.register_fake("shardwise::paged_decode")(_pfake)
         torch.library.register_fake("shardwise::qlinear")(_qfake)
         _STATE["ok"] = True
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: fall back
@@ -245,8 +248,18 @@ def _tfake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return x.new_empty(x.shape[:-1] + (w.shape[0] * 16,))
 
 
+def _pfake(q, k_cache, v_cache, table, lens, kv_of, scale, softcap) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
 def _qfake(x, q, scale, zero, group, bits, bias=None) -> torch.Tensor:
     return x.new_empty(x.shape[:-1] + (q.shape[0] * 16,))
+
+
+def paged_decode_available() -> bool:
+    """Whether ``shardwise::paged_decode`` (decode attention over the paged KV cache) is built
+    (any CPU: it needs no particular instructions)."""
+    return load()
 
 
 def qlinear_available() -> bool:

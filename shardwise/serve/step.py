@@ -110,6 +110,7 @@ class StepOptions:
     max_context: int | None = None
     freezing: bool = False
     shared_graph: bool = True
+    paged_attention: bool = True
 
 
 class StaticStep:
@@ -122,6 +123,10 @@ class StaticStep:
             kernels.enable()  # before anything is traced: the decode products' kernel
             kernels.tile_weights(model)  # dense weights in its tiles (held once)
         self.buckets = batch_buckets(options.max_seqs, options.max_graphs)
+        # decode attention over the paged cache in place (CPU; else gathered, then SDPA)
+        self.paged = self.device.type == "cpu" and options.paged_attention and \
+            kernels.paged_decode_available()
+        self.kv_of = torch.arange(cache.nq) // cache.group if cache.group else None
         self.limit = min(options.max_context or model.config.max_position_embeddings,
                          cache.num_blocks * cache.block_size)
         self._decode_fn = self._decode
@@ -165,6 +170,12 @@ class StaticStep:
             kc, vc = cache.k[layer], cache.v[layer]
             kc.index_copy_(0, slots, k.reshape(B, -1))            # (B, nkv * d)
             vc.index_copy_(0, slots, v.reshape(B, -1))
+            if self.paged:  # the keys read where they lie, each once per KV head
+                kv_of = self.kv_of if kv_index is None else kv_index
+                o = torch.ops.shardwise.paged_decode(q.reshape(B, cache.nq, cache.d), kc, vc,
+                                                     table, lens, kv_of, params.scale,
+                                                     params.softcap or 0.0)
+                return o.view(B, cache.nq, 1, cache.d)
             keys = kc[table].view(B, L, cache.nkv, cache.d).transpose(1, 2)  # (B, nkv, L, d)
             vals = vc[table].view(B, L, cache.nkv, cache.d).transpose(1, 2)
             g = cache.group
