@@ -70,6 +70,17 @@ struct BF16 {  // 32 bf16 products per dot-product instruction, fp32 sums
 };
 #endif
 
+bool supported(c10::ScalarType dtype) {
+#if defined(__AVX512F__)
+  if (dtype == at::kFloat) return true;
+#endif
+#if defined(__AVX512BF16__)
+  if (dtype == at::kBFloat16) return true;
+#endif
+  return false;
+}
+
+#if defined(__AVX512F__)  // the kernels below: AVX-512 only (else at::linear)
 // The 16 sums of 16 vectors: lane i of the result = sum of a[i]'s lanes (a transpose-and-add
 // tree: 45 shuffles and adds instead of 16 full reductions of ~10 instructions each).
 inline __m512 reduce16(const __m512* a) {
@@ -180,15 +191,6 @@ void product(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::T
   });
 }
 
-bool supported(c10::ScalarType dtype) {
-#if defined(__AVX512F__)
-  if (dtype == at::kFloat) return true;
-#endif
-#if defined(__AVX512BF16__)
-  if (dtype == at::kBFloat16) return true;
-#endif
-  return false;
-}
 
 constexpr int64_t PREFETCH = 256;  // bytes ahead in each tile's stream
 // ---- the tiled layout: one contiguous stream per thread -------------------------------------
@@ -287,6 +289,8 @@ void tproduct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::
     }
   });
 }
+
+#endif  // __AVX512F__
 
 at::Tensor linear_tiled(const at::Tensor& x_, const at::Tensor& w,
                         const c10::optional<at::Tensor>& b) {
