@@ -133,10 +133,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from shardwise.bench.comm import cpu_name
+    from shardwise.bench import cpu_model
     from shardwise.launch import WorkerPool
     torch.set_num_threads(1)
-    res: dict = {"cpu": cpu_name(), "loadavg_start": os.getloadavg()}
+    res: dict = {"cpu": cpu_model(), "loadavg_start": os.getloadavg()}
     print(f"CPU: {res['cpu']}, load average {res['loadavg_start']}")
     with WorkerPool(2, threads=1) as pool:
         res["collectives"] = {f"{mt}{' +SP' if sp else ''}": pool.run(collectives_worker, mt, sp)[0]

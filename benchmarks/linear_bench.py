@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from shardwise import kernels  # noqa: E402
-from shardwise.bench.decode import cpu_model  # noqa: E402
+from shardwise.bench import cpu_model  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 

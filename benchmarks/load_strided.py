@@ -15,13 +15,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from shardwise.bench import cpu_model
 from shardwise.checkpoint import hf
 from shardwise.checkpoint.source import resolve
 from shardwise.mesh import LayoutOnly
@@ -63,13 +63,6 @@ def evict(directory: Path) -> None:
         fd = os.open(f, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import re
 import signal
@@ -36,17 +35,12 @@ import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from shardwise.bench import cpu_model  # noqa: E402,F401  (served.py imports it from here)
 from shardwise.launch import free_port  # noqa: E402
 
 KEY = "soak-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 WORDS = "the a of to in tensor parallel model rank shard cache token batch server request".split()
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        m = re.search(r"model name\s*:\s*(.*)", f.read())
-    return m.group(1) if m else platform.processor()
 
 
 def rss_mib(pids: list[int]) -> float:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from shardwise.bench.decode import cpu_model  # noqa: E402
+from shardwise.bench import cpu_model  # noqa: E402
 from shardwise.checkpoint.source import build_model, resolve  # noqa: E402
 from shardwise.serve.kv import Chunk, PagedKVCache  # noqa: E402
 from shardwise.serve.step import StaticStep, StepOptions  # noqa: E402

@@ -18,33 +18,22 @@ own layers take (the shared-memory backend on one host when available, else gloo
 from __future__ import annotations
 
 import os
-import platform
 import time
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from . import cpu_model
 from ..planner.calibration import OPS, parse, result_row
 
 DEFAULT_SIZES = tuple(4 << (2 * i) for i in range(13))  # 4 B, 16 B, ..., 64 MiB (x4 steps)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_description(n: int) -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} x {n}"
-    return f"CPU {cpu_name()}, {os.cpu_count()} cores, {n} local ranks"
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {n} local ranks"
 
 
 def _op_fn(op: str, nbytes: int, n: int, group, backend: str,

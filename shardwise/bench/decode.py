@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from . import cpu_model
+
 _STATE: dict[str, Any] = {}
 DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 QUANTS = {"int8": "Q8_0", "int4": "Q4_1"}  # shardwise --quant -> the llama.cpp file it faces
@@ -162,15 +164,6 @@ def hf_measure(model: str, dtype: str, prompt: list[int], prefill: int, decode: 
 
 
 # ---------------------------------------------------------------------------- the run
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or "unknown"
-
-
 def bench_decode(*, model: str = "smollm2-135m", tps: tuple[int, ...] = (1, 2),
                  dtypes: tuple[str, ...] = ("float32", "bfloat16"),
                  modes: tuple[str, ...] = ("eager", "compiled"), rounds: int = 3,

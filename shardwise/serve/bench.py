@@ -281,7 +281,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def report(runs: dict[str, list[Run]], args: argparse.Namespace) -> str:
-    from ..bench.decode import cpu_model
+    from ..bench import cpu_model
     lines = [f"Workload: {args.requests} requests, prompts {args.prompt_min}-{args.prompt_max} "
              f"tokens, outputs {args.out_min}-{args.out_max} tokens, at most {args.concurrency} "
              f"in flight; model {args.model} {args.dtype}"
