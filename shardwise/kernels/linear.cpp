@@ -292,6 +292,17 @@ void tproduct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::
 
 #endif  // __AVX512F__
 
+// fn(F32{}) or fn(BF16{}) by the dtype (one this CPU supports: checked by the caller)
+template <class Fn>
+void by_dtype(c10::ScalarType dt, Fn&& fn) {
+#if defined(__AVX512F__)
+  if (dt == at::kFloat) return fn(F32{});
+#endif
+#if defined(__AVX512BF16__)
+  if (dt == at::kBFloat16) return fn(BF16{});
+#endif
+}
+
 at::Tensor linear_tiled(const at::Tensor& x_, const at::Tensor& w,
                         const c10::optional<at::Tensor>& b) {
   const auto dt = x_.scalar_type();
@@ -312,13 +323,7 @@ at::Tensor linear_tiled(const at::Tensor& x_, const at::Tensor& w,
   auto y = at::empty(sizes, x.options());
   if (x.numel() == 0) return y;
 #if defined(__AVX512F__)
-  if (dt == at::kFloat) {
-    tproduct<F32>(x, w, b, y);
-    return y;
-  }
-#endif
-#if defined(__AVX512BF16__)
-  tproduct<BF16>(x, w, b, y);
+  by_dtype(dt, [&](auto a) { tproduct<decltype(a)>(x, w, b, y); });
 #endif
   return y;
 }
@@ -328,13 +333,7 @@ bool usable(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Te
   if (x.scalar_type() != w.scalar_type() || w.dim() != 2 || !w.is_contiguous()) return false;
   if (x.size(-1) != w.size(1) || x.numel() == 0) return false;
   if (b && (b->scalar_type() != w.scalar_type() || !b->is_contiguous())) return false;
-#if defined(__AVX512F__)
-  if (x.scalar_type() == at::kFloat) return true;
-#endif
-#if defined(__AVX512BF16__)
-  if (x.scalar_type() == at::kBFloat16) return true;
-#endif
-  return false;
+  return supported(x.scalar_type());
 }
 
 at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
@@ -344,13 +343,7 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, const c10::optional
   sizes.back() = w.size(0);
   auto y = at::empty(sizes, x.options());
 #if defined(__AVX512F__)
-  if (x.scalar_type() == at::kFloat) {
-    product<F32>(x, w, b, y);
-    return y;
-  }
-#endif
-#if defined(__AVX512BF16__)
-  product<BF16>(x, w, b, y);
+  by_dtype(x.scalar_type(), [&](auto a) { product<decltype(a)>(x, w, b, y); });
 #endif
   return y;
 }
