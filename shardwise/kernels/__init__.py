@@ -6,9 +6,8 @@ fp32, AVX512-BF16 bf16): ``shardwise::linear_tiled`` over weights laid out in 16
 and ``shardwise::linear`` over row-major weights for the few rows of a decode step (a weight
 that cannot be tiled). ``qlinear.cpp`` is the quantized product (:mod:`shardwise.quant.native`),
 ``attention.cpp`` the decode step's attention over the paged KV cache (``shardwise::paged_decode``,
-:class:`shardwise.serve.step.StaticStep`).
-They are compiled with the C++ compiler
-torch.compile already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the
+:class:`shardwise.serve.step.StaticStep`). They are compiled with the C++ compiler torch.compile
+already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the
 source and this CPU's flags) through ``torch.utils.cpp_extension``; its threads are torch's
 intra-op threads (the one OpenMP runtime torch loaded). Where it cannot be built or the CPU
 lacks the instructions, :func:`linear` is plain ``F.linear``.
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCE = Path(__file__).with_name("linear.cpp")
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("linear.cpp", "qlinear.cpp", "attention.cpp"))
 MAX_ROWS = 16          # above this many rows a GEMM (oneDNN/MKL) wins: F.linear
 _STATE: dict[str, object] = {}
@@ -179,13 +177,10 @@ class Tiled(WeightForm):
         self.form = "bf16-tiled" if weight.dtype == torch.bfloat16 else "fp32-tiled"
         self.register_buffer("w", _tile(weight.detach()))
 
-    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.ops.shardwise.linear_tiled(x2, self.w)
-
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(self.no_backward)
-        return torch.ops.shardwise.linear_tiled(x.to(self.dtype), self.w, bias)
+        return torch.ops.shardwise.linear_tiled(x.to(self.dtype), self.w, bias)  # any leading dims
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids``: tile ``i // 16``, lane ``i % 16``."""

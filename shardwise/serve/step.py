@@ -100,7 +100,10 @@ class StepOptions:
     inductor's freezing (weights folded in as constants, linears prepacked for oneDNN); off by
     default: measured 0.90-0.96x the unfrozen decode speed (the decode products are shardwise's
     own kernels, which it does not prepack) and a 2-2.7x slower warm start (the folding is redone
-    at every start); benchmarks/RESULTS.md, issue 10.
+    at every start); benchmarks/RESULTS.md, issue 10. ``shared_graph``: one compiled graph for
+    every batch bucket above 1 (False: a graph per bucket; same step speed, 2x the compile).
+    ``paged_attention``: on the CPU, decode attention reads the paged cache in place
+    (``shardwise::paged_decode``; False: the keys gathered, then SDPA).
     """
 
     compile: bool = True
