@@ -95,17 +95,18 @@ def _paged_reference(q, kc, vc, table, lens, kv_of, scale, softcap):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
-@pytest.mark.parametrize("d", [16, 64])  # the generic loops; the AVX-512 path (64, 128)
+@pytest.mark.parametrize("d", [16, 64, 128])  # the generic loops; the AVX-512 path (64, 128)
 def test_paged_decode_attention_equals_reference(dtype, softcap, d):
-    """Irregular KV heads (query heads 0-2 -> 1, 3 -> 0, 4 -> 1), rows of different lengths in
+    """Irregular KV heads (query heads 0-2 -> 1, 3 -> 0, 4-6 -> 1: groups of 6 and 1, so the
+    AVX-512 path's register groups of heads run whole and partial), rows of different lengths in
     scattered slots, a padding row of one key. fp32 1e-5, bf16 1e-2 (inputs in bf16, sums fp32)."""
     g = torch.Generator().manual_seed(1)
-    B, nq, nkv, slots, L = 4, 5, 2, 300, 128
+    B, nq, nkv, slots, L = 4, 7, 2, 300, 128
     q = torch.randn(B, nq, d, generator=g).to(dtype)
     kc, vc = (torch.randn(slots, nkv * d, generator=g).to(dtype) for _ in range(2))
     table = torch.randint(0, slots, (B, L), generator=g)
     lens = torch.tensor([1, 70, 128, 3])
-    kv_of = torch.tensor([1, 1, 1, 0, 1])
+    kv_of = torch.tensor([1, 1, 1, 0, 1, 1, 1])
     out = torch.ops.shardwise.paged_decode(q, kc, vc, table, lens, kv_of, 0.25, softcap)
     ref = _paged_reference(q, kc, vc, table, lens, kv_of, 0.25, softcap)
     assert out.dtype == dtype and _rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
@@ -115,23 +116,62 @@ def test_paged_decode_attention_equals_reference(dtype, softcap, d):
         torch.ops.shardwise.paged_decode(q, kc, vc, bad, lens, kv_of, 0.25, softcap)
 
 
+def _tiny(variant: str | None):
+    """A 2-layer GQA model (6 query heads, 2 KV heads); ``softcap``: Gemma 2's soft-capped
+    scores, without its sliding windows; ``window``: Mistral's sliding window of 20."""
+    from dataclasses import replace
+    from shardwise.models.config import LlamaConfig
+    from shardwise.models.llama import LlamaForCausalLM
+    from shardwise.shards import init_weights
+    cfg = LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256)
+    if variant == "softcap":
+        cfg = replace(cfg, model_type="gemma2", hidden_act="gelu_pytorch_tanh",
+                      attn_logit_softcapping=30.0, sliding_window=None)
+    elif variant == "window":
+        cfg = replace(cfg, model_type="mistral", sliding_window=20)
+    model = LlamaForCausalLM(cfg, group=None).eval()
+    init_weights(model, seed=0, std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("variant", [None, "softcap", "window"])
+def test_flat_step_paged_decode_equals_gathered(variant):
+    """Mixed steps (decode rows beside a prompt fed in chunks: the flat eager step) with the
+    decode rows through ``paged_decode`` against the gathered keys and SDPA: logits within
+    1e-5 (fp32), GQA, soft-capped and sliding-window layers (whose decode rows start past 0)."""
+    from shardwise.serve.kv import Chunk, PagedKVCache
+    from shardwise.serve.step import StaticStep, StepOptions
+    model = _tiny(variant)
+    out = {}
+    with torch.inference_mode():
+        for paged in (True, False):
+            cache = PagedKVCache(model, 48, 16)
+            step = StaticStep(model, cache, StepOptions(compile=False, max_seqs=4,
+                                                        paged_attention=paged))
+            assert cache.paged_decode == paged
+            prompts = [list(range(3, 30)), [26, 43, 38]]
+            blocks = [list(range(i * 16, i * 16 + 16)) for i in range(3)]
+            step([Chunk(i, p, 0, blocks[i], True) for i, p in enumerate(prompts)])
+            lens, toks, logits = [len(p) for p in prompts], [5, 6], []
+            long = list(range(60, 102))  # fed 7 tokens a step beside the two decodes
+            for s in range(6):
+                chunks = [Chunk(i, [toks[i]], lens[i], blocks[i], True) for i in range(2)]
+                chunks.append(Chunk(2, long[7 * s:7 * s + 7], 7 * s, blocks[2], s == 5))
+                logits.append(step(chunks).double())
+                lens = [n + 1 for n in lens]
+            out[paged] = torch.cat(logits)
+    assert out[True].shape == (6 * 2 + 1, 256)
+    assert _rel(out[True], out[False]) < 1e-5
+
+
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_step_paged_attention_equals_gathered(softcap):
     """The static step with the paged kernel against the gathered keys and SDPA (eager, fp32,
     GQA and a soft-capped variant): logits within 1e-5, over widths 64 and 128 and 3 rows."""
-    from dataclasses import replace
-    from shardwise.models.config import LlamaConfig
-    from shardwise.models.llama import LlamaForCausalLM
     from shardwise.serve.kv import Chunk, PagedKVCache
     from shardwise.serve.step import StaticStep, StepOptions
-    from shardwise.shards import init_weights
-    cfg = LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256)
-    if softcap:  # Gemma 2's soft-capped scores, without its sliding windows
-        cfg = replace(cfg, model_type="gemma2", hidden_act="gelu_pytorch_tanh",
-                      attn_logit_softcapping=softcap, sliding_window=None)
-    model = LlamaForCausalLM(cfg, group=None).eval()
-    init_weights(model, seed=0, std=0.3)
+    model = _tiny("softcap" if softcap else None)
     out = {}
     with torch.inference_mode():
         for paged in (True, False):

@@ -37,56 +37,145 @@ inline __m512 load16(const c10::BFloat16* p) {  // 16 bf16 -> fp32: the bits shi
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-// scores of one key row against the g heads' queries (d = 16 * V, queries pre-scaled, fp32)
-template <class T, int V>
-inline void dots(const float* qf, int64_t g, const T* kr, float* out) {
-  __m512 k[V];
-#pragma GCC unroll 8
-  for (int c = 0; c < V; ++c) k[c] = load16(kr + 16 * c);
-  for (int64_t j = 0; j < g; ++j) {
-    __m512 a = _mm512_mul_ps(k[0], _mm512_loadu_ps(qf + j * 16 * V));
-#pragma GCC unroll 8
-    for (int c = 1; c < V; ++c) a = _mm512_fmadd_ps(k[c], _mm512_loadu_ps(qf + j * 16 * V + 16 * c), a);
-    out[j] = _mm512_reduce_add_ps(a);
-  }
+// exp(x) for x <= 0 (a score minus its row's maximum), 16 lanes: x = n ln2 + r with |r| <=
+// ln2 / 2, exp(r) by a degree-6 polynomial (Cephes' expf coefficients, ~1e-7 relative), then
+// scaled by 2^n. Below -87.3 the result is clamped near 1e-38 (nothing a softmax can see).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
 }
 
-// acc[j] += w[j] v for the g heads (d = 16 * V)
-template <class T, int V>
-inline void axpys(const float* w, int64_t g, const T* vr, float* acc) {
-  __m512 v[V];
+// s[j * n + t] = q_j . k_t for G heads (queries pre-scaled, fp32, in registers), every key row
+// t < n of this KV head (d = 16 * V)
+template <class T, int V, int G>
+inline void dots(const float* qf, int64_t n, const int64_t* rows, const T* kp, int64_t ld,
+                 float* s) {
+  __m512 qv[G][V];
+#pragma GCC unroll 16
+  for (int i = 0; i < G * V; ++i) qv[i / V][i % V] = _mm512_loadu_ps(qf + 16 * i);
+  for (int64_t t = 0; t < n; ++t) {
+    const T* kr = kp + rows[t] * ld;
+    __m512 k[V];
 #pragma GCC unroll 8
-  for (int c = 0; c < V; ++c) v[c] = load16(vr + 16 * c);
-  for (int64_t j = 0; j < g; ++j) {
-    const __m512 wj = _mm512_set1_ps(w[j]);
+    for (int c = 0; c < V; ++c) k[c] = load16(kr + 16 * c);
 #pragma GCC unroll 8
-    for (int c = 0; c < V; ++c) {
-      float* a = acc + j * 16 * V + 16 * c;
-      _mm512_storeu_ps(a, _mm512_fmadd_ps(wj, v[c], _mm512_loadu_ps(a)));
+    for (int j = 0; j < G; ++j) {
+      __m512 a = _mm512_mul_ps(k[0], qv[j][0]);
+#pragma GCC unroll 8
+      for (int c = 1; c < V; ++c) a = _mm512_fmadd_ps(k[c], qv[j][c], a);
+      s[j * n + t] = _mm512_reduce_add_ps(a);
     }
   }
 }
+
+// acc_j = sum_t w[j * n + t] v_t for G heads, the sums in registers (d = 16 * V)
+template <class T, int V, int G>
+inline void axpys(const float* w, int64_t n, const int64_t* rows, const T* vp, int64_t ld,
+                  float* acc) {
+  __m512 a[G][V];
+#pragma GCC unroll 16
+  for (int i = 0; i < G * V; ++i) a[i / V][i % V] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const T* vr = vp + rows[t] * ld;
+    __m512 v[V];
+#pragma GCC unroll 8
+    for (int c = 0; c < V; ++c) v[c] = load16(vr + 16 * c);
+#pragma GCC unroll 8
+    for (int j = 0; j < G; ++j) {
+      const __m512 wj = _mm512_set1_ps(w[j * n + t]);
+#pragma GCC unroll 8
+      for (int c = 0; c < V; ++c) a[j][c] = _mm512_fmadd_ps(wj, v[c], a[j][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < G * V; ++i) _mm512_storeu_ps(acc + 16 * i, a[i / V][i % V]);
+}
+
+// the g heads of one (sequence, KV head), G at a time (V = 4: up to 4 heads, 16 registers of
+// queries or sums; V = 8: up to 2)
+template <class T, int V>
+void heads_avx512(const float* qf, int64_t g, int64_t n, const int64_t* rows, const T* kp,
+                  const T* vp, int64_t ld, float* s, float* acc, bool values) {
+  constexpr int64_t d = 16 * V, GM = V == 4 ? 4 : 2;
+  for (int64_t j = 0; j < g; j += GM) {
+    const int64_t m = std::min(GM, g - j);
+    float* sj = s + j * n;
+    if (!values) {
+      const float* q = qf + j * d;
+      if (m == 4) dots<T, V, (V == 4 ? 4 : 1)>(q, n, rows, kp, ld, sj);
+      else if (m == 3) dots<T, V, (V == 4 ? 3 : 1)>(q, n, rows, kp, ld, sj);
+      else if (m == 2) dots<T, V, 2>(q, n, rows, kp, ld, sj);
+      else dots<T, V, 1>(q, n, rows, kp, ld, sj);
+    } else {
+      float* o = acc + j * d;
+      if (m == 4) axpys<T, V, (V == 4 ? 4 : 1)>(sj, n, rows, vp, ld, o);
+      else if (m == 3) axpys<T, V, (V == 4 ? 3 : 1)>(sj, n, rows, vp, ld, o);
+      else if (m == 2) axpys<T, V, 2>(sj, n, rows, vp, ld, o);
+      else axpys<T, V, 1>(sj, n, rows, vp, ld, o);
+    }
+  }
+}
+
+// x <- exp(x - max x) over n scores; returns their sum
+inline float softmax_numerators(float* x, int64_t n) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + t));
+  float mx = _mm512_reduce_max_ps(mv);
+  for (; t < n; ++t) mx = std::max(mx, x[t]);
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 sv = _mm512_setzero_ps();
+  for (t = 0; t + 16 <= n; t += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + t), m));
+    _mm512_storeu_ps(x + t, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  if (t < n) {
+    const __mmask16 k = (__mmask16)((1u << (n - t)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + t), m));
+    _mm512_mask_storeu_ps(x + t, k, e);
+    sv = _mm512_add_ps(sv, _mm512_maskz_mov_ps(k, e));
+  }
+  return _mm512_reduce_add_ps(sv);
+}
 #endif
 
-// the generic forms (any d, any CPU)
+// the generic forms (any d, any CPU); scores head-major, s[j * n + t]
 template <class T>
-inline void dots_any(const float* qf, int64_t g, int64_t d, const T* kr, float* kf, float* out) {
+inline void dots_any(const float* qf, int64_t g, int64_t d, int64_t n, const T* kr, int64_t t,
+                     float* kf, float* s) {
   for (int64_t e = 0; e < d; ++e) kf[e] = f32(kr[e]);
   for (int64_t j = 0; j < g; ++j) {
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
     for (int64_t e = 0; e < d; ++e) dot += qf[j * d + e] * kf[e];
-    out[j] = dot;
+    s[j * n + t] = dot;
   }
 }
 
 template <class T>
-inline void axpys_any(const float* w, int64_t g, int64_t d, const T* vr, float* vf, float* acc) {
+inline void axpys_any(const float* s, int64_t g, int64_t d, int64_t n, const T* vr, int64_t t,
+                      float* vf, float* acc) {
   for (int64_t e = 0; e < d; ++e) vf[e] = f32(vr[e]);
-  for (int64_t j = 0; j < g; ++j)
+  for (int64_t j = 0; j < g; ++j) {
+    const float w = s[j * n + t];
 #pragma omp simd
-    for (int64_t e = 0; e < d; ++e) acc[j * d + e] += w[j] * vf[e];
+    for (int64_t e = 0; e < d; ++e) acc[j * d + e] += w * vf[e];
+  }
 }
+
+constexpr size_t MAX_GROUP = 64;  // query heads per KV head
 
 template <class T>
 void paged(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
@@ -104,55 +193,65 @@ void paged(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
   std::vector<std::vector<int64_t>> heads(nkv);
   const int64_t* kvp = kv_of.data_ptr<int64_t>();
   for (int64_t h = 0; h < nq; ++h) heads[kvp[h]].push_back(h);
+  for (const auto& hs : heads)
+    TORCH_CHECK(hs.size() <= MAX_GROUP, "paged_decode: ", hs.size(), " query heads read one KV "
+                "head; at most ", MAX_GROUP);
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
   at::parallel_for(0, B * nkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf, s, acc, buf;
+    std::vector<float> qf, s, acc, buf;  // this thread's, reused across its units
+    std::vector<int64_t> rows;           // the unit's key rows, as offsets into the cache
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nkv, kh = i % nkv, n = std::min<int64_t>(lp[b], L);
       const auto& hs = heads[kh];
       const int64_t g = hs.size();
       if (g == 0) continue;
-      qf.assign(g * d, 0.f);
+      qf.resize(g * d);
       for (int64_t j = 0; j < g; ++j)
         for (int64_t e = 0; e < d; ++e) qf[j * d + e] = f32(qp[(b * nq + hs[j]) * d + e]) * sc;
-      s.assign(n * g, 0.f);  // scores, key-major: (n, g)
-      buf.resize(d);
-      for (int64_t t = 0; t < n; ++t) {  // each key row once for the g heads
-        const T* kr = kp + tp[b * L + t] * ld + kh * d;
-        float* st = s.data() + t * g;
-#if defined(__AVX512F__)
-        if (d == 64) dots<T, 4>(qf.data(), g, kr, st);
-        else if (d == 128) dots<T, 8>(qf.data(), g, kr, st);
-        else
-#endif
-        dots_any(qf.data(), g, d, kr, buf.data(), st);
-      }
-      std::vector<float> mx(g, -INFINITY), sum(g, 0.f);
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < g; ++j) {
-          float& x = s[t * g + j];
-          if (cap > 0.f) x = cap * std::tanh(x / cap);
-          mx[j] = std::max(mx[j], x);
-        }
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < g; ++j) {
-          float& x = s[t * g + j];
-          x = std::exp(x - mx[j]);
-          sum[j] += x;
-        }
+      s.resize(std::max<int64_t>(g * n, 1));  // scores, head-major: (g, n)
       acc.assign(g * d, 0.f);
-      for (int64_t t = 0; t < n; ++t) {  // each value row once for the g heads
-        const T* vr = vp + tp[b * L + t] * ld + kh * d;
-        const float* w = s.data() + t * g;
+      rows.resize(n);
+      for (int64_t t = 0; t < n; ++t) rows[t] = tp[b * L + t];
+      const T* kb = kp + kh * d;  // this KV head's columns
+      const T* vb = vp + kh * d;
 #if defined(__AVX512F__)
-        if (d == 64) axpys<T, 4>(w, g, vr, acc.data());
-        else if (d == 128) axpys<T, 8>(w, g, vr, acc.data());
-        else
+      const bool fast = d == 64 || d == 128;
+#else
+      const bool fast = false;
 #endif
-        axpys_any(w, g, d, vr, buf.data(), acc.data());
+      if (fast) {
+#if defined(__AVX512F__)
+        if (d == 64) heads_avx512<T, 4>(qf.data(), g, n, rows.data(), kb, vb, ld, s.data(), nullptr, false);
+        else heads_avx512<T, 8>(qf.data(), g, n, rows.data(), kb, vb, ld, s.data(), nullptr, false);
+#endif
+      } else {
+        buf.resize(d);
+        for (int64_t t = 0; t < n; ++t) dots_any(qf.data(), g, d, n, kb + rows[t] * ld, t, buf.data(), s.data());
+      }
+      float sums[MAX_GROUP];
+      for (int64_t j = 0; j < g; ++j) {
+        float* x = s.data() + j * n;
+        if (cap > 0.f)
+          for (int64_t t = 0; t < n; ++t) x[t] = cap * std::tanh(x[t] / cap);
+#if defined(__AVX512F__)
+        sums[j] = softmax_numerators(x, n);
+#else
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t t = 0; t < n; ++t) mx = std::max(mx, x[t]);
+        for (int64_t t = 0; t < n; ++t) sum += (x[t] = std::exp(x[t] - mx));
+        sums[j] = sum;
+#endif
+      }
+      if (fast) {
+#if defined(__AVX512F__)
+        if (d == 64) heads_avx512<T, 4>(nullptr, g, n, rows.data(), kb, vb, ld, s.data(), acc.data(), true);
+        else heads_avx512<T, 8>(nullptr, g, n, rows.data(), kb, vb, ld, s.data(), acc.data(), true);
+#endif
+      } else {
+        for (int64_t t = 0; t < n; ++t) axpys_any(s.data(), g, d, n, vb + rows[t] * ld, t, buf.data(), acc.data());
       }
       for (int64_t j = 0; j < g; ++j) {
-        const float inv = n > 0 ? 1.f / sum[j] : 0.f;
+        const float inv = n > 0 ? 1.f / sums[j] : 0.f;
         T* o = op + (b * nq + hs[j]) * d;
         for (int64_t e = 0; e < d; ++e) o[e] = static_cast<T>(acc[j * d + e] * inv);
       }

@@ -62,6 +62,7 @@ class _WindowView:
     """One window size's share of a step: decode tables and masks, prefill key slots and masks."""
     dec_table: torch.Tensor | None = None   # (n_dec, L) slots
     dec_mask: torch.Tensor | None = None    # (n_dec, 1, 1, L) padding
+    dec_lens: torch.Tensor | None = None    # (n_dec,) keys per decode row
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None = None  # off, n, slots, mask
 
 
@@ -89,6 +90,10 @@ class PagedKVCache:
         self.v = {i: torch.zeros_like(t) for i, t in self.k.items()}
         self.device, self.dtype, self.long_after = dev, dtype, model.long_after
         self.long_rope: torch.Tensor | None = None  # (1, T): the model's ``long_rope``
+        # decode rows read the cache in place (``shardwise::paged_decode``; set by the engine's
+        # step, :class:`~shardwise.serve.step.StepOptions`), else gathered, then SDPA
+        self.paged_decode = False
+        self.kv_of = torch.arange(self.nq, device=dev) // self.group if self.group else None
 
     @property
     def bytes(self) -> int:
@@ -150,6 +155,7 @@ class PagedKVCache:
             lens = torch.tensor([hi - lo for lo, hi in spans]).unsqueeze(1)
             mask = torch.arange(width).unsqueeze(0) < lens                          # (n_dec, L)
             view.dec_mask = mask.view(len(decodes), 1, 1, width).to(dev)
+            view.dec_lens = lens.view(-1).to(dev)
         for off, c in prefills:
             n, lo = len(c.tokens), first_visible(c.start, window)
             keys = torch.tensor(self._slots(c.blocks, lo, c.start + n), device=dev)
@@ -174,7 +180,13 @@ class PagedKVCache:
         out = torch.empty_like(q)
         n, g = self.n_dec, self.group
         view = self.views[params.window]
-        if n:
+        if n and self.paged_decode:  # each decode row's keys read where they lie
+            qd = q[0, :, :n].transpose(0, 1).contiguous()                         # (n, nq, d)
+            kv_of = self.kv_of if kv_index is None else kv_index
+            o = torch.ops.shardwise.paged_decode(qd, kc, vc, view.dec_table, view.dec_lens, kv_of,
+                                                 params.scale, params.softcap or 0.0)
+            out[0, :, :n] = o.transpose(0, 1)
+        elif n:
             keys, vals = self._gather(kc, view.dec_table), self._gather(vc, view.dec_table)
             qd = q[0, :, :n].transpose(0, 1)                                      # (n, nq, d)
             if g:  # the g heads of each KV group form the query "sequence"

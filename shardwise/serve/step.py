@@ -128,8 +128,8 @@ class StaticStep:
         self.buckets = batch_buckets(options.max_seqs, options.max_graphs)
         # decode attention over the paged cache in place (CPU; else gathered, then SDPA)
         self.paged = self.device.type == "cpu" and options.paged_attention and \
-            kernels.paged_decode_available()
-        self.kv_of = torch.arange(cache.nq) // cache.group if cache.group else None
+            cache.dtype in (torch.float32, torch.bfloat16) and kernels.paged_decode_available()
+        cache.paged_decode = self.paged  # the flat step's decode rows too
         self.limit = min(options.max_context or model.config.max_position_embeddings,
                          cache.num_blocks * cache.block_size)
         self._decode_fn = self._decode
@@ -174,7 +174,7 @@ class StaticStep:
             kc.index_copy_(0, slots, k.reshape(B, -1))            # (B, nkv * d)
             vc.index_copy_(0, slots, v.reshape(B, -1))
             if self.paged:  # the keys read where they lie, each once per KV head
-                kv_of = self.kv_of if kv_index is None else kv_index
+                kv_of = cache.kv_of if kv_index is None else kv_index
                 o = torch.ops.shardwise.paged_decode(q.reshape(B, cache.nq, cache.d), kc, vc,
                                                      table, lens, kv_of, params.scale,
                                                      params.softcap or 0.0)
