@@ -6,6 +6,7 @@ graph for a batch of one and one for every larger bucket, no recompiles as width
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -39,10 +40,15 @@ def compare_worker(tp: int):
     import torch._inductor.config
     torch._inductor.config.compile_threads = 1  # 4 workers on 2 cores: no compile subprocesses
     model = _model(GQA, group)
+    if tp == 1:  # the default off the test suite (conftest): inductor's C++ wrapper
+        os.environ["SHARDWISE_CPP_WRAPPER"] = "1"
     # three sequences (bucket 4, one padding row; the 60-token one crosses the width 64), then
     # at tp=1 one sequence alone (bucket 1); each compile costs seconds, so tp 2-3 check one
-    return [vars(compare_compiled(model, group, p, steps=8)) | {"tp": tp}
-            for p in ((PROMPTS, PROMPTS[:1]) if tp == 1 else (PROMPTS,))]
+    try:
+        return [vars(compare_compiled(model, group, p, steps=8)) | {"tp": tp}
+                for p in ((PROMPTS, PROMPTS[:1]) if tp == 1 else (PROMPTS,))]
+    finally:
+        os.environ["SHARDWISE_CPP_WRAPPER"] = "0"
 
 
 @pytest.mark.parametrize("tp", [1, 2, 3])
@@ -61,6 +67,7 @@ def test_compiled_equals_eager(pool, tp):
             assert c["compiled_collectives"] == want, label
             assert c["graph_breaks"] == 0 and c["graphs"] == 1, label  # no recompile as L grows
             assert c["buckets"] == bucket, label
+            assert c["cpp_wrapper"] == (tp == 1), label
     tokens = [r[0]["compiled_tokens"] for r in results]
     assert all(t == tokens[0] for t in tokens)  # every rank sampled the same tokens
 

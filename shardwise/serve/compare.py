@@ -33,6 +33,7 @@ class Comparison:
     graphs: int                       # dynamo's unique graphs (for the compiled side)
     graph_breaks: int
     buckets: list[int] = field(default_factory=list)
+    cpp_wrapper: bool = False         # the compiled side through inductor's C++ wrapper
 
     @property
     def collectives_equal(self) -> bool:
@@ -89,4 +90,5 @@ def compare_compiled(model, group, prompts: list[list[int]], *, steps: int = 8,
             break
         diff = max(diff, float((a - b).abs().max()))
     return Comparison(diff, te == tc, te, tc, ce, cc, after[0] - before[0],
-                      after[1] - before[1], sorted(stc.graphs))
+                      after[1] - before[1], sorted(stc.graphs),
+                      stc.options.cpp_wrapper and stc.device.type == "cpu")

@@ -30,8 +30,9 @@ it, and compiling it would add graphs per token bucket for little (see benchmark
 """
 from __future__ import annotations
 
+import os
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -103,7 +104,13 @@ class StepOptions:
     at every start); benchmarks/RESULTS.md, issue 10. ``shared_graph``: one compiled graph for
     every batch bucket above 1 (False: a graph per bucket; same step speed, 2x the compile).
     ``paged_attention``: on the CPU, decode attention reads the paged cache in place
-    (``shardwise::paged_decode``; False: the keys gathered, then SDPA).
+    (``shardwise::paged_decode``, also for the decode rows of mixed steps; False: the keys
+    gathered, then SDPA). ``cpp_wrapper``: inductor's C++ wrapper on the CPU (the graph's ~300
+    kernel and operator calls made from C++ rather than from a generated Python function):
+    1.09x the decode step of SmolLM2 in bf16 for 20-40 s more compile per cold graph (a warm
+    start is faster); benchmarks/RESULTS.md, issue 10. ``SHARDWISE_CPP_WRAPPER=0`` in the
+    environment makes False the default (the test suite does, for its compile time budget; its
+    compiled == eager check at tp=1 runs the C++ wrapper).
     """
 
     compile: bool = True
@@ -114,6 +121,8 @@ class StepOptions:
     freezing: bool = False
     shared_graph: bool = True
     paged_attention: bool = True
+    cpp_wrapper: bool = field(default_factory=lambda: os.environ.get(
+        "SHARDWISE_CPP_WRAPPER", "1") != "0")
 
 
 class StaticStep:
@@ -141,7 +150,8 @@ class StaticStep:
         if options.compile and self.static:
             self._decode_fn = torch.compile(_own_code(self._decode), fullgraph=True,
                                             dynamic=False, options=_COMPILE_OPTIONS
-                                            | {"freezing": options.freezing})
+                                            | {"freezing": options.freezing, "cpp_wrapper":
+                                               options.cpp_wrapper and self.device.type == "cpu"})
         self.graphs: set[int] = set()  # batch buckets run so far (compiled once each)
         self.cuda = CudaGraphs(self._decode_fn, self.device, prepare=self._mark) \
             if options.cuda_graphs and self.device.type == "cuda" and self.static else None
