@@ -202,6 +202,7 @@ constexpr int64_t PREFETCH = 256;  // bytes ahead in each tile's stream
 // (pair of) column(s) of 16 rows, the 16 lanes are output rows: no horizontal sums, and each
 // thread's range of tiles is a single sequential stream for the prefetchers (row-major rows are
 // 16 short streams per tile, which bf16's 1 KiB rows leave too short to reach the bandwidth).
+//
 // The next unit of tiles, fetched into L2 a line per column-pair step of the passes that read
 // the current unit from cache (the second pass on), so the stream from memory overlaps the
 // arithmetic instead of preceding it: bf16 1.03x at 8 rows, 1.07-1.09x at 16-32 (interleaved in

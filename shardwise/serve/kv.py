@@ -12,7 +12,9 @@ A step with prefill chunks runs every scheduled sequence's new tokens as one fla
 (eager): decodes first (one token each), then prefill chunks. :meth:`PagedKVCache.attend` writes
 the step's k/v into their slots, then attends
 
-* all decodes at once: keys gathered into ``(n_dec, nkv, L_max, d)`` with a padding mask; with a
+* all decodes at once: on the CPU each row's keys read where they lie
+  (``shardwise::paged_decode``, :attr:`PagedKVCache.paged_decode`, as in the compiled decode
+  step); else keys gathered into ``(n_dec, nkv, L_max, d)`` with a padding mask, and with a
   regular GQA layout the ``g`` query heads sharing a KV head are the "query sequence" of one SDPA
   call, so KV heads are never copied ``g`` times;
 * each prefill chunk on its own, causal with the offset of the tokens already cached.
