@@ -144,8 +144,12 @@ def test_cli_bad_input_is_one_line(tmp_path):
         (["--model", "smollm2-135m", "--tp", "12"], "tp=12 but the model has 9 query heads"),
         (["--model", "smollm2-135m", "--max-new-tokens", "9000"], "exceed the context of 8192"),
     ]
-    for args, msg in cases:
-        out = run_cli("generate", "--prompt", "What is the capital of France?", *args)
-        assert out.returncode == 2, (args, out.stderr)
-        assert msg in out.stderr and "Traceback" not in out.stderr, out.stderr
-        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    procs = [(args, msg, subprocess.Popen(  # at once: each is mostly the interpreter's start
+        [sys.executable, "-m", "shardwise.cli", "generate", "--prompt",
+         "What is the capital of France?", *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)) for args, msg in cases]
+    for args, msg, proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (args, err)
+        assert msg in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
