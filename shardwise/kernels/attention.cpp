@@ -19,7 +19,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -102,29 +104,32 @@ inline void axpys(const float* w, int64_t n, const int64_t* rows, const T* vp, i
   for (int i = 0; i < G * V; ++i) _mm512_storeu_ps(acc + 16 * i, a[i / V][i % V]);
 }
 
-// the g heads of one (sequence, KV head), G at a time (V = 4: up to 4 heads, 16 registers of
-// queries or sums; V = 8: up to 2)
-template <class T, int V>
-void heads_avx512(const float* qf, int64_t g, int64_t n, const int64_t* rows, const T* kp,
-                  const T* vp, int64_t ld, float* s, float* acc, bool values) {
-  constexpr int64_t d = 16 * V, GM = V == 4 ? 4 : 2;
+// f(j, G) over the g heads of one (sequence, KV head) in groups of G from head j, as many as
+// the registers hold (d = 16 * V; V = 4: up to 4 heads, 16 registers of queries or sums; V = 8:
+// up to 2)
+template <int V, class F>
+inline void head_groups(int64_t g, F&& f) {
+  constexpr int64_t GM = V == 4 ? 4 : 2;
   for (int64_t j = 0; j < g; j += GM) {
     const int64_t m = std::min(GM, g - j);
-    float* sj = s + j * n;
-    if (!values) {
-      const float* q = qf + j * d;
-      if (m == 4) dots<T, V, (V == 4 ? 4 : 1)>(q, n, rows, kp, ld, sj);
-      else if (m == 3) dots<T, V, (V == 4 ? 3 : 1)>(q, n, rows, kp, ld, sj);
-      else if (m == 2) dots<T, V, 2>(q, n, rows, kp, ld, sj);
-      else dots<T, V, 1>(q, n, rows, kp, ld, sj);
-    } else {
-      float* o = acc + j * d;
-      if (m == 4) axpys<T, V, (V == 4 ? 4 : 1)>(sj, n, rows, vp, ld, o);
-      else if (m == 3) axpys<T, V, (V == 4 ? 3 : 1)>(sj, n, rows, vp, ld, o);
-      else if (m == 2) axpys<T, V, 2>(sj, n, rows, vp, ld, o);
-      else axpys<T, V, 1>(sj, n, rows, vp, ld, o);
+    if constexpr (V == 4) {
+      if (m == 4) { f(j, std::integral_constant<int, 4>{}); continue; }
+      if (m == 3) { f(j, std::integral_constant<int, 3>{}); continue; }
     }
+    if (m == 2) f(j, std::integral_constant<int, 2>{});
+    else f(j, std::integral_constant<int, 1>{});
   }
+}
+
+// the unit's scores (values = false) or output sums (values = true), d = 16 * V
+template <class T, int V>
+void unit_avx512(bool values, const float* qf, int64_t g, int64_t n, const int64_t* rows,
+                 const T* kp, const T* vp, int64_t ld, float* s, float* acc) {
+  head_groups<V>(g, [&](int64_t j, auto G) {
+    constexpr int NG = decltype(G)::value;
+    if (values) axpys<T, V, NG>(s + j * n, n, rows, vp, ld, acc + j * 16 * V);
+    else dots<T, V, NG>(qf + j * 16 * V, n, rows, kp, ld, s + j * n);
+  });
 }
 
 // x <- exp(x - max x) over n scores; returns their sum
@@ -221,8 +226,8 @@ void paged(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
 #endif
       if (fast) {
 #if defined(__AVX512F__)
-        if (d == 64) heads_avx512<T, 4>(qf.data(), g, n, rows.data(), kb, vb, ld, s.data(), nullptr, false);
-        else heads_avx512<T, 8>(qf.data(), g, n, rows.data(), kb, vb, ld, s.data(), nullptr, false);
+        if (d == 64) unit_avx512<T, 4>(false, qf.data(), g, n, rows.data(), kb, vb, ld, s.data(), nullptr);
+        else unit_avx512<T, 8>(false, qf.data(), g, n, rows.data(), kb, vb, ld, s.data(), nullptr);
 #endif
       } else {
         buf.resize(d);
@@ -244,8 +249,8 @@ void paged(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
       }
       if (fast) {
 #if defined(__AVX512F__)
-        if (d == 64) heads_avx512<T, 4>(nullptr, g, n, rows.data(), kb, vb, ld, s.data(), acc.data(), true);
-        else heads_avx512<T, 8>(nullptr, g, n, rows.data(), kb, vb, ld, s.data(), acc.data(), true);
+        if (d == 64) unit_avx512<T, 4>(true, nullptr, g, n, rows.data(), kb, vb, ld, s.data(), acc.data());
+        else unit_avx512<T, 8>(true, nullptr, g, n, rows.data(), kb, vb, ld, s.data(), acc.data());
 #endif
       } else {
         for (int64_t t = 0; t < n; ++t) axpys_any(s.data(), g, d, n, vb + rows[t] * ld, t, buf.data(), acc.data());
