@@ -41,19 +41,23 @@ import torch.distributed as dist
 
 from .ledger import Ledger, Tally, Unrecorded, record  # noqa: F401 - re-exported
 from .mesh import ProcessGroup, group_rank, group_size
+from . import shm
+from .shm import PeerError
 
 # --------------------------------------------------------------------------- backends
 # CPU groups whose ranks share a host use shared memory (shardwise.shm); everything else, and
 # every group when disabled with configure(shared_memory=False), uses torch.distributed.
 
-_SETTINGS = {"shared_memory": True, "capacity": 8 << 20, "timeout_s": 300.0}
+_SETTINGS = {"shared_memory": True, "capacity": 8 << 20, "timeout_s": 300.0, "native": True}
 _SHM: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # group -> shm or None
 
 
 def configure(*, shared_memory: bool | None = None, capacity: int | None = None,
-              timeout_s: float | None = None) -> None:
-    """Choose the collective path for groups set up from now on (existing ones keep theirs)."""
-    for k, v in (("shared_memory", shared_memory), ("capacity", capacity), ("timeout_s", timeout_s)):
+              timeout_s: float | None = None, native: bool | None = None) -> None:
+    """Choose the collective path for groups set up from now on (existing ones keep theirs).
+    ``native``: shared-memory sums by the C++ operator once the kernels are loaded (else Python)."""
+    for k, v in (("shared_memory", shared_memory), ("capacity", capacity), ("timeout_s", timeout_s),
+                 ("native", native)):
         if v is not None:
             _SETTINGS[k] = v
 
@@ -70,12 +74,12 @@ def _shm_for(group: ProcessGroup | None, x: torch.Tensor):
         return None
     key = group
     if key not in _SHM:  # collective: every rank of the group reaches its first call together
-        from . import shm
         with Unrecorded():
             ok = _SETTINGS["shared_memory"] and dist.get_backend(group) == "gloo" \
                 and shm.same_host(group)
             _SHM[key] = shm.ShmCommunicator(group, capacity=_SETTINGS["capacity"],
-                                            timeout_s=_SETTINGS["timeout_s"]) if ok else None
+                                            timeout_s=_SETTINGS["timeout_s"],
+                                            native=_SETTINGS["native"]) if ok else None
     return _SHM[key]
 
 
@@ -94,10 +98,44 @@ def all_reduce_(x: torch.Tensor, group: ProcessGroup | None, op: str = "sum") ->
     if comm is None:
         dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
         return x
+    if comm.native and op == "sum" and x.dtype in NATIVE_DTYPES:
+        try:  # counted by the operator itself (the ledger reads its counters)
+            x.copy_(torch.ops.shardwise.shm_all_reduce(x, comm.name))
+        except RuntimeError as e:
+            if str(e).startswith("shared-memory"):
+                raise PeerError(str(e).splitlines()[0]) from None
+            raise
+        return x
     start = time.perf_counter()
     comm.all_reduce(x, op)
     record("all_reduce", x.numel() * x.element_size(), time.perf_counter() - start)
     return x
+
+
+NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def native_all_reduce(group: ProcessGroup | None) -> bool:
+    """Whether ``group``'s all-reduces (sums) run as the C++ operator ``shardwise::shm_all_reduce``."""
+    return group_size(group) > 1 and group_key(group) in shm.NATIVE
+
+
+def prepare(group: ProcessGroup | None) -> None:
+    """Set up ``group``'s collective path now rather than at its first collective (collective:
+    every rank of the group calls it), the native all-reduce included when the kernels are
+    loaded. An engine calls it before it compiles a step, so that the graph holds the operator
+    that will run: ``shardwise::shm_all_reduce`` where it can, else ``shardwise::all_reduce``."""
+    if group_size(group) == 1:
+        return
+    comm = _shm_for(group, torch.empty(0))
+    if comm is not None:
+        comm.attach_native()
+
+
+@torch.compiler.assume_constant_result
+def _native(key: str) -> bool:
+    """Whether ``group``'s sums run in C++ (read once when a graph is traced: :func:`prepare`)."""
+    return key in shm.NATIVE
 
 
 # --------------------------------------------------------------------------- raw helpers
@@ -107,7 +145,10 @@ def all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     to ``torch.compile`` (``shardwise::all_reduce``): a compiled graph keeps it in place."""
     if group_size(group) == 1:
         return x
-    return torch.ops.shardwise.all_reduce(x, group_key(group))
+    key = group_key(group)
+    if x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and _native(key):
+        return torch.ops.shardwise.shm_all_reduce(x, key)  # shared memory, no Python
+    return torch.ops.shardwise.all_reduce(x, key)
 
 
 def gather_stacked(x: torch.Tensor, group: ProcessGroup | None, t: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 It wraps the functions of ``torch.distributed`` for its lifetime, so a raw ``dist.all_reduce``
 anywhere is counted too; collectives that bypass torch.distributed (shared memory) report
-themselves with :func:`record`. Kinds merge old and new names (``all_gather_into_tensor`` and
+themselves with :func:`record`, or, from C++ (``shardwise::shm_all_reduce``, which a compiled
+graph calls without Python), through the operator's counters that a ledger reads. Kinds merge old and new names (``all_gather_into_tensor`` and
 ``all_gather_single`` are both "all_gather"); pipeline send/recv counts as "p2p" through
 ``batch_isend_irecv`` (wrapping ``isend``/``irecv`` would break ``P2POp``'s identity check).
 """
@@ -70,7 +71,18 @@ class Ledger:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        self.tally: dict[str, Tally] = defaultdict(Tally)
+        self._tally: dict[str, Tally] = defaultdict(Tally)
+        self._native: list[int] | None = None  # the C++ all-reduce's counters when last read
+
+    @property
+    def tally(self) -> dict[str, Tally]:
+        if self._native is not None:  # active: take in the native all-reduces since last read
+            now = _native_counters()
+            calls, nbytes, nanos = (a - b for a, b in zip(now, self._native))
+            if calls:
+                self.record("all_reduce", nbytes, nanos / 1e9, calls)
+            self._native = now
+        return self._tally
 
     def calls(self, kind: str | None = None) -> int:
         return sum(t.calls for k, t in self.tally.items() if kind in (None, k))
@@ -92,9 +104,9 @@ class Ledger:
     def reset(self) -> None:
         self.tally.clear()
 
-    def record(self, kind: str, nbytes: int, seconds: float) -> None:
-        t = self.tally[kind]
-        t.calls += 1
+    def record(self, kind: str, nbytes: int, seconds: float, calls: int = 1) -> None:
+        t = self._tally[kind]
+        t.calls += calls
         t.bytes += nbytes
         t.seconds += seconds
 
@@ -103,9 +115,12 @@ class Ledger:
             if not Ledger._active:
                 _install()
             Ledger._active.append(self)
+        self._native = _native_counters()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.tally  # noqa: B018 - the native all-reduces up to here
+        self._native = None
         with Ledger._lock:
             Ledger._active.remove(self)
             if not Ledger._active:
@@ -116,6 +131,13 @@ def record(kind: str, nbytes: int, seconds: float) -> None:
     """Report a collective that did not go through ``torch.distributed`` (e.g. shared memory)."""
     for ledger in Ledger._active:
         ledger.record(kind, nbytes, seconds)
+
+
+def _native_counters() -> list[int]:
+    """(calls, bytes, nanoseconds) of ``shardwise::shm_all_reduce`` in this process so far
+    (zeros before the kernels are loaded: the counters start there)."""
+    from . import kernels
+    return list(torch.ops.shardwise.shm_counters()) if kernels.loaded() else [0, 0, 0]
 
 
 def _wrap(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,6 +16,12 @@ one shared-memory segment (DeepSpeed's CPU inference and vLLM's CPU backend do t
 Calls alternate between the two sets: a rank can only reach call k+2 after every rank arrived at
 call k+1, that is after every rank finished reading call k, so one barrier per phase suffices.
 
+The all-reduce (sum, float dtypes) also runs as one C++ operator on the same segment and
+protocol, ``shardwise::shm_all_reduce`` (``shardwise/kernels/shm.cpp``), once the native kernels
+are loaded (:meth:`ShmCommunicator.attach_native`): a compiled decode step calls it without
+Python, ~50-110 us saved per call (benchmarks/RESULTS.md, issue 10). Its calls are counted by
+the ledger through the operator's own counters.
+
 Robustness: the segment is unlinked as soon as every rank has attached (the mapping lives on
 until the processes exit), so even SIGKILL leaks nothing. A wait that exceeds ``timeout_s``, or
 a peer process that has died, raises instead of spinning forever. Stores to the flags follow the
@@ -27,6 +33,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
@@ -35,6 +42,7 @@ import torch.distributed as dist
 
 _FLAG_BYTES = 4096
 SMALL = 64 << 10  # all-reduces up to this size use one barrier (every rank reduces everything)
+NATIVE: dict[str, object] = {}  # group name -> the token of the segment the C++ operator holds
 
 
 class PeerError(RuntimeError):
@@ -42,8 +50,9 @@ class PeerError(RuntimeError):
 
 
 class ShmCommunicator:
-    def __init__(self, group, *, capacity: int = 8 << 20, timeout_s: float = 300.0) -> None:
-        self.group = group
+    def __init__(self, group, *, capacity: int = 8 << 20, timeout_s: float = 300.0,
+                 native: bool = True) -> None:
+        self.group, self.name, self.allow_native = group, group.group_name, native
         self.t = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.capacity, self.timeout_s = capacity, timeout_s
@@ -66,7 +75,34 @@ class ShmCommunicator:
         self.flags = np.ndarray((2, self.t), dtype=np.int64, buffer=self.shm.buf)  # arrive, done
         self.sets = [[buf[_FLAG_BYTES + (s * (self.t + 1) + i) * capacity:][:capacity]
                       for i in range(self.t + 1)] for s in range(2)]
-        self.seq = 0
+        self._seq = torch.zeros(1, dtype=torch.int64)  # shared with the C++ operator
+        self._seq_np = self._seq.numpy()
+        self.native = False
+        self.attach_native()
+
+    @property
+    def seq(self) -> int:
+        """This rank's collective calls on the segment so far (Python's and the operator's)."""
+        return int(self._seq_np[0])
+
+    @seq.setter
+    def seq(self, value: int) -> None:
+        self._seq_np[0] = value
+
+    def attach_native(self) -> bool:
+        """Let ``shardwise::shm_all_reduce`` run this group's sums (when the native kernels are
+        loaded in this process already: this never starts their build)."""
+        from . import kernels
+        if self.allow_native and not self.native and kernels.loaded():
+            torch.ops.shardwise.shm_attach(self.name, torch.frombuffer(self.shm.buf, dtype=torch.uint8),
+                                           self.rank, self.t, self.capacity, self.pids,
+                                           self.timeout_s, self._seq)
+            self.native = True
+            token = NATIVE[self.name] = object()
+            # a group name can come back (a new process group after the old was destroyed):
+            # the operator lets go of this segment when this communicator goes, not the next's
+            weakref.finalize(self, _detach, self.name, token)
+        return self.native
 
     # -------------------------------------------------------------- synchronisation
     def _signal(self, phase: int) -> None:
@@ -161,10 +197,19 @@ class ShmCommunicator:
 
     def close(self) -> None:
         try:
+            if self.native:
+                _detach(self.name, NATIVE.get(self.name))
+                self.native = False
             self.sets, self.flags = [], None
             self.shm.close()
         except Exception:  # noqa: BLE001 - views may still be alive; the OS unmaps at exit
             pass
+
+
+def _detach(name: str, token: object) -> None:
+    if token is not None and NATIVE.get(name) is token:
+        del NATIVE[name]
+        torch.ops.shardwise.shm_detach(name)
 
 
 class _untracked:

@@ -19,14 +19,17 @@ def _data(rank, dtype, shape):
 
 
 def collectives_worker(tp, shapes, capacity):
-    from shardwise import comm
+    from shardwise import comm, kernels
     ranks = list(range(tp))
     gloo = dist.new_group(ranks)  # every rank of the world calls new_group
     comm.use_torch_distributed(gloo)
-    comm.configure(capacity=capacity)
-    shm = dist.new_group(ranks)
-    if dist.get_rank() < tp:
-        comm.all_reduce(torch.zeros(1), shm)  # set up with the small capacity
+    kernels.load()  # the third group's sums run in C++ (shardwise::shm_all_reduce)
+    shm, native = dist.new_group(ranks), dist.new_group(ranks)
+    if dist.get_rank() < tp:  # both set up with the small capacity
+        comm.configure(capacity=capacity, native=False)
+        comm.prepare(shm)
+        comm.configure(native=True)
+        comm.prepare(native)
     comm.configure(capacity=8 << 20)
     if dist.get_rank() >= tp:
         return None
@@ -35,25 +38,43 @@ def collectives_worker(tp, shapes, capacity):
         for shape in shapes:
             x = _data(dist.get_rank(), dtype, shape)
             row = {}
-            for name, g in (("gloo", gloo), ("shm", shm)):
+            for name, g in (("gloo", gloo), ("shm", shm), ("native", native)):
                 s = comm.all_reduce(x, g)
                 m = comm.all_reduce_(x.clone(), g, op="max")
                 ag = comm.all_gather_last(x, g)
                 rs = comm.reduce_scatter_dim(x.reshape(tp, -1) if x.numel() % tp == 0
                                              else x.reshape(1, -1).repeat(tp, 1), g, dim=0)
                 row[name] = (s, m, ag, rs)
-            row["backends"] = (comm.backend_name(gloo), comm.backend_name(shm))
+            row["backends"] = (comm.backend_name(gloo), comm.backend_name(shm),
+                               comm.native_all_reduce(shm), comm.native_all_reduce(native))
             out.append((str(dtype), shape, row))
+    # what a traced step holds: the C++ operator for the native group, the Python one otherwise
+    x, ops = _data(dist.get_rank(), torch.float32, (5,)), {}
+    for name, g in (("shm", shm), ("native", native)):
+        def backend(gm, inputs, name=name):
+            ops[name] = sorted(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm.forward
+        got = torch.compile(lambda x, g=g: comm.all_reduce(x, g) * 2, backend=backend,
+                            fullgraph=True)(x)
+        assert torch.equal(got, comm.all_reduce(x, g) * 2)
+    out.append(ops)
     return out
 
 
 @pytest.mark.parametrize("tp", [2, 3, 4])
 def test_every_collective_equals_gloo(pool, tp):
-    shapes = [(1,), (7,), (3, 1001)]  # odd sizes; a 4 KiB capacity forces pieces
+    # odd sizes; a 4 KiB capacity forces pieces; 3 x 3001 in 8 bytes is over SMALL (two phases)
+    shapes = [(1,), (7,), (3, 1001), (3, 3001)]
     results = [r for r in pool.run(collectives_worker, tp, shapes, 4096) if r]
+    for ops in [r.pop() for r in results]:
+        assert "shardwise.shm_all_reduce" in ops["native"], ops
+        assert "shardwise.all_reduce" in ops["shm"], ops
     for per_rank in zip(*results):  # one case, as every rank saw it
         for dtype, shape, row in per_rank:
-            assert row["backends"] == ("gloo", "shm")
+            assert row["backends"] == ("gloo", "shm", False, True)
+            # the C++ sums run shm.py's protocol and summation order: the same bits
+            for got, ref in zip(row["native"], row["shm"]):
+                assert torch.equal(got, ref), (dtype, shape)
             exact = dtype == "torch.int64" or tp == 2  # a + b == b + a; longer sums reassociate
             for got, ref in zip(row["shm"], row["gloo"]):
                 if exact:
@@ -69,12 +90,15 @@ def test_every_collective_equals_gloo(pool, tp):
             assert torch.equal(other[2]["shm"][2], first[2])
 
 
-def dying_worker(path):
-    from shardwise import comm
+def dying_worker(path, native):
+    from shardwise import comm, kernels
     from shardwise.shm import PeerError
     group = dist.new_group([0, 1])
     x = torch.ones(10)
+    if native:
+        kernels.load()
     comm.all_reduce_(x, group)  # sets up the segment, works
+    assert comm.native_all_reduce(group) == native
     if dist.get_rank() == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     import time
@@ -89,12 +113,13 @@ def dying_worker(path):
     return msg
 
 
-def test_dead_peer_fails_fast_and_leaks_nothing(tmp_path):
+@pytest.mark.parametrize("native", [False, True], ids=["python", "c++"])
+def test_dead_peer_fails_fast_and_leaks_nothing(tmp_path, native):
     before = set(glob.glob("/dev/shm/shardwise-*"))
     path = tmp_path / "rank0.txt"
     with pytest.raises(WorkerError, match="died"):
         with WorkerPool(2, timeout_s=60) as pool:
-            pool.run(dying_worker, str(path))
+            pool.run(dying_worker, str(path), native)
     import time
     for _ in range(100):  # rank 0 writes its report right after the error
         if path.exists() and path.read_text().count("\n"):

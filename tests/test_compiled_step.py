@@ -70,6 +70,7 @@ def test_compiled_equals_eager(pool, tp):
             assert c["graph_breaks"] == 0 and c["graphs"] == 1, label  # no recompile as L grows
             assert c["buckets"] == bucket, label
             assert c["cpp_wrapper"] == (tp == 1 and bucket == [4]), label
+            assert c["native_all_reduce"] == (tp > 1), label  # shared memory, from C++
     tokens = [r[0]["compiled_tokens"] for r in results]
     assert all(t == tokens[0] for t in tokens)  # every rank sampled the same tokens
 

@@ -6,7 +6,8 @@ fp32, AVX512-BF16 bf16): ``shardwise::linear_tiled`` over weights laid out in 16
 and ``shardwise::linear`` over row-major weights for the few rows of a decode step (a weight
 that cannot be tiled). ``qlinear.cpp`` is the quantized product (:mod:`shardwise.quant.native`),
 ``attention.cpp`` the decode step's attention over the paged KV cache (``shardwise::paged_decode``,
-:class:`shardwise.serve.step.StaticStep`). They are compiled with the C++ compiler torch.compile
+:class:`shardwise.serve.step.StaticStep`), ``shm.cpp`` the shared-memory all-reduce of
+:mod:`shardwise.shm` without Python in the loop (``shardwise::shm_all_reduce``). They are compiled with the C++ compiler torch.compile
 already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the
 source and this CPU's flags) through ``torch.utils.cpp_extension``; its threads are torch's
 intra-op threads (the one OpenMP runtime torch loaded). Where it cannot be built or the CPU
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("linear.cpp", "qlinear.cpp", "attention.cpp"))
+SOURCES = tuple(Path(__file__).with_name(f)
+                for f in ("linear.cpp", "qlinear.cpp", "attention.cpp", "shm.cpp"))
 MAX_ROWS = 16          # above this many rows a GEMM (oneDNN/MKL) wins: F.linear
 _STATE: dict[str, object] = {}
 
@@ -70,6 +72,7 @@ def load() -> bool:
         torch.library.register_fake("shardwise::linear_tiled")(_tfake)
         torch.library.register_fake("shardwise::paged_decode")(_pfake)
         torch.library.register_fake("shardwise::qlinear")(_qfake)
+        torch.library.register_fake("shardwise::shm_all_reduce")(_sfake)
         _STATE["ok"] = True
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: fall back
         _STATE["why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
@@ -249,6 +252,15 @@ def _pfake(q, k_cache, v_cache, table, lens, kv_of, scale, softcap) -> torch.Ten
 
 def _qfake(x, q, scale, zero, group, bits, bias=None) -> torch.Tensor:
     return x.new_empty(x.shape[:-1] + (q.shape[0] * 16,))
+
+
+def _sfake(x, group) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def loaded() -> bool:
+    """Whether the kernels are loaded in this process already (never starts a build)."""
+    return bool(_STATE.get("ok"))
 
 
 def paged_decode_available() -> bool:

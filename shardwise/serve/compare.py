@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import comm
 from ..comm import Ledger
 from ..sampling import SamplingParams, sample
 from .kv import Chunk, PagedKVCache, blocks_for
@@ -34,6 +35,7 @@ class Comparison:
     graph_breaks: int
     buckets: list[int] = field(default_factory=list)
     cpp_wrapper: bool = False         # the compiled side through inductor's C++ wrapper
+    native_all_reduce: bool = False   # the all-reduces by shardwise::shm_all_reduce (C++)
 
     @property
     def collectives_equal(self) -> bool:
@@ -91,4 +93,5 @@ def compare_compiled(model, group, prompts: list[list[int]], *, steps: int = 8,
         diff = max(diff, float((a - b).abs().max()))
     return Comparison(diff, te == tc, te, tc, ce, cc, after[0] - before[0],
                       after[1] - before[1], sorted(stc.graphs),
-                      stc.options.cpp_wrapper and stc.device.type == "cpu")
+                      stc.options.cpp_wrapper and stc.device.type == "cpu",
+                      comm.native_all_reduce(group))

@@ -245,7 +245,8 @@ COMM_FAILURES = (PeerError, dist.DistError)
 
 def _comm_failure(e: BaseException) -> bool:
     return isinstance(e, COMM_FAILURES) or (isinstance(e, RuntimeError) and any(
-        s in str(e) for s in ("Connection closed", "Connection reset", "[gloo", "Gloo")))
+        s in str(e) for s in ("Connection closed", "Connection reset", "[gloo", "Gloo",
+                              "shared-memory")))
 
 
 def run_step(runner: Runner, sched: Scheduler,

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from .. import kernels
+from .. import comm, kernels
 from ..models.attention import attention
 from .graphs import CudaGraphs
 from .kv import Chunk, PagedKVCache
@@ -134,6 +134,7 @@ class StaticStep:
         if self.device.type == "cpu":
             kernels.enable()  # before anything is traced: the decode products' kernel
             kernels.tile_weights(model)  # dense weights in its tiles (held once)
+            comm.prepare(model.group)  # its all-reduces as the C++ operator where they can
         self.buckets = batch_buckets(options.max_seqs, options.max_graphs)
         # decode attention over the paged cache in place (CPU; else gathered, then SDPA)
         self.paged = self.device.type == "cpu" and options.paged_attention and \
