@@ -26,7 +26,7 @@ MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"
           "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::_weight_int8pack_mm",
           "mkldnn::_linear_pointwise.binary", "aten::mv", "shardwise::linear",
           "shardwise::qlinear", "shardwise::linear_tiled", "aten::_weight_int4pack_mm_for_cpu")
-COLLECTIVES = ("shardwise::all_reduce", "shardwise::all_gather")
+COLLECTIVES = ("shardwise::all_reduce", "shardwise::all_gather", "shardwise::shm_all_reduce")
 
 
 def classify(events, wall_us: float, steps: int) -> dict[str, float]:

@@ -7,7 +7,9 @@ and ``shardwise::linear`` over row-major weights for the few rows of a decode st
 that cannot be tiled). ``qlinear.cpp`` is the quantized product (:mod:`shardwise.quant.native`),
 ``attention.cpp`` the decode step's attention over the paged KV cache (``shardwise::paged_decode``,
 :class:`shardwise.serve.step.StaticStep`), ``shm.cpp`` the shared-memory all-reduce of
-:mod:`shardwise.shm` without Python in the loop (``shardwise::shm_all_reduce``). They are compiled with the C++ compiler torch.compile
+:mod:`shardwise.shm` without Python in the loop (``shardwise::shm_all_reduce``), ``sample.cpp``
+the greedy pick over a row of logits (``shardwise::row_argmax``, :mod:`shardwise.sampling`);
+``simd.h`` what they share. They are compiled with the C++ compiler torch.compile
 already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the
 source and this CPU's flags) through ``torch.utils.cpp_extension``; its threads are torch's
 intra-op threads (the one OpenMP runtime torch loaded). Where it cannot be built or the CPU
@@ -25,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCES = tuple(Path(__file__).with_name(f)
-                for f in ("linear.cpp", "qlinear.cpp", "attention.cpp", "shm.cpp"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("linear.cpp", "qlinear.cpp",
+                                                      "attention.cpp", "shm.cpp", "sample.cpp"))
+HEADERS = (Path(__file__).with_name("simd.h"),)
 MAX_ROWS = 16          # above this many rows a GEMM (oneDNN/MKL) wins: F.linear
 _STATE: dict[str, object] = {}
 
@@ -40,7 +43,7 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + _cpu_flags().encode() +
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + _cpu_flags().encode() +
                          torch.__version__.encode()).hexdigest()[:16]
     return Path(os.path.expanduser("~/.cache/shardwise/kernels")) / f"linear-{key}"
 
@@ -73,6 +76,7 @@ def load() -> bool:
         torch.library.register_fake("shardwise::paged_decode")(_pfake)
         torch.library.register_fake("shardwise::qlinear")(_qfake)
         torch.library.register_fake("shardwise::shm_all_reduce")(_sfake)
+        torch.library.register_fake("shardwise::row_argmax")(_afake)
         _STATE["ok"] = True
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: fall back
         _STATE["why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
@@ -256,6 +260,10 @@ def _qfake(x, q, scale, zero, group, bits, bias=None) -> torch.Tensor:
 
 def _sfake(x, group) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _afake(x) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[:1]), x.new_empty(x.shape[:1], dtype=torch.long)
 
 
 def loaded() -> bool:

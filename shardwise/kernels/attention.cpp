@@ -23,21 +23,15 @@
 #include <cmath>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 namespace {
 
-inline float f32(float v) { return v; }
-inline float f32(c10::BFloat16 v) { return static_cast<float>(v); }
+using shardwise_simd::f32;
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // 16 bf16 -> fp32: the bits shifted up
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
+using shardwise_simd::load16;
 
 // exp(x) for x <= 0 (a score minus its row's maximum), 16 lanes: x = n ln2 + r with |r| <=
 // ln2 / 2, exp(r) by a degree-6 polynomial (Cephes' expf coefficients, ~1e-7 relative), then

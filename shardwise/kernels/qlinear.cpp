@@ -23,9 +23,8 @@
 #include <ATen/Parallel.h>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 namespace {
 
@@ -33,13 +32,7 @@ namespace {
 constexpr int MB = 4;  // input rows per pass
 constexpr int64_t PREFETCH = 1024;  // bytes ahead in each tile's stream (past the tile's end: harmless)
 
-inline float scalar(float v) { return v; }
-inline float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // 16 bf16 -> fp32: the bits shifted up
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
+using shardwise_simd::load16;
 
 // One pass: R input rows times NT tiles of 16 weight rows (tiles [t, t + NT)), group by group.
 // Lanes are output rows: no horizontal sums; a group's partial sums are scaled once per group.

@@ -14,7 +14,8 @@
 // not arrive within the timeout raises (the message says which rank), as the Python path does.
 #include <torch/extension.h>
 
-#include <immintrin.h>
+#include "simd.h"
+
 #include <sched.h>
 #include <signal.h>
 
@@ -120,22 +121,10 @@ void add2(T* out, const T* a, const T* b, int64_t lo, int64_t hi) {
 template <>
 void add2<at::BFloat16, float>(at::BFloat16* out, const at::BFloat16* a, const at::BFloat16* b,
                                int64_t lo, int64_t hi) {
-  auto widen = [](const at::BFloat16* p) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  };
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF),
-                qnan = _mm512_set1_epi32(0x7FC0);
   int64_t i = lo;
-  for (; i + 16 <= hi; i += 16) {
-    __m512 v = _mm512_add_ps(widen(a + i), widen(b + i));
-    __m512i u = _mm512_castps_si512(v);
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(
-        bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-    r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
-                              qnan);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(r));
-  }
+  for (; i + 16 <= hi; i += 16)
+    shardwise_simd::store16(out + i, _mm512_add_ps(shardwise_simd::load16(a + i),
+                                                   shardwise_simd::load16(b + i)));
   for (; i < hi; ++i)
     out[i] = static_cast<at::BFloat16>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
 }
