@@ -34,6 +34,10 @@ def test_comm_dist_path_and_errors():
     from shardwise.bench.comm import bench_comm
     res = bench_comm(2, (1024,), ("all_reduce",), backend="dist", iters=3, budget_s=0.01)
     assert res["backend"] == "gloo" and res["results"][0]["bytes"] == 1024
+    from shardwise import kernels
+    if kernels.load():  # the inference engines' path: the shared-memory sums in C++
+        res = bench_comm(2, (1024,), ("all_reduce",), backend="native", iters=3, budget_s=0.01)
+        assert res["backend"] == "shm (all-reduce in C++)", res["backend"]
     with pytest.raises(ValueError, match="at least 2 ranks"):
         bench_comm(1)
     with pytest.raises(ValueError, match="unknown collective"):

@@ -167,12 +167,13 @@ def test_disconnect_frees_blocks_and_metrics_move(server, client):
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       json={"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 2000,
                             "temperature": 0, "stream": True, "ignore_eos": True}) as r:
-        seen = 0
+        lines = []
         for line in r.iter_lines():
-            seen += line.startswith("data:")
-            if seen >= 3:
+            lines += [line] if line.startswith("data:") else []
+            if len(lines) >= 3:
                 break
-        assert server.metrics()["shardwise_kv_blocks_used"] > 0
+        used = server.metrics()["shardwise_kv_blocks_used"]
+        assert used > 0 and len(lines) == 3, (used, lines, server.output()[-4000:])
     # the connection is closed: the request is cancelled and its blocks come back
     server.wait_metric("shardwise_kv_blocks_used", lambda v: v == 0, timeout_s=30)
     server.wait_metric("shardwise_requests_running", lambda v: v == 0, timeout_s=30)

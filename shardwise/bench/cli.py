@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--sizes", type=_sizes, default="4:64M",
                    help="message sizes: LO:HI in x4 steps, or a list (default 4:64M)")
     c.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter")
-    c.add_argument("--backend", choices=("auto", "dist"), default="auto",
-                   help="auto: shardwise.comm's path (shared memory on one host); "
+    c.add_argument("--backend", choices=("auto", "native", "dist"), default="auto",
+                   help="auto: shardwise.comm's path (shared memory on one host); native: the "
+                        "same with its all-reduce in C++ (the inference engines' path); "
                         "dist: torch.distributed directly (gloo)")
     c.add_argument("--iters", type=int_range(1), default=50, help="timed calls per size, at most")
     c.add_argument("--budget", type=float_range(0.0, strict=True), default=0.5,

@@ -13,7 +13,10 @@ written in the calibration schema of :mod:`shardwise.planner.calibration`, so th
 
 ``backend="auto"`` goes through :mod:`shardwise.comm`'s helpers, i.e. whatever path the library's
 own layers take (the shared-memory backend on one host when available, else gloo / NCCL);
-``backend="dist"`` calls ``torch.distributed`` directly (gloo over TCP loopback on CPU).
+``backend="dist"`` calls ``torch.distributed`` directly (gloo over TCP loopback on CPU);
+``backend="native"`` is ``auto`` with the native kernels loaded first, so that shared-memory
+all-reduces run as the C++ operator (``shardwise::shm_all_reduce``), the inference engines' path
+(training's layers take ``auto``'s).
 """
 from __future__ import annotations
 
@@ -94,8 +97,9 @@ def measure_rank(sizes: tuple[int, ...] = DEFAULT_SIZES, ops: tuple[str, ...] = 
     object (the same on every rank)."""
     from .. import comm
     from ..mesh import Mesh
-    if backend not in ("auto", "dist"):
-        raise ValueError(f"backend={backend!r}: use 'auto' (shardwise.comm's path) or 'dist'")
+    if backend not in ("auto", "dist", "native"):
+        raise ValueError(f"backend={backend!r}: use 'auto' (shardwise.comm's path), 'native' "
+                         "(its C++ all-reduce) or 'dist'")
     from ..mesh import launch_env
     n = launch_env().world
     if n < 2:
@@ -103,13 +107,20 @@ def measure_rank(sizes: tuple[int, ...] = DEFAULT_SIZES, ops: tuple[str, ...] = 
     mesh = Mesh.init(tp=n) if not dist.is_initialized() else None
     group = mesh.tp_group if mesh else dist.group.WORLD
     device = mesh.device if mesh else torch.device("cpu")
+    if backend == "native":
+        from .. import kernels
+        if not kernels.load():
+            raise RuntimeError(f"--backend native: {kernels.status()}")
+        comm.prepare(group)
     rows = []
     for op in ops:
         for size in sizes:
             fn, real = _op_fn(op, size, n, group, backend, getattr(torch, dtype), device)
             seconds = _time(fn, group, device, iters=iters, warmup=warmup, budget_s=budget_s)
             rows.append(result_row(op, real, seconds, n))
-    name = comm.backend_name(group) if backend == "auto" else dist.get_backend(group)
+    name = dist.get_backend(group) if backend == "dist" else comm.backend_name(group)
+    if backend == "native" and comm.native_all_reduce(group):
+        name += " (all-reduce in C++)"
     return {"device": device_description(n), "world_size": n, "backend": name,
             "results": rows, "meta": {"dtype": dtype, "torch": torch.__version__,
                                       "threads_per_rank": torch.get_num_threads(),
