@@ -116,7 +116,8 @@ NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def native_all_reduce(group: ProcessGroup | None) -> bool:
-    """Whether ``group``'s all-reduces (sums) run as the C++ operator ``shardwise::shm_all_reduce``."""
+    """Whether ``group``'s all-reduces (sums) run as the C++ operator
+    ``shardwise::shm_all_reduce``."""
     return group_size(group) > 1 and group_key(group) in shm.NATIVE
 
 

@@ -3,7 +3,8 @@
 It wraps the functions of ``torch.distributed`` for its lifetime, so a raw ``dist.all_reduce``
 anywhere is counted too; collectives that bypass torch.distributed (shared memory) report
 themselves with :func:`record`, or, from C++ (``shardwise::shm_all_reduce``, which a compiled
-graph calls without Python), through the operator's counters that a ledger reads. Kinds merge old and new names (``all_gather_into_tensor`` and
+graph calls without Python), through the operator's counters that a ledger reads. Kinds merge
+old and new names (``all_gather_into_tensor`` and
 ``all_gather_single`` are both "all_gather"); pipeline send/recv counts as "p2p" through
 ``batch_isend_irecv`` (wrapping ``isend``/``irecv`` would break ``P2POp``'s identity check).
 """

@@ -94,9 +94,9 @@ class ShmCommunicator:
         loaded in this process already: this never starts their build)."""
         from . import kernels
         if self.allow_native and not self.native and kernels.loaded():
-            torch.ops.shardwise.shm_attach(self.name, torch.frombuffer(self.shm.buf, dtype=torch.uint8),
-                                           self.rank, self.t, self.capacity, self.pids,
-                                           self.timeout_s, self._seq)
+            segment = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
+            torch.ops.shardwise.shm_attach(self.name, segment, self.rank, self.t, self.capacity,
+                                           self.pids, self.timeout_s, self._seq)
             self.native = True
             token = NATIVE[self.name] = object()
             # a group name can come back (a new process group after the old was destroyed):
