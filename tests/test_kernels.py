@@ -98,23 +98,26 @@ def _paged_reference(q, kc, vc, table, lens, kv_of, scale, softcap):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 @pytest.mark.parametrize("d", [16, 64, 128])  # the generic loops; the AVX-512 path (64, 128)
-def test_paged_decode_attention_equals_reference(dtype, softcap, d):
+@pytest.mark.parametrize("B", [4, 1])  # 8 units of a KV head each; 2 -> a unit per query head
+def test_paged_decode_attention_equals_reference(dtype, softcap, d, B):
     """Irregular KV heads (query heads 0-2 -> 1, 3 -> 0, 4-6 -> 1: groups of 6 and 1, so the
     AVX-512 path's register groups of heads run whole and partial), rows of different lengths in
-    scattered slots, a padding row of one key. fp32 1e-5, bf16 1e-2 (inputs in bf16, sums fp32)."""
+    scattered slots, a padding row of one key. fp32 1e-5, bf16 1e-2 (inputs in bf16, sums fp32).
+    At batch 1 there are fewer (sequence, KV head) units than threads can share evenly, so the
+    kernel splits the work by query head instead."""
     g = torch.Generator().manual_seed(1)
-    B, nq, nkv, slots, L = 4, 7, 2, 300, 128
+    nq, nkv, slots, L = 7, 2, 300, 128
     q = torch.randn(B, nq, d, generator=g).to(dtype)
     kc, vc = (torch.randn(slots, nkv * d, generator=g).to(dtype) for _ in range(2))
     table = torch.randint(0, slots, (B, L), generator=g)
-    lens = torch.tensor([1, 70, 128, 3])
+    lens = torch.tensor([70, 1, 128, 3][:B])
     kv_of = torch.tensor([1, 1, 1, 0, 1, 1, 1])
     out = torch.ops.shardwise.paged_decode(q, kc, vc, table, lens, kv_of, 0.25, softcap)
     ref = _paged_reference(q, kc, vc, table, lens, kv_of, 0.25, softcap)
     assert out.dtype == dtype and _rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
     with pytest.raises(RuntimeError, match="outside the cache's 300"):
         bad = table.clone()
-        bad[1, 5] = slots
+        bad[0, 5] = slots
         torch.ops.shardwise.paged_decode(q, kc, vc, bad, lens, kv_of, 0.25, softcap)
 
 

@@ -196,13 +196,22 @@ void paged(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
     TORCH_CHECK(hs.size() <= MAX_GROUP, "paged_decode: ", hs.size(), " query heads read one KV "
                 "head; at most ", MAX_GROUP);
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  at::parallel_for(0, B * nkv, 1, [&](int64_t i0, int64_t i1) {
+  // A unit of work: one sequence's KV head with its query heads (the KV rows read once for the
+  // group). Fewer units than a few per thread (batch 1, SmolLM2's 3 KV heads on 2 threads: 2 + 1)
+  // leave threads idle, so then a unit is one query head, which reads its KV head itself.
+  size_t gmax = 1;
+  for (const auto& hs : heads) gmax = std::max(gmax, hs.size());
+  const int64_t parts = B * nkv < 4 * at::get_num_threads() ? static_cast<int64_t>(gmax) : 1;
+  at::parallel_for(0, B * nkv * parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qf, s, acc, buf;  // this thread's, reused across its units
     std::vector<int64_t> rows;           // the unit's key rows, as offsets into the cache
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / nkv, kh = i % nkv, n = std::min<int64_t>(lp[b], L);
-      const auto& hs = heads[kh];
-      const int64_t g = hs.size();
+      const int64_t b = i / (nkv * parts), kh = (i / parts) % nkv, n = std::min<int64_t>(lp[b], L);
+      const auto& all = heads[kh];
+      const int64_t part = i % parts;
+      if (part >= static_cast<int64_t>(all.size())) continue;
+      const int64_t* hs = parts == 1 ? all.data() : all.data() + part;
+      const int64_t g = parts == 1 ? static_cast<int64_t>(all.size()) : 1;
       if (g == 0) continue;
       qf.resize(g * d);
       for (int64_t j = 0; j < g; ++j)

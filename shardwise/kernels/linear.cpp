@@ -284,16 +284,19 @@ void tproduct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::
   const T* wp = reinterpret_cast<const T*>(w.data_ptr());
   const T* bp = b ? reinterpret_cast<const T*>(b->data_ptr()) : nullptr;
   T* yp = reinterpret_cast<T*>(y.data_ptr());
-  // contiguous ranges of tiles per thread, in units of UNIT tiles: each unit streams from
-  // memory once, then serves every input row (in passes of up to TMB) from cache
+  // Contiguous ranges of tiles per thread, as even as whole tiles allow (a split in units
+  // would leave a 36-tile weight, o_proj's and down_proj's at SmolLM2's width, 24 tiles on one
+  // thread and 12 on the other: 1.33x the time of the even split), each walked in units of
+  // UNIT tiles: a unit streams from memory once, then serves every input row (in passes of up
+  // to TMB) from cache.
   constexpr int64_t UNIT = 12;
-  at::parallel_for(0, (T16 + UNIT - 1) / UNIT, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t t0 = u * UNIT, t1 = std::min<int64_t>(T16, t0 + UNIT);
+  at::parallel_for(0, T16, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t t0 = r0; t0 < r1; t0 += UNIT) {
+      const int64_t t1 = std::min<int64_t>(r1, t0 + UNIT);
       Ahead ah;  // the next unit of this thread's range, if any
-      if (u + 1 < u1) {
+      if (t1 < r1) {
         ah.p = reinterpret_cast<const char*>(wp + t1 * K * 16);
-        ah.end = reinterpret_cast<const char*>(wp + std::min<int64_t>(T16, t1 + UNIT) * K * 16);
+        ah.end = reinterpret_cast<const char*>(wp + std::min<int64_t>(r1, t1 + UNIT) * K * 16);
       }
       for (int64_t m0 = 0; m0 < M; m0 += A::TMB) {
         ah.on = A::AHEAD && m0 > 0;

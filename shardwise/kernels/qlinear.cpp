@@ -180,10 +180,9 @@ void product(const float* xp, const uint16_t* xbp, int64_t M, int64_t K, const a
       }
   }
   const float* xs = xsum.data();
-  // contiguous ranges of tiles (16 weight rows each) per thread, in units of 8 tiles
-  const int64_t T = N / 16, units = (T + 7) / 8;
-  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
-    const int64_t t0 = u0 * 8, t1 = std::min<int64_t>(T, u1 * 8);
+  // contiguous ranges of tiles (16 weight rows each) per thread, as even as whole tiles allow
+  // (units of 8 tiles split a 36-tile weight 24 + 12 over two threads)
+  at::parallel_for(0, N / 16, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
       const float* xr = xp + m0 * K;
       const uint16_t* xbr = xbp ? xbp + m0 * K : nullptr;
