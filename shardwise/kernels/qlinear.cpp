@@ -155,6 +155,9 @@ void pass(const float* x, const uint16_t* xb, int64_t K, const float* xsum, cons
   int64_t t = t0;
   for (; t + NT <= t1; t += NT)
     tiles<BITS, S, NT, R, DOT>(x, xb, K, xsum, q, s, z, group, t, y, ldy, bias);
+  if constexpr (NT > 4)
+    for (; t + 4 <= t1; t += 4)
+      tiles<BITS, S, 4, R, DOT>(x, xb, K, xsum, q, s, z, group, t, y, ldy, bias);
   if constexpr (NT > 2)
     for (; t + 2 <= t1; t += 2)
       tiles<BITS, S, 2, R, DOT>(x, xb, K, xsum, q, s, z, group, t, y, ldy, bias);
