@@ -201,7 +201,8 @@ void paged(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
   // leave threads idle, so then a unit is one query head, which reads its KV head itself.
   size_t gmax = 1;
   for (const auto& hs : heads) gmax = std::max(gmax, hs.size());
-  const int64_t parts = B * nkv < 4 * at::get_num_threads() ? static_cast<int64_t>(gmax) : 1;
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = threads > 1 && B * nkv < 4 * threads ? static_cast<int64_t>(gmax) : 1;
   at::parallel_for(0, B * nkv * parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qf, s, acc, buf;  // this thread's, reused across its units
     std::vector<int64_t> rows;           // the unit's key rows, as offsets into the cache
