@@ -77,3 +77,25 @@ def test_step_benchmark_end_to_end(tmp_path):
     assert "tp2 train / dtensor tp2 train" in format_table(res)
     plot(res, str(tmp_path / "step.png"))
     assert (tmp_path / "step.png").stat().st_size > 1000
+
+
+def test_decode_goals_pair_rounds():
+    """The decode benchmark's goals: the ratio of the medians decides; the round-by-round
+    ratios (a round's contenders ran minutes apart) are reported beside it."""
+    from shardwise.bench.decode import format_table, summarize
+    mine = [80.0, 100.0, 60.0]  # drifts with the machine, as does the reference below
+    ref = [84.0, 90.0, 66.0]
+    runs = {"shardwise tp=1 bfloat16 compiled": [{"decode_tps": d, "prefill_tps": 1.0}
+                                                 for d in mine],
+            "llama.cpp BF16": [{"decode_tps": d, "prefill_tps": 2.0} for d in ref]}
+    info = {"cpu": "test CPU", "cores": 2, "torch": "x", "loadavg_start": (0.0,),
+            "loadavg_end": (0.0,), "skipped": {}}
+    res = summarize(runs, info, (1,), ("bfloat16",))
+    g = res["goals"]["decode tp=1 bfloat16 / llama.cpp BF16"]
+    assert g["ratio"] == round(80 / 84, 3) and not g["met"]
+    assert g["paired"] == {"median": round(80 / 84, 3), "min": round(60 / 66, 3),
+                           "max": round(100 / 90, 3)}
+    assert res["goals"]["prefill bfloat16 / llama.cpp pp BF16"]["paired"]["median"] == 0.5
+    table = format_table(res)
+    assert "| decode tp=1 bfloat16 / llama.cpp BF16 >= 1.0 | 0.95 | 0.95 (0.91-1.11) | MISSED |" \
+        in table
