@@ -10,6 +10,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardwise.affinity import parse_cpulist, plan, read_nodes
 from shardwise.models.config import LlamaConfig
@@ -127,6 +129,40 @@ def test_bucket_selection_between_buckets():
     assert (table[0, 70:] == null).all() and (table[1, 3:] == null).all() and (table[3] == null).all()
     with pytest.raises(ValueError, match="exceed max_seqs=8"):
         step.decode_inputs([chunks[0]] * 9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.lists(st.integers(-1, 30), max_size=16),
+                          st.integers(0, 255)), min_size=1, max_size=8))
+def test_decode_inputs_match_their_definition(rows):
+    """The decode inputs (built in numpy), position by position: row i's key p reads slot
+    ``blocks[p // bs] * bs + p % bs`` when p is within its context and a block (not -1) holds it,
+    else the null slot; rows past the chunks (the bucket's padding) read only the null slot."""
+    from shardwise.serve.kv import PagedKVCache
+    from shardwise.serve.step import StaticStep, StepOptions
+    model = _STEP_MODEL.setdefault("m", _model(GQA, None))
+    cache = PagedKVCache(model, 32, 16)
+    step = StaticStep(model, cache, StepOptions(compile=False, max_seqs=8))
+    chunks = [Chunk(i, [tok], start, blocks, True) for i, (start, blocks, tok) in enumerate(rows)]
+    ids, pos, slots, table, lens = step.host_inputs(chunks)
+    B, L = table.shape
+    bs, null = cache.block_size, cache.null_slot
+    assert B == min(b for b in batch_buckets(8) if b >= len(rows))
+    assert L == width_bucket(max(c.start + 1 for c in chunks), step.limit)
+    for i in range(B):
+        c = chunks[i] if i < len(chunks) else None
+        want = []
+        for p in range(L):
+            blk = c.blocks[p // bs] if c is not None and p // bs < len(c.blocks) else -1
+            want.append(blk * bs + p % bs if c is not None and p <= c.start and blk >= 0
+                        else null)
+        assert table[i].tolist() == want
+        assert ids[i] == (c.tokens[0] if c else 0) and pos[i] == (c.start if c else 0)
+        assert lens[i] == (c.start + 1 if c else 1)
+        assert slots[i] == (want[min(c.start, L - 1)] if c else null)
+
+
+_STEP_MODEL: dict = {}
 
 
 def test_no_compile_flag_everywhere():

@@ -35,6 +35,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .. import comm, kernels
@@ -209,7 +210,10 @@ class StaticStep:
         return tuple(t.to(self.device) for t in self.host_inputs(chunks))
 
     def host_inputs(self, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, ...]:
-        """:meth:`decode_inputs` on the CPU: ``ids, pos, slots (B,), table (B, L), lens (B,)``."""
+        """:meth:`decode_inputs` on the CPU: ``ids, pos, slots (B,), table (B, L), lens (B,)``.
+        Built in numpy: a few small arrays, where torch's per-operator dispatch cost more than the
+        work (1 row 16 us vs 111 us with torch operators, 16 rows 68 vs 188 us, of a ~12 ms
+        batch-1 step). Every position past a row's length or its blocks reads the null slot."""
         n = len(chunks)
         B = next((b for b in self.buckets if b >= n), None)
         if B is None:
@@ -218,19 +222,19 @@ class StaticStep:
         ctx = [c.start + 1 for c in chunks]
         L = width_bucket(max(ctx), self.limit)
         nb = -(-L // bs)
-        blocks = torch.full((B, nb), -1, dtype=torch.long)
+        table = np.full((B, L), null, dtype=np.int64)
+        lane = np.arange(bs, dtype=np.int64)
         for i, c in enumerate(chunks):
-            blocks[i, : len(c.blocks[:nb])] = torch.tensor(c.blocks[:nb], dtype=torch.long)
-        p = torch.arange(L)
-        table = blocks[:, p // bs] * bs + p % bs                                 # (B, L)
-        lens = torch.tensor(ctx + [1] * (B - n), dtype=torch.long)
-        table = torch.where((p < lens.unsqueeze(1)) & (table >= 0), table, null)
-        table[n:, 0] = null
-        ids = torch.tensor([c.tokens[0] for c in chunks] + [0] * (B - n), dtype=torch.long)
-        pos = torch.tensor([c.start for c in chunks] + [0] * (B - n), dtype=torch.long)
-        slots = table[torch.arange(B), (pos).clamp(max=L - 1)].clone()
+            row = (np.asarray(c.blocks[:nb], dtype=np.int64)[:, None] * bs + lane).reshape(-1)
+            m = min(ctx[i], row.size)
+            table[i, :m] = row[:m]
+        table[table < 0] = null  # a block of -1: none
+        lens = np.asarray(ctx + [1] * (B - n), dtype=np.int64)
+        ids = np.asarray([c.tokens[0] for c in chunks] + [0] * (B - n), dtype=np.int64)
+        pos = np.asarray([c.start for c in chunks] + [0] * (B - n), dtype=np.int64)
+        slots = table[np.arange(B), np.minimum(pos, L - 1)]
         slots[n:] = null
-        return ids, pos, slots, table, lens
+        return tuple(torch.from_numpy(a) for a in (ids, pos, slots, table, lens))
 
     # ------------------------------------------------------------------ running
     def __call__(self, chunks: Sequence[Chunk],
