@@ -1,7 +1,7 @@
 """Where a batch-1 decode step's time goes: matmuls vs everything else vs collectives.
 
-    python benchmarks/profile_decode.py --tp 1,2 --dtype float32,bfloat16 [--mode legacy|eager|compiled]
-        [--quant int8|int4]
+    python benchmarks/profile_decode.py --tp 1,2 --dtype float32,bfloat16
+        [--mode legacy|eager|compiled|mixed] [--quant int8|int4]
 
 One process per rank (cores split evenly, pinned), SmolLM2-135M-Instruct, a 16-token prompt, then
 ``--steps`` decode steps under ``torch.profiler``; rank 0's table. *matmul* is the self time of
@@ -9,7 +9,9 @@ the matrix-multiply operators (aten mm/addmm/bmm/linear, oneDNN/MKL packed linea
 the shardwise collective operators, *other* the rest of the step's wall time (elementwise
 kernels, attention, Python and dispatch). ``legacy`` runs the model with the contiguous
 ``KVCache`` hook (the path before the static step, also runnable on older trees); ``eager`` and
-``compiled`` run :class:`shardwise.serve.step.StaticStep`.
+``compiled`` run :class:`shardwise.serve.step.StaticStep`; ``mixed`` profiles the serving engine's
+mixed step instead (eager, one flat row): 15 sequences decoding at 100 tokens of context beside a
+241-token prompt chunk, the 256-token budget of ``shardwise serve``'s default.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"
           "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::_weight_int8pack_mm",
           "mkldnn::_linear_pointwise.binary", "aten::mv", "shardwise::linear",
           "shardwise::qlinear", "shardwise::linear_tiled", "aten::_weight_int4pack_mm_for_cpu")
+TOP = int(os.environ.get("PROFILE_TOP", "8"))  # operators listed by self time
 COLLECTIVES = ("shardwise::all_reduce", "shardwise::all_gather", "shardwise::shm_all_reduce")
 
 
@@ -67,6 +70,26 @@ def _static(model, prompt, n, compiled):
     return step
 
 
+def _mixed(model, decodes=15, context=100, budget=256):
+    """A mixed step as the serving engine runs it: ``decodes`` sequences at ``context`` tokens
+    each take one token, a prompt chunk takes the rest of the budget (the same step each call:
+    the cache rows are rewritten in place)."""
+    from shardwise.serve.kv import Chunk, PagedKVCache
+    from shardwise.serve.step import StaticStep, StepOptions
+    bs, per = 16, -(-(context + 1) // 16)
+    cache = PagedKVCache(model, per * decodes + -(-budget // bs) + 1, bs)
+    st = StaticStep(model, cache, StepOptions(compile=False, max_seqs=decodes + 1))
+    chunks = [Chunk(i, [1000 + i], context, list(range(i * per, (i + 1) * per)), True)
+              for i in range(decodes)]
+    first = per * decodes
+    chunks.append(Chunk(decodes, list(range(2000, 2000 + budget - decodes)), 0,
+                        list(range(first, first + -(-budget // bs))), True))
+
+    def step():
+        st(chunks)
+    return step
+
+
 def rank_main(tp: int, dtype: str, mode: str, steps: int, quant: str | None = None) -> dict:
     from shardwise.checkpoint.source import build_model, resolve
     from shardwise.mesh import Mesh
@@ -78,6 +101,7 @@ def rank_main(tp: int, dtype: str, mode: str, steps: int, quant: str | None = No
     prompt = list(range(1000, 1016))
     with torch.inference_mode():
         step = _legacy(model, prompt, steps * 3) if mode == "legacy" else \
+            _mixed(model) if mode == "mixed" else \
             _static(model, prompt, steps * 3, mode == "compiled")
         for _ in range(steps):  # prefill + warm-up (and compile)
             step()
@@ -91,7 +115,7 @@ def rank_main(tp: int, dtype: str, mode: str, steps: int, quant: str | None = No
     ev = prof.key_averages()
     out = classify(ev, wall, steps)
     out["top"] = [(e.key, round(e.self_cpu_time_total / steps / 1e3, 3), e.count // steps)
-                  for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:8]]
+                  for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:TOP]]
     return out
 
 
@@ -99,7 +123,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tp", default="1,2")
     p.add_argument("--dtype", default="float32,bfloat16")
-    p.add_argument("--mode", default="compiled", choices=("legacy", "eager", "compiled"))
+    p.add_argument("--mode", default="compiled", choices=("legacy", "eager", "compiled", "mixed"))
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--quant", choices=("int8", "int4"), default=None,
                    help="the GGUF kept quantized (--dtype: the activations)")
