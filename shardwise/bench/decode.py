@@ -234,45 +234,38 @@ def summarize(runs: dict[str, list[dict]], info: dict[str, Any], tps, dtypes,
               quants=("none",)) -> dict[str, Any]:
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("decode_tps", "prefill_tps")}
            for k, v in runs.items()}
-    name = {id(v): k for k, v in med.items()}  # a median's contender, for the paired ratios
 
-    def _paired(a: dict, b: dict, metric: str) -> list[float]:
-        """Round by round, ``a``'s rate over ``b``'s: a round's contenders ran minutes apart,
-        so these ratios carry less of the machine's drift than the ratio of the medians."""
-        return [x[metric] / y[metric] for x, y in zip(runs[name[id(a)]], runs[name[id(b)]])]
+    def first(*names: str) -> str | None:  # the first of these contenders that ran
+        return next((n for n in names if n in med), None)
+
+    def compare(a: str, b: str, metric: str) -> dict[str, Any]:
+        """``a``'s rate over ``b``'s: the ratio of medians (which decides), and round by round (a
+        round's contenders ran minutes apart, so those carry less of the machine's drift)."""
+        return _goal(med[a][metric] / med[b][metric], 1.0,
+                     [x[metric] / y[metric] for x, y in zip(runs[a], runs[b])])
 
     goals: dict[str, dict[str, Any]] = {}
     for q in quants:  # issue 16: quantized decode beside llama.cpp's file, and tp=2 / tp=1
         if q == "none":
             continue
         for dt in dtypes:
-            mine = med.get(f"shardwise tp=1 {dt} {q} compiled") or \
-                med.get(f"shardwise tp=1 {dt} {q} eager")
-            ref = med.get(f"llama.cpp {QUANTS[q]}")
+            mine = first(f"shardwise tp=1 {dt} {q} compiled", f"shardwise tp=1 {dt} {q} eager")
+            ref = first(f"llama.cpp {QUANTS[q]}")
             if mine and ref:
                 goals[f"decode tp=1 {dt} {q} / llama.cpp {QUANTS[q]}"] = \
-                    _goal(mine["decode_tps"] / ref["decode_tps"], 1.0,
-                          _paired(mine, ref, "decode_tps"))
-            two = med.get(f"shardwise tp=2 {dt} {q} compiled") or \
-                med.get(f"shardwise tp=2 {dt} {q} eager")
+                    compare(mine, ref, "decode_tps")
+            two = first(f"shardwise tp=2 {dt} {q} compiled", f"shardwise tp=2 {dt} {q} eager")
             if mine and two:
-                goals[f"decode tp=2 / tp=1 {dt} {q}"] = \
-                    _goal(two["decode_tps"] / mine["decode_tps"], 1.0,
-                          _paired(two, mine, "decode_tps"))
+                goals[f"decode tp=2 / tp=1 {dt} {q}"] = compare(two, mine, "decode_tps")
     for dt in dtypes if "none" in quants else ():
-        mine = med.get(f"shardwise tp=1 {dt} compiled")
-        ref = med.get(f"llama.cpp {DTYPES[dt]}")
+        mine = first(f"shardwise tp=1 {dt} compiled")
+        ref = first(f"llama.cpp {DTYPES[dt]}")
         if mine and ref:
-            goals[f"decode tp=1 {dt} / llama.cpp {DTYPES[dt]}"] = \
-                _goal(mine["decode_tps"] / ref["decode_tps"], 1.0,
-                      _paired(mine, ref, "decode_tps"))
-            goals[f"prefill {dt} / llama.cpp pp {DTYPES[dt]}"] = \
-                _goal(mine["prefill_tps"] / ref["prefill_tps"], 1.0,
-                      _paired(mine, ref, "prefill_tps"))
-        two = med.get(f"shardwise tp=2 {dt} compiled")
+            goals[f"decode tp=1 {dt} / llama.cpp {DTYPES[dt]}"] = compare(mine, ref, "decode_tps")
+            goals[f"prefill {dt} / llama.cpp pp {DTYPES[dt]}"] = compare(mine, ref, "prefill_tps")
+        two = first(f"shardwise tp=2 {dt} compiled")
         if mine and two:
-            goals[f"decode tp=2 / tp=1 {dt}"] = _goal(two["decode_tps"] / mine["decode_tps"], 1.0,
-                                                      _paired(two, mine, "decode_tps"))
+            goals[f"decode tp=2 / tp=1 {dt}"] = compare(two, mine, "decode_tps")
     return {"median": med, "runs": runs, "goals": goals, "machine": info}
 
 
