@@ -130,6 +130,51 @@ def _paged_decode_case(dtype, softcap, d, B):
         torch.ops.shardwise.paged_decode(q, kc, vc, bad, lens, kv_of, 0.25, softcap)
 
 
+def _prefill_reference(q, kc, vc, slots, kv_of, q_start, window, scale, softcap):
+    """Gathered keys, an explicit mask, fp64: (nq, s, d)."""
+    nq, s, d = q.shape
+    L = slots.numel()
+    k = kc[slots].double().view(L, -1, d).transpose(0, 1)[kv_of]          # (nq, L, d)
+    v = vc[slots].double().view(L, -1, d).transpose(0, 1)[kv_of]
+    x = q.double() @ k.transpose(1, 2) * scale                             # (nq, s, L)
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
+    gap = torch.arange(s)[:, None] + q_start - torch.arange(L)[None]
+    seen = (gap >= 0) & ((gap < window) if window else True)
+    return torch.softmax(x.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [64, 128, 40])  # the AVX-512 path (d % 16 == 0), the generic loops
+@pytest.mark.parametrize("s,q_start,window,softcap", [
+    (241, 0, 0, 0.0),     # a prompt's first chunk
+    (37, 300, 0, 0.0),    # a later chunk: the cached keys span two blocks of 256
+    (70, 5, 24, 0.0),     # a sliding window (its first keys never read by the last rows)
+    (3, 9, 0, 30.0),      # soft-capped scores, fewer rows than a register group
+    (1, 0, 0, 0.0),       # one query, one key
+])
+def test_prefill_attention_equals_reference(dtype, d, s, q_start, window, softcap):
+    """``shardwise::prefill_attention`` (a prompt chunk over keys where they lie in the paged
+    cache) against gathered keys and an explicit causal mask in fp64, irregular KV heads, the
+    queries a strided view: fp32 1e-5, bf16 1e-2 relative (inputs in bf16, sums in fp32)."""
+    g = torch.Generator().manual_seed(2)
+    nq, nkv, cache = 7, 2, 600
+    L = q_start + s
+    q = torch.randn(1, nq, s + 4, d, generator=g).to(dtype)[0, :, 2:2 + s]
+    kc, vc = (torch.randn(cache, nkv * d, generator=g).to(dtype) for _ in range(2))
+    slots = torch.randperm(cache, generator=g)[:L]
+    kv_of = torch.tensor([1, 1, 1, 0, 1, 1, 1])
+    out = torch.ops.shardwise.prefill_attention(q, kc, vc, slots, kv_of, q_start, window, 0.25,
+                                                softcap)
+    ref = _prefill_reference(q, kc, vc, slots, kv_of, q_start, window, 0.25, softcap)
+    assert out.shape == (nq, s, d) and out.dtype == dtype
+    assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(RuntimeError, match="outside the cache's 600"):
+        bad = slots.clone()
+        bad[-1] = cache
+        torch.ops.shardwise.prefill_attention(q, kc, vc, bad, kv_of, q_start, window, 0.25, 0.0)
+
+
 def _tiny(variant: str | None):
     """A 2-layer GQA model (6 query heads, 2 KV heads); ``softcap``: Gemma 2's soft-capped
     scores, without its sliding windows; ``window``: Mistral's sliding window of 20."""
@@ -163,7 +208,7 @@ def test_flat_step_paged_decode_equals_gathered(variant):
             cache = PagedKVCache(model, 48, 16)
             step = StaticStep(model, cache, StepOptions(compile=False, max_seqs=4,
                                                         paged_attention=paged))
-            assert cache.paged_decode == paged
+            assert cache.paged == paged
             prompts = [list(range(3, 30)), [26, 43, 38]]
             blocks = [list(range(i * 16, i * 16 + 16)) for i in range(3)]
             step([Chunk(i, p, 0, blocks[i], True) for i, p in enumerate(prompts)])

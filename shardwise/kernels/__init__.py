@@ -5,8 +5,9 @@ fp32, AVX512-BF16 bf16): ``shardwise::linear_tiled`` over weights laid out in 16
 (:class:`Tiled`, what the inference engines hold: :func:`tile_weights`) for any number of rows,
 and ``shardwise::linear`` over row-major weights for the few rows of a decode step (a weight
 that cannot be tiled). ``qlinear.cpp`` is the quantized product (:mod:`shardwise.quant.native`),
-``attention.cpp`` the decode step's attention over the paged KV cache (``shardwise::paged_decode``,
-:class:`shardwise.serve.step.StaticStep`), ``shm.cpp`` the shared-memory all-reduce of
+``attention.cpp`` attention over the paged KV cache where the keys lie (decode rows:
+``shardwise::paged_decode``, :class:`shardwise.serve.step.StaticStep`; prompt chunks:
+``shardwise::prefill_attention``, :meth:`shardwise.serve.kv.PagedKVCache.attend`), ``shm.cpp`` the shared-memory all-reduce of
 :mod:`shardwise.shm` without Python in the loop (``shardwise::shm_all_reduce``), ``sample.cpp``
 the greedy pick over a row of logits (``shardwise::row_argmax``, :mod:`shardwise.sampling`);
 ``simd.h`` what they share. They are compiled with the C++ compiler torch.compile
@@ -74,6 +75,7 @@ def load() -> bool:
         torch.library.register_fake("shardwise::linear")(_fake)
         torch.library.register_fake("shardwise::linear_tiled")(_tfake)
         torch.library.register_fake("shardwise::paged_decode")(_pfake)
+        torch.library.register_fake("shardwise::prefill_attention")(_pafake)
         torch.library.register_fake("shardwise::qlinear")(_qfake)
         torch.library.register_fake("shardwise::shm_all_reduce")(_sfake)
         torch.library.register_fake("shardwise::row_argmax")(_afake)
@@ -251,6 +253,10 @@ def _tfake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 
 def _pfake(q, k_cache, v_cache, table, lens, kv_of, scale, softcap) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+def _pafake(q, k_cache, v_cache, slots, kv_of, q_start, window, scale, softcap) -> torch.Tensor:
     return q.new_empty(q.shape)
 
 

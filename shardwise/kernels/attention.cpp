@@ -126,16 +126,22 @@ void unit_avx512(bool values, const float* qf, int64_t g, int64_t n, const int64
   });
 }
 
-// x <- exp(x - max x) over n scores; returns their sum
-inline float softmax_numerators(float* x, int64_t n) {
+// the largest of n scores (-inf for none)
+inline float max_of(const float* x, int64_t n) {
   __m512 mv = _mm512_set1_ps(-INFINITY);
   int64_t t = 0;
   for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + t));
-  float mx = _mm512_reduce_max_ps(mv);
-  for (; t < n; ++t) mx = std::max(mx, x[t]);
+  if (t < n)
+    mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(mv, (__mmask16)((1u << (n - t)) - 1), x + t));
+  return _mm512_reduce_max_ps(mv);
+}
+
+// x <- exp(x - mx) over n scores (mx >= each); returns their sum
+inline float exp_sum(float* x, int64_t n, float mx) {
   const __m512 m = _mm512_set1_ps(mx);
   __m512 sv = _mm512_setzero_ps();
-  for (t = 0; t + 16 <= n; t += 16) {
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
     const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + t), m));
     _mm512_storeu_ps(x + t, e);
     sv = _mm512_add_ps(sv, e);
@@ -148,6 +154,9 @@ inline float softmax_numerators(float* x, int64_t n) {
   }
   return _mm512_reduce_add_ps(sv);
 }
+
+// x <- exp(x - max x) over n scores; returns their sum
+inline float softmax_numerators(float* x, int64_t n) { return exp_sum(x, n, max_of(x, n)); }
 #endif
 
 // the generic forms (any d, any CPU); scores head-major, s[j * n + t]
@@ -310,11 +319,309 @@ at::Tensor paged_decode(const at::Tensor& q_, const at::Tensor& kc, const at::Te
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// shardwise::prefill_attention -- a prompt chunk's queries attending causally to their keys
+// where they lie in the paged cache (the cached prefix and the chunk alike): no gathered copy of
+// the keys and no mask tensor.
+//
+//   q (nq, s, d), unit stride in d; cache k, v (slots, nkv * d); slots (L,) the cache row of each
+//   key, in position order; kv_of (nq,) the KV head each query head reads; query i reads key j
+//   when j <= i + q_start and, with a window w > 0, i + q_start - j < w.
+//   out (nq, s, d) = softmax(cap(scale q k^T)) v over each row's visible keys.
+//
+// The keys are taken in blocks of PB_KEYS. Each block's keys and values are converted to fp32
+// once per KV head (the keys transposed: a vector holds 16 key positions of one dimension). A
+// unit of work is one query head's PB_ROWS rows: it scores its rows against the block 4 rows x 32
+// keys at a time in registers, then folds the block into each row's running softmax (the online
+// rescaling of flash attention: running maximum, running sum, weighted values rescaled when the
+// maximum grows). Scores, softmax and sums in fp32; one rounding of the result. Units are
+// ordered so that equal contiguous ranges of them (at::parallel_for's split) carry similar causal
+// work: row blocks alternate from the first and the last.
+constexpr int64_t PB_KEYS = 256;  // keys per block (a multiple of 32)
+constexpr int64_t PB_ROWS = 16;   // query rows per unit
+constexpr int64_t PB_GROUP = 4;   // query rows scored together in registers
+
+// where dimension e of block key t lies in the packed keys: 32-key tiles, each (d, 32), so that
+// scoring 32 keys reads one contiguous tile
+inline int64_t kt_at(int64_t d, int64_t e, int64_t t) { return (t >> 5) * d * 32 + e * 32 + (t & 31); }
+
+struct Prefill {
+  int64_t s, nq, d, L, nkv, ld, q_start, window;
+  int64_t lo(int64_t i) const {  // the first key row i reads
+    return window > 0 ? std::max<int64_t>(0, i + q_start + 1 - window) : 0;
+  }
+  int64_t hi(int64_t i) const {  // one past the last
+    return std::max<int64_t>(lo(i), std::min(L, i + q_start + 1));
+  }
+};
+
+#if defined(__AVX512F__)
+// S[r][t] = q_r . k_t for R rows (fp32, pre-scaled, qf[r * d + e]) and keys t in [a, b) of the
+// block (a a multiple of 32, b of 16), kt in 32-key tiles (PB_KEYS / 32, d, 32): kt_at(e, t)
+template <int R>
+inline void prefill_scores(const float* qf, int64_t d, const float* kt, int64_t a, int64_t b,
+                           float* S) {
+  int64_t t = a;
+  for (; t + 32 <= b; t += 32) {
+    __m512 c[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < d; ++e) {
+      const __m512 k0 = _mm512_loadu_ps(kt + kt_at(d, e, t));
+      const __m512 k1 = _mm512_loadu_ps(kt + kt_at(d, e, t) + 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 qr = _mm512_set1_ps(qf[r * d + e]);
+        c[r][0] = _mm512_fmadd_ps(qr, k0, c[r][0]);
+        c[r][1] = _mm512_fmadd_ps(qr, k1, c[r][1]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(S + r * PB_KEYS + t, c[r][0]);
+      _mm512_storeu_ps(S + r * PB_KEYS + t + 16, c[r][1]);
+    }
+  }
+  if (t < b) {  // 16 left
+    __m512 c[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) c[r] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < d; ++e) {
+      const __m512 k0 = _mm512_loadu_ps(kt + kt_at(d, e, t));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r * d + e]), k0, c[r]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(S + r * PB_KEYS + t, c[r]);
+  }
+}
+
+// acc[r][c0 .. c0 + 16 NV) += sum_t P[r][t] v_t for keys t in [a, b) of the block, vv (PB_KEYS, d)
+template <int R, int NV>
+inline void prefill_values(const float* P, const float* vv, int64_t d, int64_t c0, int64_t a,
+                           int64_t b, float* acc) {
+  __m512 o[R][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NV; ++i) o[i / NV][i % NV] = _mm512_loadu_ps(acc + (i / NV) * d + c0 + 16 * (i % NV));
+  for (int64_t t = a; t < b; ++t) {
+    __m512 v[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) v[c] = _mm512_loadu_ps(vv + t * d + c0 + 16 * c);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(P[r * PB_KEYS + t]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) o[r][c] = _mm512_fmadd_ps(p, v[c], o[r][c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NV; ++i) _mm512_storeu_ps(acc + (i / NV) * d + c0 + 16 * (i % NV), o[i / NV][i % NV]);
+}
+
+template <int R>
+inline void prefill_values_all(const float* P, const float* vv, int64_t d, int64_t a, int64_t b,
+                               float* acc) {
+  for (int64_t c0 = 0; c0 < d; c0 += 64) {
+    switch (std::min<int64_t>(4, (d - c0) / 16)) {
+      case 4: prefill_values<R, 4>(P, vv, d, c0, a, b, acc); break;
+      case 3: prefill_values<R, 3>(P, vv, d, c0, a, b, acc); break;
+      case 2: prefill_values<R, 2>(P, vv, d, c0, a, b, acc); break;
+      default: prefill_values<R, 1>(P, vv, d, c0, a, b, acc); break;
+    }
+  }
+}
+#endif
+
+// Fold keys [k0, k1) (kt, vv: the block packed, PB_KEYS wide) into rows i0 .. i0 + R of one query
+// head: scores, mask, running softmax (m, l), weighted values (acc, rows of d).
+template <int R>
+void prefill_group(const Prefill& p, int64_t i0, const float* qf, const float* kt,
+                   const float* vv, int64_t k0, int64_t k1, float* S, float* m, float* l,
+                   float* acc, float cap, bool fast) {
+  int64_t lo = k1, hi = k0;
+  for (int r = 0; r < R; ++r) {
+    lo = std::min(lo, std::max(p.lo(i0 + r), k0));
+    hi = std::max(hi, std::min(p.hi(i0 + r), k1));
+  }
+  if (lo >= hi) return;
+  // a at a tile's start (32 keys), b past the last key to a multiple of 16
+  const int64_t a = (lo - k0) & ~int64_t(31), b = (hi - k0 + 15) & ~int64_t(15);
+#if defined(__AVX512F__)
+  if (fast) prefill_scores<R>(qf, p.d, kt, a, b, S);
+#endif
+  if (!fast)
+    for (int r = 0; r < R; ++r)
+      for (int64_t t = a; t < b; ++t) {
+        float dot = 0.f;
+        for (int64_t e = 0; e < p.d; ++e) dot += qf[r * p.d + e] * kt[kt_at(p.d, e, t)];
+        S[r * PB_KEYS + t] = dot;
+      }
+  for (int r = 0; r < R; ++r) {
+    float* x = S + r * PB_KEYS;
+    const int64_t rl = std::max(p.lo(i0 + r), k0) - k0, rh = std::min(p.hi(i0 + r), k1) - k0;
+    if (rl >= rh) {  // this row reads nothing here: its weights are 0
+      std::fill(x + a, x + b, 0.f);
+      continue;
+    }
+    if (cap > 0.f)
+      for (int64_t t = rl; t < rh; ++t) x[t] = cap * std::tanh(x[t] / cap);
+    for (int64_t t = a; t < rl; ++t) x[t] = 0.f;
+    for (int64_t t = rh; t < b; ++t) x[t] = 0.f;
+#if defined(__AVX512F__)
+    const float mnew = std::max(m[r], max_of(x + rl, rh - rl));
+    const float sum = exp_sum(x + rl, rh - rl, mnew);
+#else
+    float mnew = m[r], sum = 0.f;
+    for (int64_t t = rl; t < rh; ++t) mnew = std::max(mnew, x[t]);
+    for (int64_t t = rl; t < rh; ++t) sum += (x[t] = std::exp(x[t] - mnew));
+#endif
+    const float alpha = std::exp(m[r] - mnew);  // 0 for the first keys (m = -inf)
+    m[r] = mnew;
+    l[r] = l[r] * alpha + sum;
+    if (alpha != 1.f)
+      for (int64_t e = 0; e < p.d; ++e) acc[r * p.d + e] *= alpha;
+  }
+#if defined(__AVX512F__)
+  if (fast) {
+    prefill_values_all<R>(S, vv, p.d, a, b, acc);
+    return;
+  }
+#endif
+  for (int r = 0; r < R; ++r)
+    for (int64_t t = a; t < b; ++t) {
+      const float w = S[r * PB_KEYS + t];
+      if (w != 0.f)
+        for (int64_t e = 0; e < p.d; ++e) acc[r * p.d + e] += w * vv[t * p.d + e];
+    }
+}
+
+template <class T>
+void prefill(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+             const at::Tensor& slots, const int64_t* kvp, const Prefill& p, double scale,
+             double softcap, at::Tensor& out) {
+  const int64_t s = p.s, nq = p.nq, d = p.d;
+  const T* qp = q.data_ptr<T>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const T* kp = kc.data_ptr<T>();
+  const T* vp = vc.data_ptr<T>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+#if defined(__AVX512F__)
+  const bool fast = d % 16 == 0;
+#else
+  const bool fast = false;
+#endif
+  const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  std::vector<float> acc(nq * s * d, 0.f), m(nq * s, -INFINITY), l(nq * s, 0.f);
+  std::vector<float> kt(p.nkv * d * PB_KEYS), vv(p.nkv * PB_KEYS * d);
+  const int64_t nb = (s + PB_ROWS - 1) / PB_ROWS;
+  // the first key any row reads, one past the last
+  int64_t first = p.L, last = 0;
+  for (int64_t i = 0; i < s; ++i)
+    if (p.lo(i) < p.hi(i)) first = std::min(first, p.lo(i)), last = std::max(last, p.hi(i));
+  for (int64_t k0 = first - first % PB_KEYS; k0 < last; k0 += PB_KEYS) {
+    const int64_t k1 = std::min(k0 + PB_KEYS, last);
+    at::parallel_for(0, p.nkv, 1, [&](int64_t h0, int64_t h1) {  // pack the block
+      for (int64_t kh = h0; kh < h1; ++kh) {
+        float* ktb = kt.data() + kh * d * PB_KEYS;
+        float* vvb = vv.data() + kh * PB_KEYS * d;
+        for (int64_t t = 0; t < PB_KEYS; ++t) {
+          if (k0 + t < k1) {
+            const T* kr = kp + sp[k0 + t] * p.ld + kh * d;
+            const T* vr = vp + sp[k0 + t] * p.ld + kh * d;
+            for (int64_t e = 0; e < d; ++e) {
+              ktb[kt_at(d, e, t)] = f32(kr[e]);
+              vvb[t * d + e] = f32(vr[e]);
+            }
+          } else {
+            for (int64_t e = 0; e < d; ++e) ktb[kt_at(d, e, t)] = vvb[t * d + e] = 0.f;
+          }
+        }
+      }
+    });
+    at::parallel_for(0, nb * nq, 1, [&](int64_t u0, int64_t u1) {
+      std::vector<float> S(PB_GROUP * PB_KEYS), qf(PB_GROUP * d);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t j = u / nq, h = u % nq;  // row blocks 0, nb-1, 1, nb-2, ...
+        const int64_t blk = j % 2 == 0 ? j / 2 : nb - 1 - j / 2;
+        const int64_t kh = kvp[h];
+        for (int64_t i0 = blk * PB_ROWS; i0 < std::min(s, (blk + 1) * PB_ROWS); i0 += PB_GROUP) {
+          const int64_t R = std::min(PB_GROUP, s - i0);
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t e = 0; e < d; ++e) qf[r * d + e] = f32(qp[h * qs0 + (i0 + r) * qs1 + e]) * sc;
+          const float* ktb = kt.data() + kh * d * PB_KEYS;
+          const float* vvb = vv.data() + kh * PB_KEYS * d;
+          float* mr = m.data() + h * s + i0;
+          float* lr = l.data() + h * s + i0;
+          float* ar = acc.data() + (h * s + i0) * d;
+          switch (R) {
+            case 4: prefill_group<4>(p, i0, qf.data(), ktb, vvb, k0, k1, S.data(), mr, lr, ar, cap, fast); break;
+            case 3: prefill_group<3>(p, i0, qf.data(), ktb, vvb, k0, k1, S.data(), mr, lr, ar, cap, fast); break;
+            case 2: prefill_group<2>(p, i0, qf.data(), ktb, vvb, k0, k1, S.data(), mr, lr, ar, cap, fast); break;
+            default: prefill_group<1>(p, i0, qf.data(), ktb, vvb, k0, k1, S.data(), mr, lr, ar, cap, fast); break;
+          }
+        }
+      }
+    });
+  }
+  at::parallel_for(0, nq * s, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      for (int64_t e = 0; e < d; ++e) op[r * d + e] = static_cast<T>(acc[r * d + e] * inv);
+    }
+  });
+}
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                             const at::Tensor& slots_, const at::Tensor& kv_of_, int64_t q_start,
+                             int64_t window, double scale, double softcap) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "prefill_attention: q must be (nq, s, d) with "
+              "unit stride in d, got ", q.sizes(), " strides ", q.strides());
+  const int64_t nq = q.size(0), s = q.size(1), d = q.size(2);
+  TORCH_CHECK(q.device().is_cpu() && kc.device().is_cpu() && vc.device().is_cpu(),
+              "prefill_attention: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == kc.scalar_type() && kc.scalar_type() == vc.scalar_type() &&
+              (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "prefill_attention: q and the cache must be float32 or bfloat16 alike");
+  TORCH_CHECK(kc.dim() == 2 && kc.sizes() == vc.sizes() && kc.is_contiguous() &&
+              vc.is_contiguous() && d > 0 && kc.size(1) % d == 0,
+              "prefill_attention: the cache must be contiguous (slots, nkv * d) with d = ", d,
+              "; got ", kc.sizes());
+  TORCH_CHECK(slots_.dim() == 1 && kv_of_.numel() == nq && q_start >= 0 && window >= 0,
+              "prefill_attention: slots (L,), kv_of (nq,), q_start >= 0 and window >= 0; got "
+              "slots ", slots_.sizes(), ", kv_of of ", kv_of_.numel(), ", q_start ", q_start,
+              ", window ", window);
+  const auto slots = slots_.to(at::kLong).contiguous();
+  const auto kv_of = kv_of_.to(at::kLong).contiguous();
+  const int64_t nkv = kc.size(1) / d, L = slots.numel();
+  const int64_t* kvp = kv_of.data_ptr<int64_t>();
+  for (int64_t h = 0; h < nq; ++h)
+    TORCH_CHECK(kvp[h] >= 0 && kvp[h] < nkv, "prefill_attention: query head ", h,
+                " reads KV head ", kvp[h], " outside 0..", nkv - 1);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < L; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < kc.size(0), "prefill_attention: key ", t, " names slot ",
+                sp[t], " outside the cache's ", kc.size(0));
+  auto out = at::empty({nq, s, d}, q.options());
+  const Prefill p{s, nq, d, L, nkv, kc.size(1), q_start, window};
+  if (q.scalar_type() == at::kFloat)
+    prefill<float>(q, kc, vc, slots, kvp, p, scale, softcap, out);
+  else
+    prefill<c10::BFloat16>(q, kc, vc, slots, kvp, p, scale, softcap, out);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shardwise, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor table, Tensor lens, "
         "Tensor kv_of, float scale, float softcap) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor kv_of, "
+        "int q_start, int window, float scale, float softcap) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(shardwise, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(shardwise, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("prefill_attention", &prefill_attention);
+}

@@ -13,11 +13,15 @@ A step with prefill chunks runs every scheduled sequence's new tokens as one fla
 the step's k/v into their slots, then attends
 
 * all decodes at once: on the CPU each row's keys read where they lie
-  (``shardwise::paged_decode``, :attr:`PagedKVCache.paged_decode`, as in the compiled decode
-  step); else keys gathered into ``(n_dec, nkv, L_max, d)`` with a padding mask, and with a
-  regular GQA layout the ``g`` query heads sharing a KV head are the "query sequence" of one SDPA
+  (``shardwise::paged_decode``, :attr:`PagedKVCache.paged`, as in the compiled decode step);
+  else keys gathered into ``(n_dec, nkv, L_max, d)`` with a padding mask, and with a regular
+  GQA layout the ``g`` query heads sharing a KV head are the "query sequence" of one SDPA
   call, so KV heads are never copied ``g`` times;
-* each prefill chunk on its own, causal with the offset of the tokens already cached.
+* each prefill chunk on its own, causal with the offset of the tokens already cached: on the CPU
+  its keys read where they lie too (``shardwise::prefill_attention``: no gathered copy, no mask,
+  the keys after a query never scored; 2-3x ``scaled_dot_product_attention`` on a 241-token
+  chunk, benchmarks/RESULTS.md); else keys gathered, then SDPA with the chunk's mask (none when
+  the chunk starts the prompt: plain causal).
 
 A sliding-window layer (window ``W``) gathers only the keys its queries can see: a decode the
 last ``W`` positions, a prefill chunk from ``start - W + 1`` on. The step's tables and masks are
@@ -65,7 +69,8 @@ class _WindowView:
     dec_table: torch.Tensor | None = None   # (n_dec, L) slots
     dec_mask: torch.Tensor | None = None    # (n_dec, 1, 1, L) padding
     dec_lens: torch.Tensor | None = None    # (n_dec,) keys per decode row
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None = None  # off, n, slots, mask
+    # off, n, key slots, mask (None: plain causal, or read in place), first query's key index
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None, int]] | None = None
 
 
 class PagedKVCache:
@@ -92,9 +97,10 @@ class PagedKVCache:
         self.v = {i: torch.zeros_like(t) for i, t in self.k.items()}
         self.device, self.dtype, self.long_after = dev, dtype, model.long_after
         self.long_rope: torch.Tensor | None = None  # (1, T): the model's ``long_rope``
-        # decode rows read the cache in place (``shardwise::paged_decode``; set by the engine's
-        # step, :class:`~shardwise.serve.step.StepOptions`), else gathered, then SDPA
-        self.paged_decode = False
+        # decode rows and prompt chunks read the cache in place (``shardwise::paged_decode``,
+        # ``shardwise::prefill_attention``; set by the engine's step,
+        # :class:`~shardwise.serve.step.StepOptions`), else gathered, then SDPA
+        self.paged = False
         self.kv_of = torch.arange(self.nq, device=dev) // self.group if self.group else None
 
     @property
@@ -161,9 +167,12 @@ class PagedKVCache:
         for off, c in prefills:
             n, lo = len(c.tokens), first_visible(c.start, window)
             keys = torch.tensor(self._slots(c.blocks, lo, c.start + n), device=dev)
-            mask = visible(torch.arange(c.start, c.start + n, device=dev),
-                           torch.arange(lo, c.start + n, device=dev), window)    # (n, L)
-            view.prefills.append((off, n, keys, mask))
+            if self.paged or (c.start == 0 and (window is None or window >= n)):
+                mask = None  # read in place (the kernel's own causal rule), or plain causal
+            else:
+                mask = visible(torch.arange(c.start, c.start + n, device=dev),
+                               torch.arange(lo, c.start + n, device=dev), window)  # (n, L)
+            view.prefills.append((off, n, keys, mask, c.start - lo))
         return view
 
     def _gather(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -182,7 +191,7 @@ class PagedKVCache:
         out = torch.empty_like(q)
         n, g = self.n_dec, self.group
         view = self.views[params.window]
-        if n and self.paged_decode:  # each decode row's keys read where they lie
+        if n and self.paged:  # each decode row's keys read where they lie
             qd = q[0, :, :n].transpose(0, 1).contiguous()                         # (n, nq, d)
             kv_of = self.kv_of if kv_index is None else kv_index
             o = torch.ops.shardwise.paged_decode(qd, kc, vc, view.dec_table, view.dec_lens, kv_of,
@@ -198,9 +207,16 @@ class PagedKVCache:
                 keys, vals = keys.index_select(1, kv_index), vals.index_select(1, kv_index)
             o = attention(qd, keys, vals, params, mask=view.dec_mask)
             out[0, :, :n] = o.reshape(n, self.nq, self.d).transpose(0, 1)
-        for off, s, slots, mask in view.prefills:
+        for off, s, slots, mask, q_start in view.prefills:
+            if self.paged:  # query i reads keys up to q_start + i (and its window), in place
+                kv_of = self.kv_of if kv_index is None else kv_index
+                out[0, :, off:off + s] = torch.ops.shardwise.prefill_attention(
+                    q[0, :, off:off + s], kc, vc, slots, kv_of, q_start, params.window or 0,
+                    params.scale, params.softcap or 0.0)
+                continue
             keys, vals = self._gather(kc, slots[None]), self._gather(vc, slots[None])
             if not g:
                 keys, vals = keys.index_select(1, kv_index), vals.index_select(1, kv_index)
-            out[:, :, off:off + s] = attention(q[:, :, off:off + s], keys, vals, params, mask=mask)
+            out[:, :, off:off + s] = attention(q[:, :, off:off + s], keys, vals, params, mask=mask,
+                                               causal=mask is None)
         return out

@@ -104,10 +104,11 @@ class StepOptions:
     own kernels, which it does not prepack) and a 2-2.7x slower warm start (the folding is redone
     at every start); benchmarks/RESULTS.md, issue 10. ``shared_graph``: one compiled graph for
     every batch bucket above 1 (False: a graph per bucket; same step speed, 2x the compile).
-    ``paged_attention``: on the CPU, decode attention reads the paged cache in place
-    (``shardwise::paged_decode``, also for the decode rows of mixed steps; False: the keys
-    gathered, then SDPA). ``cpp_wrapper``: inductor's C++ wrapper on the CPU (the graph's ~300
-    kernel and operator calls made from C++ rather than from a generated Python function):
+    ``paged_attention``: on the CPU, attention reads the paged cache in place
+    (``shardwise::paged_decode``, also for the decode rows of mixed steps, and
+    ``shardwise::prefill_attention`` for their prompt chunks; False: the keys gathered, then
+    SDPA). ``cpp_wrapper``: inductor's C++ wrapper on the CPU (the graph's ~300 kernel and
+    operator calls made from C++ rather than from a generated Python function):
     1.09x the decode step of SmolLM2 in bf16 for 20-40 s more compile per cold graph (a warm
     start is faster); benchmarks/RESULTS.md, issue 10. ``SHARDWISE_CPP_WRAPPER=0`` in the
     environment makes False the default (the test suite does, for its compile time budget; its
@@ -140,7 +141,7 @@ class StaticStep:
         # decode attention over the paged cache in place (CPU; else gathered, then SDPA)
         self.paged = self.device.type == "cpu" and options.paged_attention and \
             cache.dtype in (torch.float32, torch.bfloat16) and kernels.paged_decode_available()
-        cache.paged_decode = self.paged  # the flat step's decode rows too
+        cache.paged = self.paged  # the flat step's decode rows and prompt chunks too
         self.limit = min(options.max_context or model.config.max_position_embeddings,
                          cache.num_blocks * cache.block_size)
         self._decode_fn = self._decode
