@@ -279,3 +279,56 @@ def test_row_argmax_at_vocabulary_width():
         got, ref = torch.ops.shardwise.row_argmax(x), x.max(dim=-1)
         assert torch.equal(got[0], ref.values) and torch.equal(got[1], ref.indices)
         assert got[1][3] == 100
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_pieces_equal_the_torch_composition(dtype):
+    """``pieces.cpp``'s RMSNorm (Llama's and Gemma's ``1 + w``), SiLU-and-multiply and rope
+    against the torch composition of :mod:`shardwise.models.pieces` (run with a gradient, which
+    keeps it torch's): fp32 within 1e-6 relative; bf16 rope bit-identical (the same roundings),
+    the norm and SiLU within one bf16 rounding (a sum's order, an exp's last bit). The rope input
+    is a strided view of a fused qkv output, as in the model."""
+    from shardwise.models import pieces
+    from shardwise.models.rope import apply_rope, cos_sin
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 37, 72, generator=g) * 3).to(dtype)
+    w = torch.randn(72, generator=g).to(dtype)
+    qkv = torch.randn(2, 37, 5 * 64, generator=g).to(dtype)
+    q = qkv[..., :3 * 64].view(2, 37, 3, 64).transpose(1, 2)                     # (b, h, s, d)
+    cos, sin = cos_sin(torch.arange(37).expand(2, 37) + 5, 1.0 / 10000 ** (torch.arange(32) / 32),
+                       dtype)
+    gu = (torch.randn(2, 37, 2 * 96, generator=g) * 4).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    with torch.inference_mode():
+        assert kernels.native_pieces(x)
+        got = [pieces.rms_norm(x, w, 1e-5), pieces.rms_norm(x, w, 1e-5, 1.0),
+               pieces.glu(gu, 96, F.silu), apply_rope(q, cos, sin)]
+    with torch.enable_grad():
+        assert not kernels.native_pieces(x)
+        want = [pieces.rms_norm(x, w, 1e-5), pieces.rms_norm(x, w, 1e-5, 1.0),
+                pieces.glu(gu, 96, F.silu), apply_rope(q, cos, sin)]
+    for name, a, b in zip(("norm", "norm 1 + w", "silu * up", "rope"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert _rel(a, b.double()) <= (0.0 if name == "rope" and dtype == torch.bfloat16 else tol), name
+    assert got[3].transpose(1, 2).is_contiguous()  # laid out (b, s, h, d): the cache's rows
+
+
+def test_native_pieces_keep_a_models_outputs():
+    """A GQA model's eager logits (a prompt, then a decode step) with the native pieces and with
+    the torch composition: fp32 within 1e-5 relative."""
+    from shardwise.models.cache import KVCache
+    model = _tiny(None)
+    outs = []
+    for native in (True, False):
+        saved, kernels._PIECES = kernels._PIECES, native
+        try:
+            with torch.inference_mode():
+                cache = KVCache(model, 1, 40)
+                ids = torch.tensor([list(range(3, 30))])
+                a = model(ids, cache.positions(1, ids.shape[1]), attend=cache.attend)
+                cache.advance(ids.shape[1])
+                b = model(torch.tensor([[7]]), cache.positions(1, 1), attend=cache.attend)
+            outs.append(torch.cat([a[0], b[0]]).double())
+        finally:
+            kernels._PIECES = saved
+    assert _rel(outs[0], outs[1]) < 1e-5

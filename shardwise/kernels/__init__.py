@@ -10,6 +10,7 @@ that cannot be tiled). ``qlinear.cpp`` is the quantized product (:mod:`shardwise
 ``shardwise::prefill_attention``, :meth:`shardwise.serve.kv.PagedKVCache.attend`), ``shm.cpp`` the shared-memory all-reduce of
 :mod:`shardwise.shm` without Python in the loop (``shardwise::shm_all_reduce``), ``sample.cpp``
 the greedy pick over a row of logits (``shardwise::row_argmax``, :mod:`shardwise.sampling`);
+``pieces.cpp`` the eager step's RMSNorm, SiLU-and-multiply and rope (:func:`native_pieces`);
 ``simd.h`` what they share. They are compiled with the C++ compiler torch.compile
 already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the
 source and this CPU's flags) through ``torch.utils.cpp_extension``; its threads are torch's
@@ -28,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("linear.cpp", "qlinear.cpp",
-                                                      "attention.cpp", "shm.cpp", "sample.cpp"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in (
+    "linear.cpp", "qlinear.cpp", "attention.cpp", "shm.cpp", "sample.cpp", "pieces.cpp"))
 HEADERS = (Path(__file__).with_name("simd.h"),)
 MAX_ROWS = 16          # above this many rows a GEMM (oneDNN/MKL) wins: F.linear
 _STATE: dict[str, object] = {}
@@ -102,16 +103,27 @@ def enable() -> frozenset[torch.dtype]:
     """Route the few-row products of inference through ``shardwise::linear`` from now on (in this
     process), for the dtypes this CPU supports; returns them. Called by the inference engines
     before they compile anything, so that a traced :func:`linear` reads a settled global."""
-    global _ENABLED, _MKLDNN
+    global _ENABLED, _MKLDNN, _PIECES
     if load():
         _ENABLED = frozenset(dt for dt in (torch.float32, torch.bfloat16)
                              if torch.ops.shardwise.linear_supported(dt))
+        _PIECES = True
     _MKLDNN = torch.backends.mkldnn.is_available()  # read here: dynamo cannot trace the call
     return _ENABLED
 
 
 _ENABLED: frozenset[torch.dtype] = frozenset()
 _MKLDNN = False
+_PIECES = False
+
+
+def native_pieces(x: torch.Tensor) -> bool:
+    """Whether :mod:`shardwise.models.pieces` runs ``x``'s RMSNorm, SiLU-and-multiply and rope as
+    one native pass each (``pieces.cpp``): eager inference on the CPU in fp32 or bf16, once
+    :func:`enable`d. Under autograd and under torch.compile (whose graphs fuse the torch
+    composition themselves) the pieces stay torch operators."""
+    return _PIECES and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+        and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

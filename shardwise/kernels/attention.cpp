@@ -31,26 +31,8 @@ namespace {
 using shardwise_simd::f32;
 
 #if defined(__AVX512F__)
+using shardwise_simd::exp16;
 using shardwise_simd::load16;
-
-// exp(x) for x <= 0 (a score minus its row's maximum), 16 lanes: x = n ln2 + r with |r| <=
-// ln2 / 2, exp(r) by a degree-6 polynomial (Cephes' expf coefficients, ~1e-7 relative), then
-// scaled by 2^n. Below -87.3 the result is clamped near 1e-38 (nothing a softmax can see).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 // s[j * n + t] = q_j . k_t for G heads (queries pre-scaled, fp32, in registers), every key row
 // t < n of this KV head (d = 16 * V)

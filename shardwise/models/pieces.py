@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from .rope import apply_rope
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -32,7 +33,10 @@ def compute_dtype(t: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              offset: float = 0.0) -> torch.Tensor:
     """``x / sqrt(mean(x^2) + eps)`` over the last dimension, in fp32, times ``weight`` after the
-    cast back to x's dtype (Llama), or times ``offset + weight`` before it (Gemma, offset 1)."""
+    cast back to x's dtype (Llama), or times ``offset + weight`` before it (Gemma, offset 1).
+    In eager CPU inference one native pass (:func:`shardwise.kernels.native_pieces`)."""
+    if weight.dtype == x.dtype and kernels.native_pieces(x):
+        return torch.ops.shardwise.rms_norm(x, weight, eps, offset)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if offset:
@@ -46,7 +50,10 @@ def norm_for_matmul(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def glu(gate_up: torch.Tensor, local: int, act: Callable) -> torch.Tensor:
-    """``act(gate) * up`` of a fused (..., 2 x local) gate/up output."""
+    """``act(gate) * up`` of a fused (..., 2 x local) gate/up output (SiLU in eager CPU
+    inference: one native pass, :func:`shardwise.kernels.native_pieces`)."""
+    if act is F.silu and kernels.native_pieces(gate_up):
+        return torch.ops.shardwise.silu_mul(gate_up, local)
     gate, up = gate_up.split(local, dim=-1)
     return act(gate) * up
 

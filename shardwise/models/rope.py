@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .. import kernels
 from .config import LlamaConfig
 
 
@@ -91,10 +92,21 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
     return cos.to(dtype), sin.to(dtype)
 
 
+def _native_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether ``shardwise::rope`` takes these: x (b, heads, s, d) with unit stride in d, cos
+    and sin (b or 1, 1, s, d) in x's dtype."""
+    return x.dim() == 4 and x.stride(-1) == 1 and cos.dtype == sin.dtype == x.dtype and \
+        cos.shape == sin.shape and cos.dim() == 4 and cos.shape[1] == 1 and \
+        cos.shape[0] in (1, x.shape[0]) and cos.shape[2:] == x.shape[2:]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs ``(x_j, x_{j+r/2})`` of the first ``r = cos.shape[-1]`` dimensions.
-    x: (b, heads, s, d)."""
+    x: (b, heads, s, d). In eager CPU inference one native pass
+    (:func:`shardwise.kernels.native_pieces`), laid out (b, s, heads, d)."""
     r = cos.shape[-1]
+    if r == x.shape[-1] and kernels.native_pieces(x) and _native_shapes(x, cos, sin):
+        return torch.ops.shardwise.rope(x, cos, sin)
     if r == x.shape[-1]:
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
