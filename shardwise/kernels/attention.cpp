@@ -21,6 +21,7 @@
 #include <c10/util/BFloat16.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -317,7 +318,9 @@ at::Tensor paged_decode(const at::Tensor& q_, const at::Tensor& kc, const at::Te
 // unit of work is one query head's PB_ROWS rows: it scores its rows against the block 4 rows x 32
 // keys at a time in registers, then folds the block into each row's running softmax (the online
 // rescaling of flash attention: running maximum, running sum, weighted values rescaled when the
-// maximum grows). Scores, softmax and sums in fp32; one rounding of the result. Units are
+// maximum grows). Scores, softmax and sums in fp32; in bf16 with AVX512-BF16 the products are
+// pair dot products of the bf16 inputs (the softmax weights rounded to bf16 for them, as
+// torch's flash attention does); one rounding of the result. Units are
 // ordered so that equal contiguous ranges of them (at::parallel_for's split) carry similar causal
 // work: row blocks alternate from the first and the last.
 constexpr int64_t PB_KEYS = 256;  // keys per block (a multiple of 32)
@@ -415,12 +418,111 @@ inline void prefill_values_all(const float* P, const float* vv, int64_t d, int64
 }
 #endif
 
-// Fold keys [k0, k1) (kt, vv: the block packed, PB_KEYS wide) into rows i0 .. i0 + R of one query
-// head: scores, mask, running softmax (m, l), weighted values (acc, rows of d).
+#if defined(__AVX512BF16__)
+// The bf16 forms, for AVX512-BF16's pair dot products (two bf16 products summed into each fp32
+// lane, twice the multiply-adds of fp32 FMAs an instruction). Keys: 32-key tiles, each (d / 2,
+// 32, 2): a vector holds 16 keys' values of two adjacent dimensions. Values: (keys / 2, d, 2): a
+// vector holds 16 dimensions of two adjacent keys.
+inline int64_t kp_at(int64_t d, int64_t e, int64_t t) {
+  return (t >> 5) * d * 32 + (e >> 1) * 64 + (t & 31) * 2 + (e & 1);
+}
+inline int64_t vp_at(int64_t d, int64_t t, int64_t e) { return (t >> 1) * 2 * d + e * 2 + (t & 1); }
+
+inline __m512bh pair_at(const uint16_t* p) {  // the bf16 pair p[0], p[1] in every lane
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+
+// S[r][t] = scale q_r . k_t, q rows in bf16 (qb[r * d + e]), keys [a, b) as in prefill_scores
 template <int R>
-void prefill_group(const Prefill& p, int64_t i0, const float* qf, const float* kt,
-                   const float* vv, int64_t k0, int64_t k1, float* S, float* m, float* l,
-                   float* acc, float cap, bool fast) {
+inline void prefill_scores_bf16(const uint16_t* qb, int64_t d, const uint16_t* kt, int64_t a,
+                                int64_t b, float scale, float* S) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t t = a; t < b; t += 32) {
+    const uint16_t* tile = kt + (t >> 5) * d * 32;
+    const bool two = t + 32 <= b;  // else the tile's first 16 keys only
+    __m512 c[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm512_setzero_ps();
+    for (int64_t e2 = 0; e2 < d / 2; ++e2) {
+      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(tile + e2 * 64);
+      const __m512bh k1 = (__m512bh)_mm512_loadu_si512(tile + e2 * 64 + 32);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512bh qv = pair_at(qb + r * d + 2 * e2);
+        c[r][0] = _mm512_dpbf16_ps(c[r][0], qv, k0);
+        if (two) c[r][1] = _mm512_dpbf16_ps(c[r][1], qv, k1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(S + r * PB_KEYS + t, _mm512_mul_ps(c[r][0], sv));
+      if (two) _mm512_storeu_ps(S + r * PB_KEYS + t + 16, _mm512_mul_ps(c[r][1], sv));
+    }
+  }
+}
+
+// acc[r][c0 .. c0 + 16 NV) += sum_t P[r][t] v_t, the weights in bf16 (Pb[r * PB_KEYS + t]),
+// keys [a, b), both even
+template <int R, int NV>
+inline void prefill_values_bf16(const uint16_t* Pb, const uint16_t* vv, int64_t d, int64_t c0,
+                                int64_t a, int64_t b, float* acc) {
+  __m512 o[R][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NV; ++i) o[i / NV][i % NV] = _mm512_loadu_ps(acc + (i / NV) * d + c0 + 16 * (i % NV));
+  for (int64_t t = a; t < b; t += 2) {
+    const uint16_t* vr = vv + (t >> 1) * 2 * d + c0 * 2;
+    __m512bh v[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) v[c] = (__m512bh)_mm512_loadu_si512(vr + 32 * c);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh w = pair_at(Pb + r * PB_KEYS + t);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], w, v[c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NV; ++i) _mm512_storeu_ps(acc + (i / NV) * d + c0 + 16 * (i % NV), o[i / NV][i % NV]);
+}
+
+template <int R>
+inline void prefill_values_bf16_all(const uint16_t* Pb, const uint16_t* vv, int64_t d, int64_t a,
+                                    int64_t b, float* acc) {
+  for (int64_t c0 = 0; c0 < d; c0 += 64) {
+    switch (std::min<int64_t>(4, (d - c0) / 16)) {
+      case 4: prefill_values_bf16<R, 4>(Pb, vv, d, c0, a, b, acc); break;
+      case 3: prefill_values_bf16<R, 3>(Pb, vv, d, c0, a, b, acc); break;
+      case 2: prefill_values_bf16<R, 2>(Pb, vv, d, c0, a, b, acc); break;
+      default: prefill_values_bf16<R, 1>(Pb, vv, d, c0, a, b, acc); break;
+    }
+  }
+}
+#endif
+
+// How a block's products run: plain loops (any CPU, any d), AVX-512 fp32 FMAs (d a multiple of
+// 16), or AVX512-BF16 pair dot products (bf16 inputs, d a multiple of 16)
+enum class Mode { generic, fma, dp };
+
+// One KV head's block of keys and values, packed: fp32 (generic, fma: keys at kt_at, values
+// (PB_KEYS, d)) or bf16 pairs (dp: kp_at, vp_at); and one group of query rows: fp32 pre-scaled
+// (qf) or bf16 as given (qb), with the bf16 weights' scratch (Pb)
+struct Group {
+  const float* kt = nullptr;
+  const float* vv = nullptr;
+  const uint16_t* kt16 = nullptr;
+  const uint16_t* vv16 = nullptr;
+  const float* qf = nullptr;
+  const uint16_t* qb = nullptr;
+  uint16_t* Pb = nullptr;
+};
+
+// Fold keys [k0, k1) (the block packed, PB_KEYS wide) into rows i0 .. i0 + R of one query head:
+// scores, mask, running softmax (m, l), weighted values (acc, rows of d).
+template <int R>
+void prefill_group(const Prefill& p, int64_t i0, const Group& g, int64_t k0, int64_t k1,
+                   float* S, float* m, float* l, float* acc, float scale, float cap, Mode mode) {
   int64_t lo = k1, hi = k0;
   for (int r = 0; r < R; ++r) {
     lo = std::min(lo, std::max(p.lo(i0 + r), k0));
@@ -429,14 +531,17 @@ void prefill_group(const Prefill& p, int64_t i0, const float* qf, const float* k
   if (lo >= hi) return;
   // a at a tile's start (32 keys), b past the last key to a multiple of 16
   const int64_t a = (lo - k0) & ~int64_t(31), b = (hi - k0 + 15) & ~int64_t(15);
-#if defined(__AVX512F__)
-  if (fast) prefill_scores<R>(qf, p.d, kt, a, b, S);
+#if defined(__AVX512BF16__)
+  if (mode == Mode::dp) prefill_scores_bf16<R>(g.qb, p.d, g.kt16, a, b, scale, S);
 #endif
-  if (!fast)
+#if defined(__AVX512F__)
+  if (mode == Mode::fma) prefill_scores<R>(g.qf, p.d, g.kt, a, b, S);
+#endif
+  if (mode == Mode::generic)
     for (int r = 0; r < R; ++r)
       for (int64_t t = a; t < b; ++t) {
         float dot = 0.f;
-        for (int64_t e = 0; e < p.d; ++e) dot += qf[r * p.d + e] * kt[kt_at(p.d, e, t)];
+        for (int64_t e = 0; e < p.d; ++e) dot += g.qf[r * p.d + e] * g.kt[kt_at(p.d, e, t)];
         S[r * PB_KEYS + t] = dot;
       }
   for (int r = 0; r < R; ++r) {
@@ -444,29 +549,41 @@ void prefill_group(const Prefill& p, int64_t i0, const float* qf, const float* k
     const int64_t rl = std::max(p.lo(i0 + r), k0) - k0, rh = std::min(p.hi(i0 + r), k1) - k0;
     if (rl >= rh) {  // this row reads nothing here: its weights are 0
       std::fill(x + a, x + b, 0.f);
-      continue;
-    }
-    if (cap > 0.f)
-      for (int64_t t = rl; t < rh; ++t) x[t] = cap * std::tanh(x[t] / cap);
-    for (int64_t t = a; t < rl; ++t) x[t] = 0.f;
-    for (int64_t t = rh; t < b; ++t) x[t] = 0.f;
+    } else {
+      if (cap > 0.f)
+        for (int64_t t = rl; t < rh; ++t) x[t] = cap * std::tanh(x[t] / cap);
+      for (int64_t t = a; t < rl; ++t) x[t] = 0.f;
+      for (int64_t t = rh; t < b; ++t) x[t] = 0.f;
 #if defined(__AVX512F__)
-    const float mnew = std::max(m[r], max_of(x + rl, rh - rl));
-    const float sum = exp_sum(x + rl, rh - rl, mnew);
+      const float mnew = std::max(m[r], max_of(x + rl, rh - rl));
+      const float sum = exp_sum(x + rl, rh - rl, mnew);
 #else
-    float mnew = m[r], sum = 0.f;
-    for (int64_t t = rl; t < rh; ++t) mnew = std::max(mnew, x[t]);
-    for (int64_t t = rl; t < rh; ++t) sum += (x[t] = std::exp(x[t] - mnew));
+      float mnew = m[r], sum = 0.f;
+      for (int64_t t = rl; t < rh; ++t) mnew = std::max(mnew, x[t]);
+      for (int64_t t = rl; t < rh; ++t) sum += (x[t] = std::exp(x[t] - mnew));
 #endif
-    const float alpha = std::exp(m[r] - mnew);  // 0 for the first keys (m = -inf)
-    m[r] = mnew;
-    l[r] = l[r] * alpha + sum;
-    if (alpha != 1.f)
-      for (int64_t e = 0; e < p.d; ++e) acc[r * p.d + e] *= alpha;
+      const float alpha = std::exp(m[r] - mnew);  // 0 for the first keys (m = -inf)
+      m[r] = mnew;
+      l[r] = l[r] * alpha + sum;
+      if (alpha != 1.f)
+        for (int64_t e = 0; e < p.d; ++e) acc[r * p.d + e] *= alpha;
+    }
+#if defined(__AVX512BF16__)
+    if (mode == Mode::dp)  // the weights in bf16 for the pair products (the sums stay fp32)
+      for (int64_t t = a; t < b; t += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(g.Pb + r * PB_KEYS + t),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + t)));
+#endif
   }
+#if defined(__AVX512BF16__)
+  if (mode == Mode::dp) {
+    prefill_values_bf16_all<R>(g.Pb, g.vv16, p.d, a, b, acc);
+    return;
+  }
+#endif
 #if defined(__AVX512F__)
-  if (fast) {
-    prefill_values_all<R>(S, vv, p.d, a, b, acc);
+  if (mode == Mode::fma) {
+    prefill_values_all<R>(S, g.vv, p.d, a, b, acc);
     return;
   }
 #endif
@@ -474,7 +591,7 @@ void prefill_group(const Prefill& p, int64_t i0, const float* qf, const float* k
     for (int64_t t = a; t < b; ++t) {
       const float w = S[r * PB_KEYS + t];
       if (w != 0.f)
-        for (int64_t e = 0; e < p.d; ++e) acc[r * p.d + e] += w * vv[t * p.d + e];
+        for (int64_t e = 0; e < p.d; ++e) acc[r * p.d + e] += w * g.vv[t * p.d + e];
     }
 }
 
@@ -489,14 +606,18 @@ void prefill(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
   const T* vp = vc.data_ptr<T>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
+  Mode mode = Mode::generic;
 #if defined(__AVX512F__)
-  const bool fast = d % 16 == 0;
-#else
-  const bool fast = false;
+  if (d % 16 == 0) mode = Mode::fma;
 #endif
+#if defined(__AVX512BF16__)
+  if (d % 16 == 0 && std::is_same_v<T, c10::BFloat16>) mode = Mode::dp;
+#endif
+  const bool dp = mode == Mode::dp;
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
   std::vector<float> acc(nq * s * d, 0.f), m(nq * s, -INFINITY), l(nq * s, 0.f);
-  std::vector<float> kt(p.nkv * d * PB_KEYS), vv(p.nkv * PB_KEYS * d);
+  std::vector<float> kt(dp ? 0 : p.nkv * d * PB_KEYS), vv(dp ? 0 : p.nkv * PB_KEYS * d);
+  std::vector<uint16_t> kt16(dp ? p.nkv * d * PB_KEYS : 0), vv16(dp ? p.nkv * PB_KEYS * d : 0);
   const int64_t nb = (s + PB_ROWS - 1) / PB_ROWS;
   // the first key any row reads, one past the last
   int64_t first = p.L, last = 0;
@@ -506,42 +627,58 @@ void prefill(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
     const int64_t k1 = std::min(k0 + PB_KEYS, last);
     at::parallel_for(0, p.nkv, 1, [&](int64_t h0, int64_t h1) {  // pack the block
       for (int64_t kh = h0; kh < h1; ++kh) {
-        float* ktb = kt.data() + kh * d * PB_KEYS;
-        float* vvb = vv.data() + kh * PB_KEYS * d;
         for (int64_t t = 0; t < PB_KEYS; ++t) {
-          if (k0 + t < k1) {
-            const T* kr = kp + sp[k0 + t] * p.ld + kh * d;
-            const T* vr = vp + sp[k0 + t] * p.ld + kh * d;
+          const bool key = k0 + t < k1;  // else padding: zeros
+          const T* kr = key ? kp + sp[k0 + t] * p.ld + kh * d : nullptr;
+          const T* vr = key ? vp + sp[k0 + t] * p.ld + kh * d : nullptr;
+          if (dp) {
+            uint16_t* ktb = kt16.data() + kh * d * PB_KEYS;
+            uint16_t* vvb = vv16.data() + kh * PB_KEYS * d;
             for (int64_t e = 0; e < d; ++e) {
-              ktb[kt_at(d, e, t)] = f32(kr[e]);
-              vvb[t * d + e] = f32(vr[e]);
+              ktb[kp_at(d, e, t)] = key ? reinterpret_cast<const uint16_t*>(kr)[e] : 0;
+              vvb[vp_at(d, t, e)] = key ? reinterpret_cast<const uint16_t*>(vr)[e] : 0;
             }
           } else {
-            for (int64_t e = 0; e < d; ++e) ktb[kt_at(d, e, t)] = vvb[t * d + e] = 0.f;
+            float* ktb = kt.data() + kh * d * PB_KEYS;
+            float* vvb = vv.data() + kh * PB_KEYS * d;
+            for (int64_t e = 0; e < d; ++e) {
+              ktb[kt_at(d, e, t)] = key ? f32(kr[e]) : 0.f;
+              vvb[t * d + e] = key ? f32(vr[e]) : 0.f;
+            }
           }
         }
       }
     });
     at::parallel_for(0, nb * nq, 1, [&](int64_t u0, int64_t u1) {
       std::vector<float> S(PB_GROUP * PB_KEYS), qf(PB_GROUP * d);
+      std::vector<uint16_t> qb(dp ? PB_GROUP * d : 0), Pb(dp ? PB_GROUP * PB_KEYS : 0);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t j = u / nq, h = u % nq;  // row blocks 0, nb-1, 1, nb-2, ...
         const int64_t blk = j % 2 == 0 ? j / 2 : nb - 1 - j / 2;
         const int64_t kh = kvp[h];
+        Group g;
+        if (dp) {
+          g.kt16 = kt16.data() + kh * d * PB_KEYS, g.vv16 = vv16.data() + kh * PB_KEYS * d;
+          g.qb = qb.data(), g.Pb = Pb.data();
+        } else {
+          g.kt = kt.data() + kh * d * PB_KEYS, g.vv = vv.data() + kh * PB_KEYS * d;
+          g.qf = qf.data();
+        }
         for (int64_t i0 = blk * PB_ROWS; i0 < std::min(s, (blk + 1) * PB_ROWS); i0 += PB_GROUP) {
           const int64_t R = std::min(PB_GROUP, s - i0);
-          for (int64_t r = 0; r < R; ++r)
-            for (int64_t e = 0; e < d; ++e) qf[r * d + e] = f32(qp[h * qs0 + (i0 + r) * qs1 + e]) * sc;
-          const float* ktb = kt.data() + kh * d * PB_KEYS;
-          const float* vvb = vv.data() + kh * PB_KEYS * d;
+          for (int64_t r = 0; r < R; ++r) {
+            const T* qr = qp + h * qs0 + (i0 + r) * qs1;
+            if (dp) std::memcpy(qb.data() + r * d, qr, d * sizeof(T));
+            else for (int64_t e = 0; e < d; ++e) qf[r * d + e] = f32(qr[e]) * sc;
+          }
           float* mr = m.data() + h * s + i0;
           float* lr = l.data() + h * s + i0;
           float* ar = acc.data() + (h * s + i0) * d;
           switch (R) {
-            case 4: prefill_group<4>(p, i0, qf.data(), ktb, vvb, k0, k1, S.data(), mr, lr, ar, cap, fast); break;
-            case 3: prefill_group<3>(p, i0, qf.data(), ktb, vvb, k0, k1, S.data(), mr, lr, ar, cap, fast); break;
-            case 2: prefill_group<2>(p, i0, qf.data(), ktb, vvb, k0, k1, S.data(), mr, lr, ar, cap, fast); break;
-            default: prefill_group<1>(p, i0, qf.data(), ktb, vvb, k0, k1, S.data(), mr, lr, ar, cap, fast); break;
+            case 4: prefill_group<4>(p, i0, g, k0, k1, S.data(), mr, lr, ar, sc, cap, mode); break;
+            case 3: prefill_group<3>(p, i0, g, k0, k1, S.data(), mr, lr, ar, sc, cap, mode); break;
+            case 2: prefill_group<2>(p, i0, g, k0, k1, S.data(), mr, lr, ar, sc, cap, mode); break;
+            default: prefill_group<1>(p, i0, g, k0, k1, S.data(), mr, lr, ar, sc, cap, mode); break;
           }
         }
       }
