@@ -260,20 +260,26 @@ void paged(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
   });
 }
 
+// What both attention operators ask of q and the cache (op: the operator's name for the message)
+void check_cache(const char* op, const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                 int64_t d) {
+  TORCH_CHECK(q.device().is_cpu() && kc.device().is_cpu() && vc.device().is_cpu(),
+              op, ": CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == kc.scalar_type() && kc.scalar_type() == vc.scalar_type() &&
+              (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              op, ": q and the cache must be float32 or bfloat16 alike");
+  TORCH_CHECK(kc.dim() == 2 && kc.sizes() == vc.sizes() && kc.is_contiguous() &&
+              vc.is_contiguous() && d > 0 && kc.size(1) % d == 0,
+              op, ": the cache must be contiguous (slots, nkv * d) with d = ", d, "; got ",
+              kc.sizes());
+}
+
 at::Tensor paged_decode(const at::Tensor& q_, const at::Tensor& kc, const at::Tensor& vc,
                         const at::Tensor& table_, const at::Tensor& lens_,
                         const at::Tensor& kv_of_, double scale, double softcap) {
   TORCH_CHECK(q_.dim() == 3, "paged_decode: q must be (B, nq, d), got ", q_.sizes());
   const int64_t B = q_.size(0), nq = q_.size(1), d = q_.size(2);
-  TORCH_CHECK(q_.device().is_cpu() && kc.device().is_cpu() && vc.device().is_cpu(),
-              "paged_decode: CPU tensors only");
-  TORCH_CHECK(q_.scalar_type() == kc.scalar_type() && kc.scalar_type() == vc.scalar_type() &&
-              (q_.scalar_type() == at::kFloat || q_.scalar_type() == at::kBFloat16),
-              "paged_decode: q and the cache must be float32 or bfloat16 alike");
-  TORCH_CHECK(kc.dim() == 2 && kc.sizes() == vc.sizes() && kc.is_contiguous() &&
-              vc.is_contiguous() && d > 0 && kc.size(1) % d == 0,
-              "paged_decode: the cache must be contiguous (slots, nkv * d) with d = ", d,
-              "; got ", kc.sizes());
+  check_cache("paged_decode", q_, kc, vc, d);
   TORCH_CHECK(table_.dim() == 2 && table_.size(0) == B && lens_.numel() == B &&
               kv_of_.numel() == nq, "paged_decode: table (B, L), lens (B,), kv_of (nq,)");
   const auto q = q_.contiguous();
@@ -404,17 +410,26 @@ inline void prefill_values(const float* P, const float* vv, int64_t d, int64_t c
   for (int i = 0; i < R * NV; ++i) _mm512_storeu_ps(acc + (i / NV) * d + c0 + 16 * (i % NV), o[i / NV][i % NV]);
 }
 
+// f(c0, NV) over the output's columns in chunks of up to 64 (NV vectors of 16: the registers of
+// 4 rows' sums)
+template <class F>
+inline void column_chunks(int64_t d, F&& f) {
+  for (int64_t c0 = 0; c0 < d; c0 += 64) {
+    switch (std::min<int64_t>(4, (d - c0) / 16)) {
+      case 4: f(c0, std::integral_constant<int, 4>{}); break;
+      case 3: f(c0, std::integral_constant<int, 3>{}); break;
+      case 2: f(c0, std::integral_constant<int, 2>{}); break;
+      default: f(c0, std::integral_constant<int, 1>{}); break;
+    }
+  }
+}
+
 template <int R>
 inline void prefill_values_all(const float* P, const float* vv, int64_t d, int64_t a, int64_t b,
                                float* acc) {
-  for (int64_t c0 = 0; c0 < d; c0 += 64) {
-    switch (std::min<int64_t>(4, (d - c0) / 16)) {
-      case 4: prefill_values<R, 4>(P, vv, d, c0, a, b, acc); break;
-      case 3: prefill_values<R, 3>(P, vv, d, c0, a, b, acc); break;
-      case 2: prefill_values<R, 2>(P, vv, d, c0, a, b, acc); break;
-      default: prefill_values<R, 1>(P, vv, d, c0, a, b, acc); break;
-    }
-  }
+  column_chunks(d, [&](int64_t c0, auto nv) {
+    prefill_values<R, decltype(nv)::value>(P, vv, d, c0, a, b, acc);
+  });
 }
 #endif
 
@@ -490,14 +505,9 @@ inline void prefill_values_bf16(const uint16_t* Pb, const uint16_t* vv, int64_t 
 template <int R>
 inline void prefill_values_bf16_all(const uint16_t* Pb, const uint16_t* vv, int64_t d, int64_t a,
                                     int64_t b, float* acc) {
-  for (int64_t c0 = 0; c0 < d; c0 += 64) {
-    switch (std::min<int64_t>(4, (d - c0) / 16)) {
-      case 4: prefill_values_bf16<R, 4>(Pb, vv, d, c0, a, b, acc); break;
-      case 3: prefill_values_bf16<R, 3>(Pb, vv, d, c0, a, b, acc); break;
-      case 2: prefill_values_bf16<R, 2>(Pb, vv, d, c0, a, b, acc); break;
-      default: prefill_values_bf16<R, 1>(Pb, vv, d, c0, a, b, acc); break;
-    }
-  }
+  column_chunks(d, [&](int64_t c0, auto nv) {
+    prefill_values_bf16<R, decltype(nv)::value>(Pb, vv, d, c0, a, b, acc);
+  });
 }
 #endif
 
@@ -698,15 +708,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kc, const at
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "prefill_attention: q must be (nq, s, d) with "
               "unit stride in d, got ", q.sizes(), " strides ", q.strides());
   const int64_t nq = q.size(0), s = q.size(1), d = q.size(2);
-  TORCH_CHECK(q.device().is_cpu() && kc.device().is_cpu() && vc.device().is_cpu(),
-              "prefill_attention: CPU tensors only");
-  TORCH_CHECK(q.scalar_type() == kc.scalar_type() && kc.scalar_type() == vc.scalar_type() &&
-              (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
-              "prefill_attention: q and the cache must be float32 or bfloat16 alike");
-  TORCH_CHECK(kc.dim() == 2 && kc.sizes() == vc.sizes() && kc.is_contiguous() &&
-              vc.is_contiguous() && d > 0 && kc.size(1) % d == 0,
-              "prefill_attention: the cache must be contiguous (slots, nkv * d) with d = ", d,
-              "; got ", kc.sizes());
+  check_cache("prefill_attention", q, kc, vc, d);
   TORCH_CHECK(slots_.dim() == 1 && kv_of_.numel() == nq && q_start >= 0 && window >= 0,
               "prefill_attention: slots (L,), kv_of (nq,), q_start >= 0 and window >= 0; got "
               "slots ", slots_.sizes(), ", kv_of of ", kv_of_.numel(), ", q_start ", q_start,
