@@ -7,9 +7,10 @@ and ``shardwise::linear`` over row-major weights for the few rows of a decode st
 that cannot be tiled). ``qlinear.cpp`` is the quantized product (:mod:`shardwise.quant.native`),
 ``attention.cpp`` attention over the paged KV cache where the keys lie (decode rows:
 ``shardwise::paged_decode``, :class:`shardwise.serve.step.StaticStep`; prompt chunks:
-``shardwise::prefill_attention``, :meth:`shardwise.serve.kv.PagedKVCache.attend`), ``shm.cpp`` the shared-memory all-reduce of
-:mod:`shardwise.shm` without Python in the loop (``shardwise::shm_all_reduce``), ``sample.cpp``
-the greedy pick over a row of logits (``shardwise::row_argmax``, :mod:`shardwise.sampling`);
+``shardwise::prefill_attention``, :meth:`shardwise.serve.kv.PagedKVCache.attend`), ``shm.cpp``
+the shared-memory all-reduce of :mod:`shardwise.shm` without Python in the loop
+(``shardwise::shm_all_reduce``), ``sample.cpp`` the greedy pick over a row of logits
+(``shardwise::row_argmax``, :mod:`shardwise.sampling`);
 ``pieces.cpp`` the eager step's RMSNorm, SiLU-and-multiply and rope (:func:`native_pieces`);
 ``simd.h`` what they share. They are compiled with the C++ compiler torch.compile
 already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the

@@ -20,8 +20,8 @@ the step's k/v into their slots, then attends
 * each prefill chunk on its own, causal with the offset of the tokens already cached: on the CPU
   its keys read where they lie too (``shardwise::prefill_attention``: no gathered copy, no mask,
   the keys after a query never scored; 4.2x ``scaled_dot_product_attention`` in bf16 and 2.5x
-  in fp32 on a 241-token chunk, benchmarks/RESULTS.md); else keys gathered, then SDPA with the chunk's mask (none when
-  the chunk starts the prompt: plain causal).
+  in fp32 on a 241-token chunk, benchmarks/RESULTS.md); else keys gathered, then SDPA with the
+  chunk's mask (none when the chunk starts the prompt: plain causal).
 
 A sliding-window layer (window ``W``) gathers only the keys its queries can see: a decode the
 last ``W`` positions, a prefill chunk from ``start - W + 1`` on. The step's tables and masks are
