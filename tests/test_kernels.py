@@ -44,6 +44,40 @@ def test_tiled_product_equals_reference(dtype, rows):
         assert _rel(torch.ops.shardwise.linear(x, w, b), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 5, 9, 17, 70])
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_tiling_equals_the_unfused_pair(dtype, rows, bias):
+    """A gate/up weight in the SwiGLU form: one product gives silu(gate) * up, what the product
+    of the plain tiling then ``shardwise::silu_mul`` give (the same roundings; the sums' order
+    can differ, as it does between thread counts: fp32 1e-6 of the largest output, bf16 one
+    rounding) and a float64 reference within the products' tolerance; rows and the whole weight
+    still round-trip."""
+    torch.manual_seed(rows)
+    local, k = 16 * 7, 98 if dtype == torch.bfloat16 else 99  # 14 tiles: pairs across a unit
+    w = torch.randn(2 * local, k).to(dtype)
+    b = torch.randn(2 * local).to(dtype) if bias else None
+    x = torch.randn(2, rows, k).to(dtype)
+    fused = kernels.Tiled(w, swiglu=True)
+    y = fused.linear(x, b)
+    assert y.shape == (2, rows, local) and y.dtype == dtype and fused.form.endswith("-swiglu")
+    pair = torch.ops.shardwise.silu_mul(kernels.Tiled(w).linear(x, b), local)
+    assert _rel(y, pair.double()) < (1e-6 if dtype == torch.float32 else 2 ** -7)
+    gu = x.double() @ w.double().t() + (b.double() if bias else 0)
+    ref = F.silu(gu[..., :local]) * gu[..., local:]
+    assert _rel(y, ref) < (1e-5 if dtype == torch.float32 else 3 * TOL[dtype])
+    ids = torch.tensor([[0, 15, 16], [2 * local - 1, local, local + 17]])
+    assert torch.equal(fused.rows(ids), F.embedding(ids, w))
+    assert torch.equal(fused.dequantize(dtype), w)
+
+
+def test_swiglu_tiling_needs_whole_tiles():
+    with pytest.raises(ValueError, match="16s of rows; got 48 rows"):
+        kernels.Tiled(torch.randn(48, 64), swiglu=True)
+    with pytest.raises(RuntimeError, match=r"\(gate, up\) pairs"):
+        torch.ops.shardwise.linear_tiled_swiglu(torch.randn(1, 64), kernels._tile(torch.randn(48, 64)))
+
+
 def test_tiled_rejects_a_wrong_layout():
     w = torch.randn(32, 64)
     with pytest.raises(RuntimeError, match=r"\(N/16, K, 16\)"):
@@ -71,6 +105,7 @@ def test_tile_weights_on_a_model_keeps_its_outputs():
         tiled = kernels.tile_weights(model)
         assert tiled > 0 and weight_bytes(model) == held
         forms = [m for m in model.modules() if isinstance(m, kernels.Tiled)]
+        assert sum(f.swiglu for f in forms) == cfg.num_hidden_layers  # each MLP's gate/up fused
         assert forms and all("weight" not in m._parameters for m in model.modules()
                              if getattr(m, "qweight", None) is not None)
         assert _rel(model(ids), ref) < 1e-5

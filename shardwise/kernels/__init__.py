@@ -2,7 +2,8 @@
 
 ``linear.cpp`` holds the dense products of inference, which stream each weight once (AVX-512
 fp32, AVX512-BF16 bf16): ``shardwise::linear_tiled`` over weights laid out in 16-row tiles
-(:class:`Tiled`, what the inference engines hold: :func:`tile_weights`) for any number of rows,
+(:class:`Tiled`, what the inference engines hold: :func:`tile_weights`) for any number of rows
+(``shardwise::linear_tiled_swiglu``: a SiLU MLP's gate/up product with the activation fused in),
 and ``shardwise::linear`` over row-major weights for the few rows of a decode step (a weight
 that cannot be tiled). ``qlinear.cpp`` is the quantized product (:mod:`shardwise.quant.native`),
 ``attention.cpp`` attention over the paged KV cache where the keys lie (decode rows:
@@ -76,6 +77,7 @@ def load() -> bool:
                      extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         torch.library.register_fake("shardwise::linear")(_fake)
         torch.library.register_fake("shardwise::linear_tiled")(_tfake)
+        torch.library.register_fake("shardwise::linear_tiled_swiglu")(_gfake)
         torch.library.register_fake("shardwise::paged_decode")(_pfake)
         torch.library.register_fake("shardwise::prefill_attention")(_pafake)
         torch.library.register_fake("shardwise::qlinear")(_qfake)
@@ -191,22 +193,55 @@ class Tiled(WeightForm):
     dot product). Same bytes as the row-major weight; each thread streams its tiles as one
     sequential read (benchmarks/RESULTS.md, issue 10: 1.3-1.5x the row-major kernel's bandwidth in
     bf16), and every row count runs on it (a unit of tiles is read from memory once and serves
-    all the rows from cache)."""
+    all the rows from cache).
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    ``swiglu=True`` (a fused gate/up weight, gate rows first, both a multiple of 16 rows): the
+    tiles alternate gate, up (``shardwise::linear_tiled_swiglu``'s layout) and :meth:`linear`
+    returns SwiGLU's ``silu(gate) * up``, (..., n / 2), in the same pass over the weight;
+    :meth:`rows` and :meth:`dequantize` still give the weight's own rows."""
+
+    def __init__(self, weight: torch.Tensor, swiglu: bool = False) -> None:
         n, k = weight.shape
         super().__init__(n, k, weight.dtype)
         self.form = "bf16-tiled" if weight.dtype == torch.bfloat16 else "fp32-tiled"
-        self.register_buffer("w", _tile(weight.detach()))
+        self.swiglu = swiglu
+        if swiglu:
+            if n % 32:
+                raise ValueError(f"a SwiGLU tiling needs gate and up in 16s of rows; got {n} rows")
+            self.form += "-swiglu"
+        w = weight.detach()
+        self.register_buffer("w", _tile(w[self._order(w.device)] if swiglu else w))
+
+    def _order(self, device=None) -> torch.Tensor:
+        """The weight's row at each row of the tiled order (SwiGLU: 16 of gate, 16 of up, ...)."""
+        j = torch.arange(self.n, device=device)
+        if not self.swiglu:
+            return j
+        pair, lane = j // 32, j % 32
+        return torch.where(lane < 16, pair * 16 + lane, self.n // 2 + pair * 16 + lane - 16)
+
+    def _place(self, ids: torch.Tensor) -> torch.Tensor:
+        """Weight row ``ids`` -> its row in the tiled order."""
+        if not self.swiglu:
+            return ids
+        half = self.n // 2
+        up = ids >= half
+        r = torch.where(up, ids - half, ids)
+        return (r // 16) * 32 + up.long() * 16 + r % 16
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(self.no_backward)
+        if self.swiglu:
+            if bias is not None:
+                bias = bias[self._order(bias.device)]
+            return torch.ops.shardwise.linear_tiled_swiglu(x.to(self.dtype), self.w, bias)
         return torch.ops.shardwise.linear_tiled(x.to(self.dtype), self.w, bias)  # any leading dims
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``ids``: tile ``i // 16``, lane ``i % 16``."""
-        t, lane = ids // 16, ids % 16
+        """Rows ``ids`` of the weight: tiled row ``p``, tile ``p // 16``, lane ``p % 16``."""
+        p = self._place(ids)
+        t, lane = p // 16, p % 16
         return self.w.view(self.n // 16, -1, 16, self.w.shape[2] // 16)[t, :, lane].reshape(
             *ids.shape, self.k)
 
@@ -230,9 +265,11 @@ def tileable(w: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def tile_weights(model: nn.Module) -> int:
+def tile_weights(model: nn.Module, swiglu: bool = True) -> int:
     """Lay out the dense weights of ``model``'s sharded linears, embedding and head as
-    :class:`Tiled` (their ``qweight``; the ``weight`` parameter is dropped, so each is held once):
+    :class:`Tiled` (their ``qweight``; the ``weight`` parameter is dropped, so each is held once;
+    a SiLU MLP's gate/up in its SwiGLU form, the activation fused into the product, unless
+    ``swiglu=False``):
     for the inference engines, after :func:`enable`. Returns the bytes tiled. Skipped (the
     weight stays row-major) where a weight does not fit, for models with experts (their layers
     read weights directly), and with ``SHARDWISE_TILED=0`` in the environment (for comparing the
@@ -243,13 +280,17 @@ def tile_weights(model: nn.Module) -> int:
         VocabParallelEmbedding
     if getattr(getattr(getattr(model, "config", None), "arch", None), "mlp", None) == "moe":
         return 0
+    from ..models.mlp import MLP
     kinds = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, ParallelLMHead)
+    # SwiGLU MLPs: gate and up tiled in pairs, the activation in their product's epilogue
+    fused = {id(m.gate_up_proj) for m in model.modules()
+             if swiglu and isinstance(m, MLP) and m.act is F.silu and m.local % 16 == 0}
     done = 0
     for module in model.modules():
         w = module._parameters.get("weight") if isinstance(module, kinds) else None
         if w is None or getattr(module, "qweight", None) is not None or not tileable(w):
             continue
-        form = Tiled(w)
+        form = Tiled(w, swiglu=id(module) in fused)
         form.pieces = getattr(w, "pieces", None)
         del module.weight
         module.qweight = form
@@ -263,6 +304,10 @@ def _fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
 
 def _tfake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(x.shape[:-1] + (w.shape[0] * 16,))
+
+
+def _gfake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (w.shape[0] * 8,))
 
 
 def _pfake(q, k_cache, v_cache, table, lens, kv_of, scale, softcap) -> torch.Tensor:

@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <cstring>
 #include <type_traits>
+
+#include "simd.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -214,9 +216,14 @@ struct Ahead {
   bool on = false;  // in a pass that reads the current unit from cache
 };
 
-template <class A, int NT, int R>
+// GLU: the tiles come in (gate, up) pairs of the same 16 columns (tile 2i gate, 2i + 1 up) and
+// the output is SwiGLU's silu(gate) * up, 16 columns a pair, rounded where the unfused pair of
+// operators rounds (the product's outputs, silu, the product: shardwise::silu_mul), so the two
+// agree bit for bit.
+template <class A, int NT, int R, bool GLU = false>
 inline void ttiles(const typename A::T* x, int64_t K, const typename A::T* w, int64_t t,
                    typename A::T* y, int64_t ldy, const typename A::T* bias, Ahead& ah) {
+  static_assert(!GLU || NT % 2 == 0, "GLU tiles come in pairs");
   constexpr int P = A::V / 16;           // columns per lane: 1 (fp32) or 2 (bf16 pairs)
   constexpr int H = NT * R >= 8 ? 1 : 2; // accumulator chains per output vector (FMA latency)
   const int64_t tile = K * 16;           // elements per tile
@@ -248,6 +255,33 @@ inline void ttiles(const typename A::T* x, int64_t K, const typename A::T* w, in
   int64_t k = 0;
   for (; k + 2 * P <= K; k += 2 * P) step(k, std::integral_constant<int, 2>{});
   if (k < K) step(k, std::integral_constant<int, 1>{});  // an odd count of columns (pairs)
+  if constexpr (GLU) {
+    using namespace shardwise_simd;
+    using E = std::conditional_t<std::is_same_v<typename A::T, float>, float, c10::BFloat16>;
+    const E* tag = nullptr;  // the element type, for rounding
+    const __m512 one = _mm512_set1_ps(1.f);
+#pragma GCC unroll 4
+    for (int u = 0; u < NT; u += 2)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        __m512 g = acc[u][r][0], v = acc[u + 1][r][0];
+        if constexpr (H == 2) {
+          g = _mm512_add_ps(g, acc[u][r][1]);
+          v = _mm512_add_ps(v, acc[u + 1][r][1]);
+        }
+        if (bias) {
+          g = _mm512_add_ps(g, load16(reinterpret_cast<const E*>(bias + (t + u) * 16)));
+          v = _mm512_add_ps(v, load16(reinterpret_cast<const E*>(bias + (t + u + 1) * 16)));
+        }
+        g = round16(g, tag);
+        v = round16(v, tag);
+        const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(
+            _mm512_setzero_ps(), g))));
+        store16(reinterpret_cast<E*>(y + r * ldy + (t + u) / 2 * 16),
+                _mm512_mul_ps(round16(act, tag), v));
+      }
+    return;
+  }
 #pragma GCC unroll 8
   for (int u = 0; u < NT; ++u)
 #pragma GCC unroll 8
@@ -263,25 +297,29 @@ inline void ttiles(const typename A::T* x, int64_t K, const typename A::T* w, in
     }
 }
 
-template <class A, int R>
+template <class A, int R, bool GLU>
 void tpass(const typename A::T* x, int64_t K, const typename A::T* w, int64_t t0, int64_t t1,
            typename A::T* y, int64_t ldy, const typename A::T* bias, Ahead& ah) {
-  // tiles streamed at once, registers permitting (NT x R accumulators of 32)
-  constexpr int NT = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 3;
+  // tiles streamed at once, registers permitting (NT x R accumulators of 32); GLU's in pairs
+  constexpr int NT0 = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 3;
+  constexpr int NT = GLU && NT0 % 2 ? NT0 - 1 : NT0;
   int64_t t = t0;
-  for (; t + NT <= t1; t += NT) ttiles<A, NT, R>(x, K, w, t, y, ldy, bias, ah);
+  for (; t + NT <= t1; t += NT) ttiles<A, NT, R, GLU>(x, K, w, t, y, ldy, bias, ah);
   if constexpr (NT > 4)
-    for (; t + 4 <= t1; t += 4) ttiles<A, 4, R>(x, K, w, t, y, ldy, bias, ah);
+    for (; t + 4 <= t1; t += 4) ttiles<A, 4, R, GLU>(x, K, w, t, y, ldy, bias, ah);
   if constexpr (NT > 2)
-    for (; t + 2 <= t1; t += 2) ttiles<A, 2, R>(x, K, w, t, y, ldy, bias, ah);
-  for (; t < t1; ++t) ttiles<A, 1, R>(x, K, w, t, y, ldy, bias, ah);
+    for (; t + 2 <= t1; t += 2) ttiles<A, 2, R, GLU>(x, K, w, t, y, ldy, bias, ah);
+  if constexpr (!GLU)  // (GLU ranges are whole pairs)
+    for (; t < t1; ++t) ttiles<A, 1, R>(x, K, w, t, y, ldy, bias, ah);
 }
 
-template <class A>
+template <class A, bool GLU = false>
 void tproduct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
               at::Tensor& y) {
   using T = typename A::T;
-  const int64_t T16 = w.size(0), N = T16 * 16, K = x.size(-1), M = x.numel() / K;
+  // N: the output's width (GLU: one column per (gate, up) pair of weight rows)
+  const int64_t T16 = w.size(0), N = T16 * 16 / (GLU ? 2 : 1), K = x.size(-1),
+                M = x.numel() / K;
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   const T* wp = reinterpret_cast<const T*>(w.data_ptr());
   const T* bp = b ? reinterpret_cast<const T*>(b->data_ptr()) : nullptr;
@@ -296,7 +334,9 @@ void tproduct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::
   // bf16 1.06-1.10x the layers' products of SmolLM2 at one row, fp32 0.98-1.04x.
   constexpr int64_t UNIT = 12;
   const bool one_pass = M <= A::TMB;
-  at::parallel_for(0, T16, 1, [&](int64_t r0, int64_t r1) {
+  constexpr int64_t S = GLU ? 2 : 1;  // tiles per unit of the split: GLU's ranges whole pairs
+  at::parallel_for(0, T16 / S, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t r0 = p0 * S, r1 = p1 * S;
     const int64_t unit = one_pass ? r1 - r0 : UNIT;
     for (int64_t t0 = r0; t0 < r1; t0 += unit) {
       const int64_t t1 = std::min<int64_t>(r1, t0 + unit);
@@ -310,14 +350,14 @@ void tproduct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::
         const T* xr = xp + m0 * K;
         T* yr = yp + m0 * N;
         switch (std::min<int64_t>(A::TMB, M - m0)) {
-          case 1: tpass<A, 1>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
-          case 2: tpass<A, 2>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
-          case 3: tpass<A, 3>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
-          case 4: tpass<A, 4>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
-          case 5: tpass<A, 5>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
-          case 6: tpass<A, 6>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
-          case 7: tpass<A, 7>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
-          default: tpass<A, 8>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
+          case 1: tpass<A, 1, GLU>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
+          case 2: tpass<A, 2, GLU>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
+          case 3: tpass<A, 3, GLU>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
+          case 4: tpass<A, 4, GLU>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
+          case 5: tpass<A, 5, GLU>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
+          case 6: tpass<A, 6, GLU>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
+          case 7: tpass<A, 7, GLU>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
+          default: tpass<A, 8, GLU>(xr, K, wp, t0, t1, yr, N, bp, ah); break;
         }
       }
     }
@@ -362,6 +402,33 @@ at::Tensor linear_tiled(const at::Tensor& x_, const at::Tensor& w,
   return y;
 }
 
+// silu(x W_gate^T + b_gate) * (x W_up^T + b_up) of a tiled weight whose tiles alternate gate, up
+// (Tiled's SwiGLU form): (..., K) -> (..., N / 2), as linear_tiled then silu_mul, in one pass.
+at::Tensor linear_tiled_swiglu(const at::Tensor& x_, const at::Tensor& w,
+                               const c10::optional<at::Tensor>& b) {
+  const auto dt = x_.scalar_type();
+  const int64_t K = x_.size(-1), P = dt == at::kBFloat16 ? 2 : 1;
+  TORCH_CHECK(x_.device().is_cpu() && w.device().is_cpu() && supported(dt) &&
+              w.scalar_type() == dt, "linear_tiled_swiglu: CPU float32 or bfloat16 x and w alike "
+              "(check linear_supported first)");
+  TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && w.size(0) % 2 == 0 && w.size(1) == K / P &&
+              w.size(2) == 16 * P && K % P == 0,
+              "linear_tiled_swiglu: w must be contiguous tiles in (gate, up) pairs, ",
+              P == 2 ? "(N/16, K/2, 32) with K even" : "(N/16, K, 16)", " and N/16 even; got K = ",
+              K, " and w ", w.sizes());
+  TORCH_CHECK(!b || (b->numel() == w.size(0) * 16 && b->scalar_type() == dt && b->is_contiguous()),
+              "linear_tiled_swiglu: bias must have N elements of x's dtype, in the tiles' order");
+  const auto x = x_.contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() = w.size(0) * 8;
+  auto y = at::empty(sizes, x.options());
+  if (x.numel() == 0) return y;
+#if defined(__AVX512F__)
+  by_dtype(dt, [&](auto a) { tproduct<decltype(a), true>(x, w, b, y); });
+#endif
+  return y;
+}
+
 bool usable(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
   if (x.device().type() != c10::kCPU || w.device().type() != c10::kCPU) return false;
   if (x.scalar_type() != w.scalar_type() || w.dim() != 2 || !w.is_contiguous()) return false;
@@ -389,8 +456,10 @@ TORCH_LIBRARY_FRAGMENT(shardwise, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_supported(ScalarType dtype) -> bool", &supported);
   m.def("linear_tiled(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("linear_tiled_swiglu(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shardwise, CPU, m) { m.impl("linear", &linear);
   m.impl("linear_tiled", &linear_tiled);
+  m.impl("linear_tiled_swiglu", &linear_tiled_swiglu);
 }

@@ -45,6 +45,8 @@ class MLP(nn.Module):
                                            in_pieces=[Piece("", 1, i0, i1, n)], **kw)
 
     def forward(self, x: torch.Tensor, rc: Recompute | NoRecompute = NoRecompute()) -> torch.Tensor:
+        if getattr(self.gate_up_proj.qweight, "swiglu", False):  # the product is silu(gate) * up
+            return self.down_proj(self.gate_up_proj(x))
         return self.down_proj(rc(glu, self.gate_up_proj(x), self.local, self.act))
 
 
