@@ -377,54 +377,33 @@ void by_dtype(c10::ScalarType dt, Fn&& fn) {
 #endif
 }
 
-at::Tensor linear_tiled(const at::Tensor& x_, const at::Tensor& w,
-                        const c10::optional<at::Tensor>& b) {
+// linear_tiled, or with GLU its SwiGLU form: silu(x W_gate^T + b_gate) * (x W_up^T + b_up) of a
+// tiled weight whose tiles alternate gate, up (Tiled's SwiGLU form), (..., K) -> (..., N / 2), as
+// linear_tiled then silu_mul but in one pass
+template <bool GLU>
+at::Tensor tiled_product(const at::Tensor& x_, const at::Tensor& w,
+                         const c10::optional<at::Tensor>& b) {
+  const char* name = GLU ? "linear_tiled_swiglu" : "linear_tiled";
   const auto dt = x_.scalar_type();
   const int64_t K = x_.size(-1), P = dt == at::kBFloat16 ? 2 : 1;
-  TORCH_CHECK(x_.device().is_cpu() && w.device().is_cpu(), "linear_tiled: CPU tensors only");
-  TORCH_CHECK(supported(dt) && w.scalar_type() == dt,
-              "linear_tiled: x and w must be float32 or bfloat16 alike, on a CPU with the "
+  TORCH_CHECK(x_.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(supported(dt) && w.scalar_type() == dt, name,
+              ": x and w must be float32 or bfloat16 alike, on a CPU with the "
               "instructions (check linear_supported first)");
   TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && w.size(1) == K / P && w.size(2) == 16 * P &&
-              K % P == 0,
-              "linear_tiled: w must be contiguous ", P == 2 ? "(N/16, K/2, 32) with K even" :
-              "(N/16, K, 16)", "; got K = ", K, " and w ", w.sizes());
-  TORCH_CHECK(!b || (b->numel() == w.size(0) * 16 && b->scalar_type() == dt && b->is_contiguous()),
-              "linear_tiled: bias must have N elements of x's dtype");
-  const auto x = x_.contiguous();
-  auto sizes = x.sizes().vec();
-  sizes.back() = w.size(0) * 16;
-  auto y = at::empty(sizes, x.options());
-  if (x.numel() == 0) return y;
-#if defined(__AVX512F__)
-  by_dtype(dt, [&](auto a) { tproduct<decltype(a)>(x, w, b, y); });
-#endif
-  return y;
-}
-
-// silu(x W_gate^T + b_gate) * (x W_up^T + b_up) of a tiled weight whose tiles alternate gate, up
-// (Tiled's SwiGLU form): (..., K) -> (..., N / 2), as linear_tiled then silu_mul, in one pass.
-at::Tensor linear_tiled_swiglu(const at::Tensor& x_, const at::Tensor& w,
-                               const c10::optional<at::Tensor>& b) {
-  const auto dt = x_.scalar_type();
-  const int64_t K = x_.size(-1), P = dt == at::kBFloat16 ? 2 : 1;
-  TORCH_CHECK(x_.device().is_cpu() && w.device().is_cpu() && supported(dt) &&
-              w.scalar_type() == dt, "linear_tiled_swiglu: CPU float32 or bfloat16 x and w alike "
-              "(check linear_supported first)");
-  TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && w.size(0) % 2 == 0 && w.size(1) == K / P &&
-              w.size(2) == 16 * P && K % P == 0,
-              "linear_tiled_swiglu: w must be contiguous tiles in (gate, up) pairs, ",
-              P == 2 ? "(N/16, K/2, 32) with K even" : "(N/16, K, 16)", " and N/16 even; got K = ",
+              K % P == 0 && (!GLU || w.size(0) % 2 == 0),
+              name, ": w must be contiguous ", P == 2 ? "(N/16, K/2, 32) with K even" :
+              "(N/16, K, 16)", GLU ? ", tiles in (gate, up) pairs (N/16 even)" : "", "; got K = ",
               K, " and w ", w.sizes());
   TORCH_CHECK(!b || (b->numel() == w.size(0) * 16 && b->scalar_type() == dt && b->is_contiguous()),
-              "linear_tiled_swiglu: bias must have N elements of x's dtype, in the tiles' order");
+              name, ": bias must have N elements of x's dtype", GLU ? ", in the tiles' order" : "");
   const auto x = x_.contiguous();
   auto sizes = x.sizes().vec();
-  sizes.back() = w.size(0) * 8;
+  sizes.back() = w.size(0) * 16 / (GLU ? 2 : 1);
   auto y = at::empty(sizes, x.options());
   if (x.numel() == 0) return y;
 #if defined(__AVX512F__)
-  by_dtype(dt, [&](auto a) { tproduct<decltype(a), true>(x, w, b, y); });
+  by_dtype(dt, [&](auto a) { tproduct<decltype(a), GLU>(x, w, b, y); });
 #endif
   return y;
 }
@@ -460,6 +439,6 @@ TORCH_LIBRARY_FRAGMENT(shardwise, m) {
 }
 
 TORCH_LIBRARY_IMPL(shardwise, CPU, m) { m.impl("linear", &linear);
-  m.impl("linear_tiled", &linear_tiled);
-  m.impl("linear_tiled_swiglu", &linear_tiled_swiglu);
+  m.impl("linear_tiled", &tiled_product<false>);
+  m.impl("linear_tiled_swiglu", &tiled_product<true>);
 }
