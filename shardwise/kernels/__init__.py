@@ -213,10 +213,8 @@ class Tiled(WeightForm):
         self.register_buffer("w", _tile(w[self._order(w.device)] if swiglu else w))
 
     def _order(self, device=None) -> torch.Tensor:
-        """The weight's row at each row of the tiled order (SwiGLU: 16 of gate, 16 of up, ...)."""
+        """SwiGLU: the weight's row at each row of the tiled order (16 of gate, 16 of up, ...)."""
         j = torch.arange(self.n, device=device)
-        if not self.swiglu:
-            return j
         pair, lane = j // 32, j % 32
         return torch.where(lane < 16, pair * 16 + lane, self.n // 2 + pair * 16 + lane - 16)
 

@@ -218,8 +218,9 @@ struct Ahead {
 
 // GLU: the tiles come in (gate, up) pairs of the same 16 columns (tile 2i gate, 2i + 1 up) and
 // the output is SwiGLU's silu(gate) * up, 16 columns a pair, rounded where the unfused pair of
-// operators rounds (the product's outputs, silu, the product: shardwise::silu_mul), so the two
-// agree bit for bit.
+// operators rounds (the product's outputs, silu, the product: shardwise::silu_mul). Against that
+// pair: no second pass over the (rows, 2 x local) product, and half its output written: 1.09x
+// the prefill of 128 tokens of SmolLM2 in bf16, 1.10-1.12x in fp32 (RESULTS.md, issue 10).
 template <class A, int NT, int R, bool GLU = false>
 inline void ttiles(const typename A::T* x, int64_t K, const typename A::T* w, int64_t t,
                    typename A::T* y, int64_t ldy, const typename A::T* bias, Ahead& ah) {
