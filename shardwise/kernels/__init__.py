@@ -205,40 +205,29 @@ class Tiled(WeightForm):
         super().__init__(n, k, weight.dtype)
         self.form = "bf16-tiled" if weight.dtype == torch.bfloat16 else "fp32-tiled"
         self.swiglu = swiglu
+        self.order = None  # SwiGLU: the weight's row at each row of the tiled order
         if swiglu:
             if n % 32:
                 raise ValueError(f"a SwiGLU tiling needs gate and up in 16s of rows; got {n} rows")
             self.form += "-swiglu"
+            j = torch.arange(n, device=weight.device)
+            pair, lane = j // 32, j % 32  # 16 rows of gate, then the same 16 of up, ...
+            self.order = torch.where(lane < 16, pair * 16 + lane, n // 2 + pair * 16 + lane - 16)
         w = weight.detach()
-        self.register_buffer("w", _tile(w[self._order(w.device)] if swiglu else w))
-
-    def _order(self, device=None) -> torch.Tensor:
-        """SwiGLU: the weight's row at each row of the tiled order (16 of gate, 16 of up, ...)."""
-        j = torch.arange(self.n, device=device)
-        pair, lane = j // 32, j % 32
-        return torch.where(lane < 16, pair * 16 + lane, self.n // 2 + pair * 16 + lane - 16)
-
-    def _place(self, ids: torch.Tensor) -> torch.Tensor:
-        """Weight row ``ids`` -> its row in the tiled order."""
-        if not self.swiglu:
-            return ids
-        half = self.n // 2
-        up = ids >= half
-        r = torch.where(up, ids - half, ids)
-        return (r // 16) * 32 + up.long() * 16 + r % 16
+        self.register_buffer("w", _tile(w if self.order is None else w[self.order]))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(self.no_backward)
         if self.swiglu:
             if bias is not None:
-                bias = bias[self._order(bias.device)]
+                bias = bias[self.order]
             return torch.ops.shardwise.linear_tiled_swiglu(x.to(self.dtype), self.w, bias)
         return torch.ops.shardwise.linear_tiled(x.to(self.dtype), self.w, bias)  # any leading dims
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the weight: tiled row ``p``, tile ``p // 16``, lane ``p % 16``."""
-        p = self._place(ids)
+        p = ids if self.order is None else torch.argsort(self.order)[ids]
         t, lane = p // 16, p % 16
         return self.w.view(self.n // 16, -1, 16, self.w.shape[2] // 16)[t, :, lane].reshape(
             *ids.shape, self.k)
