@@ -99,3 +99,28 @@ def test_decode_goals_pair_rounds():
     table = format_table(res)
     assert "| decode tp=1 bfloat16 / llama.cpp BF16 >= 1.0 | 0.95 | 0.95 (0.91-1.11) | MISSED |" \
         in table
+    assert "bandwidth" not in table  # no bytes known: no bandwidth table
+
+
+def test_decode_against_the_read_bandwidth():
+    """Each contender's decode as GB/s (weight bytes per token x tok/s) and as its share of the
+    read bandwidth measured in the same round; the probe itself reads at a plausible rate."""
+    from shardwise.bench.decode import format_table, read_bandwidth, summarize
+    runs = {"shardwise tp=1 bfloat16 compiled": [{"decode_tps": d, "prefill_tps": 1.0}
+                                                 for d in (100.0, 50.0, 80.0)],
+            "llama.cpp BF16": [{"decode_tps": d, "prefill_tps": 1.0} for d in (90.0, 60.0, 70.0)]}
+    info = {"cpu": "test CPU", "cores": 2, "torch": "x", "loadavg_start": (0.0,),
+            "loadavg_end": (0.0,), "skipped": {}, "read_gbps": [40.0, 20.0, 40.0],
+            "decode_bytes": {"shardwise tp=1 bfloat16 compiled": 300_000_000,
+                             "llama.cpp BF16": 270_000_000}}
+    bw = summarize(runs, info, (1,), ("bfloat16",))["bandwidth"]
+    # GB/s per round 30, 15, 24 against 40, 20, 40: shares 0.75, 0.75, 0.6
+    assert bw["shardwise tp=1 bfloat16 compiled"] == {"bytes": 300_000_000, "gbps": 24.0,
+                                                      "of_read": 0.75}
+    assert bw["llama.cpp BF16"]["gbps"] == round(0.27 * 70, 2)
+    # shares 0.6075, 0.81, 0.4725: the median of the rounds, not the ratio of medians
+    assert bw["llama.cpp BF16"]["of_read"] == round(0.27 * 90 / 40, 3)
+    table = format_table(summarize(runs, info, (1,), ("bfloat16",)))
+    assert "| shardwise tp=1 bfloat16 compiled | 300 | 24.0 | 75% |" in table
+    assert "median 40.0 GB/s, 20.0-40.0" in table
+    assert 0.5 < read_bandwidth(1, mib=64, repeats=1) < 2000

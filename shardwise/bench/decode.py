@@ -20,6 +20,13 @@ hurts all alike):
 Decode: a fresh cache, a one-token prompt, then ``--decode-tokens`` greedy tokens (llama-bench's
 tg64 starts from an empty context too); tokens per second of the decode loop. Prefill: a fresh
 cache and a ``--prefill-tokens`` prompt in one step, tokens per second (llama-bench's pp128).
+
+Batch-1 decode reads every weight once a token, so its ceiling is the memory bandwidth. Each
+round also measures what this machine reads right then (:func:`read_bandwidth`: a sum over
+512 MiB of fp32 with every core, as fast as a plain native stream of loads), and each contender
+is reported as weight bytes per token (:func:`decode_bytes`; llama.cpp's: its GGUF's tensors)
+times its tokens per second, against that round's read bandwidth. The KV cache's reads are left
+out (a few MB a token at this context).
 """
 from __future__ import annotations
 
@@ -60,7 +67,7 @@ def setup(model: str, dtype: str, modes: tuple[str, ...], tp: int,
     _STATE.update(model=m, group=mesh.tp_group, steps={})
     from .. import kernels
     info: dict[str, Any] = {"model": model, "load_s": round(load_s, 2),
-                            "threads": torch.get_num_threads(),
+                            "decode_bytes": decode_bytes(m), "threads": torch.get_num_threads(),
                             "cores": sorted(os.sched_getaffinity(0)), "kernels": kernels.status()}
     with torch.inference_mode():
         for mode in modes:
@@ -72,6 +79,48 @@ def setup(model: str, dtype: str, modes: tuple[str, ...], tp: int,
             info[f"{mode}_compile_s"] = round(time.perf_counter() - t0, 2)
             _STATE["steps"][mode] = step
     return info
+
+
+def decode_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one decode token reads on this rank: the weights as held
+    (:func:`~shardwise.quant.load.weight_bytes`), less an embedding table that is not also the
+    head (a token reads one row of it)."""
+    from ..quant.load import weight_bytes
+    total = weight_bytes(model)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if embed is not None and not model.config.tie_word_embeddings:
+        total -= weight_bytes(embed)
+    return total
+
+
+def read_bandwidth(threads: int, mib: int = 512, repeats: int = 3) -> float:
+    """GB/s this machine reads right now with ``threads`` threads: the median of ``repeats``
+    sums over ``mib`` MiB of fp32 (past any cache; torch's vectorized sum reads at the rate of a
+    plain native stream of AVX-512 loads, measured 1.01x on the AMD EPYC of issue 10)."""
+    buf = _STATE.get(("probe", mib))
+    if buf is None:
+        buf = _STATE[("probe", mib)] = torch.ones(mib * 2 ** 20 // 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buf.sum()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            buf.sum()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
+
+
+def gguf_bytes(path: Path) -> int:
+    """Weight bytes one decode token of llama.cpp reads from a GGUF: its tensors', less an
+    embedding table the head does not share (``output.weight`` present)."""
+    from gguf import GGUFReader
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    skip = "token_embd.weight" if "output.weight" in tensors else None
+    return sum(n for k, n in tensors.items() if k != skip)
 
 
 def measure(mode: str, prompt: list[int], prefill: int, decode: int) -> dict[str, float]:
@@ -196,10 +245,21 @@ def bench_decode(*, model: str = "smollm2-135m", tps: tuple[int, ...] = (1, 2),
             for dt in dtypes:
                 for q in quants:
                     pools[(tp, dt, q)] = WorkerPool(tp, timeout_s=1800)
+        nbytes: dict[str, int] = {}  # weight bytes a decode token reads, all ranks together
         for (tp, dt, q), pool in pools.items():
-            info[contender(tp, dt, q)] = pool.run(setup, specs[q], dt, modes, tp,
-                                                  None if q == "none" else q)[0]
+            ranks = pool.run(setup, specs[q], dt, modes, tp, None if q == "none" else q)
+            total = sum(r.pop("decode_bytes") for r in ranks)
+            info[contender(tp, dt, q)] = ranks[0]
+            for mode in modes:
+                nbytes[f"shardwise {contender(tp, dt, q)} {mode}"] = total
+        for name, (_, gguf) in llamas.items():
+            nbytes[name] = gguf_bytes(gguf)
+        info["decode_bytes"], info["read_gbps"] = nbytes, []
         for r in range(rounds):
+            info["read_gbps"].append(round(read_bandwidth(cores), 2))
+            if progress:
+                print(f"round {r + 1} read bandwidth {info['read_gbps'][-1]:.1f} GB/s",
+                      file=sys.stderr, flush=True)
             for (tp, dt, q), pool in pools.items():
                 for mode in modes:
                     name = f"shardwise {contender(tp, dt, q)} {mode}"
@@ -266,7 +326,24 @@ def summarize(runs: dict[str, list[dict]], info: dict[str, Any], tps, dtypes,
         two = first(f"shardwise tp=2 {dt} compiled")
         if mine and two:
             goals[f"decode tp=2 / tp=1 {dt}"] = compare(two, mine, "decode_tps")
-    return {"median": med, "runs": runs, "goals": goals, "machine": info}
+    return {"median": med, "runs": runs, "goals": goals, "machine": info,
+            "bandwidth": bandwidth(runs, info)}
+
+
+def bandwidth(runs: dict[str, list[dict]], info: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per contender with known bytes: weight bytes per decode token, GB/s at its median decode
+    rate, and its share of the read bandwidth measured in the same round (median over rounds)."""
+    nbytes, probe = info.get("decode_bytes", {}), info.get("read_gbps", [])
+    out = {}
+    for name, rs in runs.items():
+        if name not in nbytes:
+            continue
+        gbps = [nbytes[name] * r["decode_tps"] / 1e9 for r in rs]
+        row = {"bytes": nbytes[name], "gbps": round(statistics.median(gbps), 2)}
+        if probe:
+            row["of_read"] = round(statistics.median(g / p for g, p in zip(gbps, probe)), 3)
+        out[name] = row
+    return out
 
 
 def _goal(ratio: float, goal: float, paired: list[float] = ()) -> dict[str, Any]:
@@ -293,6 +370,16 @@ def format_table(res: dict[str, Any]) -> str:
         per = f"{p['median']:.2f} ({p['min']:.2f}-{p['max']:.2f})" if p else ""
         lines.append(f"| {k} >= {g['goal']} | {g['ratio']:.2f} | {per} | "
                      f"{'met' if g['met'] else 'MISSED'} |")
+    bw, probe = res.get("bandwidth", {}), m.get("read_gbps", [])
+    if bw:
+        lines += ["", "Decode against the memory bandwidth (weight bytes per token x tok/s; read "
+                  "bandwidth: a sum over 512 MiB of fp32, all cores, each round" +
+                  (f": median {statistics.median(probe):.1f} GB/s, {min(probe):.1f}-"
+                   f"{max(probe):.1f})" if probe else ")"), "",
+                  "| contender | MB per token | GB/s | of the read bandwidth |", "|---|---|---|---|"]
+        for k, v in bw.items():
+            share = f"{v['of_read']:.0%}" if "of_read" in v else ""
+            lines.append(f"| {k} | {v['bytes'] / 1e6:.0f} | {v['gbps']:.1f} | {share} |")
     for k, why in m["skipped"].items():
         lines.append(f"\n{k} skipped: {why}")
     for k, v in m.items():
