@@ -27,7 +27,8 @@ import torch  # noqa: E402
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
           "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::_weight_int8pack_mm",
           "mkldnn::_linear_pointwise.binary", "aten::mv", "shardwise::linear",
-          "shardwise::qlinear", "shardwise::linear_tiled", "aten::_weight_int4pack_mm_for_cpu")
+          "shardwise::qlinear", "shardwise::linear_tiled", "shardwise::linear_tiled_swiglu",
+          "aten::_weight_int4pack_mm_for_cpu")
 TOP = int(os.environ.get("PROFILE_TOP", "8"))  # operators listed by self time
 COLLECTIVES = ("shardwise::all_reduce", "shardwise::all_gather", "shardwise::shm_all_reduce")
 
