@@ -172,8 +172,11 @@ def test_disconnect_frees_blocks_and_metrics_move(server, client):
             lines += [line] if line.startswith("data:") else []
             if len(lines) >= 3:
                 break
-        used = server.metrics()["shardwise_kv_blocks_used"]
-        assert used > 0 and len(lines) == 3, (used, lines, server.output()[-4000:])
+        assert len(lines) == 3, (lines, server.output()[-4000:])
+        # the gauges follow the engine's reports, which reach the server beside the tokens (not
+        # before them): wait for the report that shows the request's blocks, while it streams
+        used = server.wait_metric("shardwise_kv_blocks_used", lambda v: v > 0, timeout_s=10)
+        assert used > 0
     # the connection is closed: the request is cancelled and its blocks come back
     server.wait_metric("shardwise_kv_blocks_used", lambda v: v == 0, timeout_s=30)
     server.wait_metric("shardwise_requests_running", lambda v: v == 0, timeout_s=30)
