@@ -71,6 +71,37 @@ def test_swiglu_tiling_equals_the_unfused_pair(dtype, rows, bias):
     assert torch.equal(fused.dequantize(dtype), w)
 
 
+@pytest.mark.skipif(torch.bfloat16 not in DTYPES, reason="no bf16 products on this CPU")
+@pytest.mark.parametrize("rows", [3, 4, 16, 17, 33, 70])  # below, at and past the AMX threshold
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_bf16_products_of_many_rows(rows, swiglu):
+    """bf16 with K a multiple of 32: from 4 rows on, the products run on AMX tiles where the CPU
+    has them (``linear_amx``). Against float64 (one rounding), and, where AMX runs, against the
+    AVX-512 path switched in by ``set_linear_amx(False)``: the same fp32 sums in another order,
+    so at most one bf16 rounding apart (2^-7 of the largest output; SwiGLU's rounded gate, up and
+    activation: 2^-6), with and without the bias, 15 tiles (an odd one at the end of a range)."""
+    torch.manual_seed(rows)
+    n, k = 16 * (14 if swiglu else 15), 96
+    w, b = torch.randn(n, k).to(torch.bfloat16), torch.randn(n).to(torch.bfloat16)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    form = kernels.Tiled(w, swiglu=swiglu)
+    gu = x.double() @ w.double().t() + b.double()
+    ref = F.silu(gu[..., :n // 2]) * gu[..., n // 2:] if swiglu else gu
+    y = form.linear(x, b)
+    assert _rel(y, ref) < (3 if swiglu else 1) * TOL[torch.bfloat16]
+    if torch.ops.shardwise.linear_amx():
+        was = torch.ops.shardwise.set_linear_amx(False)
+        try:
+            assert not torch.ops.shardwise.linear_amx()
+            avx = form.linear(x, b)
+        finally:
+            torch.ops.shardwise.set_linear_amx(was)
+        assert torch.ops.shardwise.linear_amx()
+        assert _rel(y, avx.double()) <= (2 ** -6 if swiglu else 2 ** -7)
+        if rows < 4:  # below the threshold both are the AVX-512 path
+            assert torch.equal(y, avx)
+
+
 def test_swiglu_tiling_needs_whole_tiles():
     with pytest.raises(ValueError, match="16s of rows; got 48 rows"):
         kernels.Tiled(torch.randn(48, 64), swiglu=True)

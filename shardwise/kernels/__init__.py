@@ -1,7 +1,9 @@
 """Native kernels, built on first use for this machine and cached outside the package.
 
 ``linear.cpp`` holds the dense products of inference, which stream each weight once (AVX-512
-fp32, AVX512-BF16 bf16): ``shardwise::linear_tiled`` over weights laid out in 16-row tiles
+fp32, AVX512-BF16 bf16; bf16 products of 4 rows or more on AMX tiles where the CPU has them,
+``shardwise::linear_amx()``, switched with ``shardwise::set_linear_amx`` or
+``SHARDWISE_AMX=0``): ``shardwise::linear_tiled`` over weights laid out in 16-row tiles
 (:class:`Tiled`, what the inference engines hold: :func:`tile_weights`) for any number of rows
 (``shardwise::linear_tiled_swiglu``: a SiLU MLP's gate/up product with the activation fused in),
 and ``shardwise::linear`` over row-major weights for the few rows of a decode step (a weight
@@ -99,7 +101,9 @@ def status() -> str:
         return "native dense kernels: no dtype on this CPU (F.linear)"
     layout = "tiled weights" if os.environ.get("SHARDWISE_TILED", "1") != "0" else \
         "row-major weights (SHARDWISE_TILED=0)"
-    return f"native dense kernels for {', '.join(kinds)}: {layout}"
+    amx = "; bf16 products of 4+ rows on AMX tiles" if torch.ops.shardwise.linear_amx() and \
+        "bf16" in kinds and "tiled" in layout else ""
+    return f"native dense kernels for {', '.join(kinds)}: {layout}{amx}"
 
 
 def enable() -> frozenset[torch.dtype]:

@@ -10,13 +10,18 @@
 //
 //   fp32: 16 lanes per FMA (AVX-512F), fp32 accumulation;
 //   bf16: 32 products per instruction (AVX512-BF16 dot products), fp32 accumulation, one
-//         rounding of the result to bf16 (as oneDNN's bf16 matmul).
+//         rounding of the result to bf16 (as oneDNN's bf16 matmul); with 4 rows or more, on
+//         AMX tiles where the CPU has them (the tiled layout is their operand as it lies: below).
 //
 // Shapes: x (..., K) contiguous, W (N, K) contiguous, b (N) or none -> y (..., N). Other
 // dtypes, layouts or CPUs without the instructions fall back to at::linear.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <type_traits>
 
 #include "simd.h"
@@ -365,6 +370,181 @@ void tproduct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::
   });
 }
 
+
+// ---- AMX: bf16 products of many rows on the tile unit ----------------------------------------
+//
+// The bf16 tiled layout is exactly AMX's B operand: a tile's 16 pairs of columns x 16 rows is
+// one 16-row, 64-byte tile register (VNNI pairs), 1 KiB contiguous. With enough input rows to
+// fill A tiles (16 rows x 32 columns), TDPBF16PS does 16x16x32 products an instruction where
+// AVX512-BF16 does 16x2: a prefill or a batch of sequences is compute-bound on AVX-512 and not
+// on the tiles. Blocking: 2 A tiles (32 input rows) x 2 B tiles (two weight tiles: a SwiGLU
+// gate/up pair) into 4 C tiles of fp32 sums; a thread walks its range of weight tiles a pair at
+// a time and every 32 input rows against that pair (the pair, 2 x 16 x K bf16, stays in L2; the
+// inputs, read once a pair, too). fp32 sums, rounded once to bf16 with the bias, as the
+// AVX-512 path (the order of the sums differs: results within bf16's rounding of it).
+// Needs the kernel's permission for the tile state (arch_prctl, once a process); without it,
+// switched off (SHARDWISE_AMX=0 in the environment, or shardwise::set_linear_amx), with fewer
+// than AMX_MIN_ROWS rows, or K not a multiple of 32, the AVX-512 path runs.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define SHARDWISE_AMX 1
+// Fewer rows: the AVX-512 path. SmolLM2's 121 products in bf16 on a 2-core Xeon with AMX
+// (benchmarks/amx_bench.py), tiles against AVX-512: 0.80x at 1 row, 0.92x at 2, 1.11x at 4,
+// 1.49x at 8, 2.5x at 16, 4.2x at 32, 6.8x at 128 (RESULTS.md, issue 10).
+constexpr int64_t AMX_MIN_ROWS = 4;
+
+// the kernel's permission for the tile state (asked once a process)
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+// on unless SHARDWISE_AMX=0 in the environment; set_linear_amx switches it (for comparisons)
+std::atomic<bool>& amx_switch() {
+  static std::atomic<bool> on{[] {
+    const char* env = std::getenv("SHARDWISE_AMX");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }()};
+  return on;
+}
+
+bool amx_usable() { return amx_switch().load(std::memory_order_relaxed) && amx_permitted(); }
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0-1: A (16 input rows x 32 bf16), tmm2-3: B (16 column pairs x 16 weight rows), tmm4-7: C
+// (16 x 16 fp32). Loaded through an asm memory operand: GCC 12's dead-store elimination drops
+// the configuration's stores before the _tile_loadconfig builtin (llama.cpp's SIGILL).
+inline void amx_configure() {
+  TileConfig c;
+  for (int i = 0; i < 8; ++i) {
+    c.rows[i] = 16;
+    c.colsb[i] = 64;
+  }
+  asm volatile("ldtilecfg %0" : : "m"(c) : "memory");
+}
+
+// rows x 16 fp32 sums (a stored C tile) -> bf16 outputs, bias added, rounded once
+inline void amx_emit(const float* c, int64_t rows, uint16_t* y, int64_t ldy, const uint16_t* bias) {
+  using namespace shardwise_simd;
+  const __m512 b = bias ? load16(reinterpret_cast<const c10::BFloat16*>(bias)) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r)
+    store16(reinterpret_cast<c10::BFloat16*>(y + r * ldy), _mm512_add_ps(_mm512_load_ps(c + r * 16), b));
+}
+
+// SwiGLU of a (gate, up) pair of C tiles, rounded where the AVX-512 path rounds
+inline void amx_emit_glu(const float* g, const float* u, int64_t rows, uint16_t* y, int64_t ldy,
+                         const uint16_t* bg, const uint16_t* bu) {
+  using namespace shardwise_simd;
+  const c10::BFloat16* tag = nullptr;
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 gb = bg ? load16(reinterpret_cast<const c10::BFloat16*>(bg)) : _mm512_setzero_ps();
+  const __m512 ub = bu ? load16(reinterpret_cast<const c10::BFloat16*>(bu)) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 gv = round16(_mm512_add_ps(_mm512_load_ps(g + r * 16), gb), tag);
+    const __m512 uv = round16(_mm512_add_ps(_mm512_load_ps(u + r * 16), ub), tag);
+    const __m512 act = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(
+        _mm512_setzero_ps(), gv))));
+    store16(reinterpret_cast<c10::BFloat16*>(y + r * ldy), _mm512_mul_ps(round16(act, tag), uv));
+  }
+}
+
+// weight tiles [t0, t1) times all M input rows (x: M rounded up to 16 rows, K % 32 == 0)
+template <bool GLU>
+void amx_range(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t t0, int64_t t1,
+               uint16_t* y, int64_t N, const uint16_t* bias) {
+  amx_configure();
+  const int64_t tile = K * 16, lda = K * 2;  // elements per weight tile; bytes per input row
+  alignas(64) float c[4][256];
+  for (int64_t t = t0; t < t1; t += 2) {
+    const bool two = t + 1 < t1;  // (GLU ranges are whole pairs)
+    const uint16_t* b0 = w + t * tile;
+    const uint16_t* b1 = w + (t + 1) * tile;
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      const bool m2 = m0 + 16 < M;
+      const uint16_t* a0 = x + m0 * K;
+      const uint16_t* a1 = a0 + 16 * K;
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      if (two && m2) {
+        for (int64_t k = 0; k < K; k += 32) {
+          _tile_loadd(2, b0 + k * 16, 64);
+          _tile_loadd(3, b1 + k * 16, 64);
+          _tile_loadd(0, a0 + k, lda);
+          _tile_loadd(1, a1 + k, lda);
+          _tile_dpbf16ps(4, 0, 2);
+          _tile_dpbf16ps(5, 0, 3);
+          _tile_dpbf16ps(6, 1, 2);
+          _tile_dpbf16ps(7, 1, 3);
+        }
+      } else {
+        for (int64_t k = 0; k < K; k += 32) {
+          _tile_loadd(2, b0 + k * 16, 64);
+          _tile_loadd(0, a0 + k, lda);
+          _tile_dpbf16ps(4, 0, 2);
+          if (two) {
+            _tile_loadd(3, b1 + k * 16, 64);
+            _tile_dpbf16ps(5, 0, 3);
+          }
+          if (m2) {
+            _tile_loadd(1, a1 + k, lda);
+            _tile_dpbf16ps(6, 1, 2);
+          }
+        }
+      }
+      _tile_stored(4, c[0], 64);
+      _tile_stored(5, c[1], 64);
+      _tile_stored(6, c[2], 64);
+      _tile_stored(7, c[3], 64);
+      const int64_t r0 = std::min<int64_t>(16, M - m0), r1 = m2 ? std::min<int64_t>(16, M - m0 - 16) : 0;
+      if constexpr (GLU) {
+        uint16_t* yo = y + m0 * N + t / 2 * 16;
+        const uint16_t* bg = bias ? bias + t * 16 : nullptr;
+        const uint16_t* bu = bias ? bias + (t + 1) * 16 : nullptr;
+        amx_emit_glu(c[0], c[1], r0, yo, N, bg, bu);
+        amx_emit_glu(c[2], c[3], r1, yo + 16 * N, N, bg, bu);
+      } else {
+        uint16_t* yo = y + m0 * N + t * 16;
+        amx_emit(c[0], r0, yo, N, bias ? bias + t * 16 : nullptr);
+        amx_emit(c[2], r1, yo + 16 * N, N, bias ? bias + t * 16 : nullptr);
+        if (two) {
+          amx_emit(c[1], r0, yo + 16, N, bias ? bias + (t + 1) * 16 : nullptr);
+          amx_emit(c[3], r1, yo + 16 * N + 16, N, bias ? bias + (t + 1) * 16 : nullptr);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+template <bool GLU>
+void amx_product(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                 at::Tensor& y) {
+  const int64_t T16 = w.size(0), N = T16 * 16 / (GLU ? 2 : 1), K = x.size(-1), M = x.numel() / K;
+  at::Tensor xp = x;
+  if (M % 16) {  // A tiles read 16 rows: the last ones padded with zeros
+    xp = at::zeros({(M + 15) / 16 * 16, K}, x.options());
+    xp.narrow(0, 0, M).copy_(x.reshape({M, K}));
+  }
+  const auto* xa = reinterpret_cast<const uint16_t*>(xp.data_ptr());
+  const auto* wa = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const auto* ba = b ? reinterpret_cast<const uint16_t*>(b->data_ptr()) : nullptr;
+  auto* ya = reinterpret_cast<uint16_t*>(y.data_ptr());
+  // contiguous ranges of tile pairs per thread, as even as whole pairs allow
+  at::parallel_for(0, (T16 + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+    amx_range<GLU>(xa, M, K, wa, p0 * 2, std::min<int64_t>(T16, p1 * 2), ya, N, ba);
+  });
+}
+#endif  // AMX
+
 #endif  // __AVX512F__
 
 // fn(F32{}) or fn(BF16{}) by the dtype (one this CPU supports: checked by the caller)
@@ -404,9 +584,37 @@ at::Tensor tiled_product(const at::Tensor& x_, const at::Tensor& w,
   auto y = at::empty(sizes, x.options());
   if (x.numel() == 0) return y;
 #if defined(__AVX512F__)
+#if defined(SHARDWISE_AMX)
+  if (dt == at::kBFloat16 && x.numel() >= AMX_MIN_ROWS * K && K % 32 == 0 && amx_usable()) {
+    amx_product<GLU>(x, w, b, y);
+    return y;
+  }
+#endif
   by_dtype(dt, [&](auto a) { tproduct<decltype(a), GLU>(x, w, b, y); });
 #endif
   return y;
+}
+
+// Whether bf16 products of many rows run on AMX tiles here (built for them, the CPU has them,
+// the kernel granted the tile state, SHARDWISE_AMX is not 0).
+bool amx_in_use() {
+#if defined(SHARDWISE_AMX)
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
+// Switch the AMX path on or off (on: only where amx is usable at all); the previous state.
+bool set_amx(bool on) {
+#if defined(SHARDWISE_AMX)
+  const bool was = amx_in_use();
+  amx_switch().store(on);
+  return was;
+#else
+  (void)on;
+  return false;
+#endif
 }
 
 bool usable(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
@@ -435,6 +643,8 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, const c10::optional
 TORCH_LIBRARY_FRAGMENT(shardwise, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_supported(ScalarType dtype) -> bool", &supported);
+  m.def("linear_amx() -> bool", &amx_in_use);
+  m.def("set_linear_amx(bool on) -> bool", &set_amx);
   m.def("linear_tiled(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_tiled_swiglu(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
 }
