@@ -23,7 +23,7 @@ cache and a ``--prefill-tokens`` prompt in one step, tokens per second (llama-be
 
 Batch-1 decode reads every weight once a token, so its ceiling is the memory bandwidth. Each
 round also measures what this machine reads right then (:func:`read_bandwidth`: a sum over
-512 MiB of fp32 with every core, as fast as a plain native stream of loads), and each contender
+512 MiB of fp32 with every core, 16 streams a core), and each contender
 is reported as weight bytes per token (:func:`decode_bytes`; llama.cpp's: its GGUF's tensors)
 times its tokens per second, against that round's read bandwidth. The KV cache's reads are left
 out (a few MB a token at this context).
@@ -95,22 +95,29 @@ def decode_bytes(model: torch.nn.Module) -> int:
 
 def read_bandwidth(threads: int, mib: int = 512, repeats: int = 3) -> float:
     """GB/s this machine reads right now with ``threads`` threads: the median of ``repeats``
-    sums over ``mib`` MiB of fp32 (past any cache; torch's vectorized sum reads at the rate of a
-    plain native stream of AVX-512 loads, measured 1.01x on the AMD EPYC of issue 10)."""
+    sums over ``mib`` MiB of fp32 (past any cache), each thread reading its part as 16
+    interleaved streams (``shardwise::stream_sum``; torch's sum where the kernels are not built).
+    One stream a thread is not the machine's rate everywhere: on a 2-core Xeon with AMX it
+    reads 19 GB/s where 16 streams read 32-34 (on the AMD EPYC of rounds 8-10 both the same);
+    benchmarks/RESULTS.md, issue 10."""
+    from .. import kernels
     buf = _STATE.get(("probe", mib))
     if buf is None:
         buf = _STATE[("probe", mib)] = torch.ones(mib * 2 ** 20 // 4)
+    read = torch.ops.shardwise.stream_sum if kernels.load() else torch.sum
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        buf.sum()
+        read(buf)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            buf.sum()
+            total = read(buf)
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
+    if float(total) != buf.numel():  # every element read, once
+        raise RuntimeError(f"read_bandwidth: the probe summed {float(total)} ones of {buf.numel()}")
     return buf.numel() * 4 / statistics.median(times) / 1e9
 
 
@@ -373,7 +380,7 @@ def format_table(res: dict[str, Any]) -> str:
     bw, probe = res.get("bandwidth", {}), m.get("read_gbps", [])
     if bw:
         lines += ["", "Decode against the memory bandwidth (weight bytes per token x tok/s; read "
-                  "bandwidth: a sum over 512 MiB of fp32, all cores, each round" +
+                  "bandwidth: a sum over 512 MiB of fp32, all cores, 16 streams each, each round" +
                   (f": median {statistics.median(probe):.1f} GB/s, {min(probe):.1f}-"
                    f"{max(probe):.1f})" if probe else ")"), "",
                   "| contender | MB per token | GB/s | of the read bandwidth |", "|---|---|---|---|"]

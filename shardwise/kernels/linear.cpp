@@ -23,6 +23,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <type_traits>
+#include <vector>
 
 #include "simd.h"
 #if defined(__AVX512F__)
@@ -547,6 +548,49 @@ void amx_product(const at::Tensor& x, const at::Tensor& w, const c10::optional<a
 
 #endif  // __AVX512F__
 
+// ---- the machine's read rate ----------------------------------------------------------------
+// The sum of a large fp32 tensor, each thread its contiguous range read as STREAMS interleaved
+// sequential streams with software prefetch: what the memory delivers to reads, for judging the
+// products against (shardwise.bench.decode.read_bandwidth). One stream per thread is not enough
+// everywhere: on a 2-core Xeon (Sapphire Rapids class) one stream a thread reads 19 GB/s (as
+// torch's sum does), 4 streams 29-31, 8-16 streams 32-34; on the AMD EPYC of rounds 8-10 torch's
+// sum already read at a native stream's rate.
+double stream_sum(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "stream_sum: a contiguous fp32 CPU tensor");
+  constexpr int STREAMS = 16;
+  constexpr int64_t AHEAD = 1024;  // bytes
+  const float* p = x.data_ptr<float>();
+  const int64_t n = x.numel();
+  std::vector<double> part(at::get_num_threads(), 0.0);
+#if defined(__AVX512F__)
+  at::parallel_for(0, n / 16, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t len = (b1 - b0) / STREAMS;  // vectors of 16 per stream
+    __m512 acc[STREAMS];
+    for (int s = 0; s < STREAMS; ++s) acc[s] = _mm512_setzero_ps();
+    const float* base = p + b0 * 16;
+    for (int64_t i = 0; i < len; ++i) {
+#pragma GCC unroll 16
+      for (int s = 0; s < STREAMS; ++s) {
+        const float* q = base + (s * len + i) * 16;
+        _mm_prefetch(reinterpret_cast<const char*>(q) + AHEAD, _MM_HINT_T0);
+        acc[s] = _mm512_add_ps(acc[s], _mm512_loadu_ps(q));
+      }
+    }
+    double t = 0;
+    for (int s = 0; s < STREAMS; ++s) t += _mm512_reduce_add_ps(acc[s]);
+    for (int64_t j = (b0 + STREAMS * len) * 16; j < b1 * 16; ++j) t += p[j];  // the rest
+    part[at::get_thread_num()] += t;
+  });
+  for (int64_t j = n / 16 * 16; j < n; ++j) part[0] += p[j];
+#else
+  for (int64_t j = 0; j < n; ++j) part[0] += p[j];
+#endif
+  double total = 0;
+  for (double v : part) total += v;
+  return total;
+}
+
 // fn(F32{}) or fn(BF16{}) by the dtype (one this CPU supports: checked by the caller)
 template <class Fn>
 void by_dtype(c10::ScalarType dt, Fn&& fn) {
@@ -645,6 +689,7 @@ TORCH_LIBRARY_FRAGMENT(shardwise, m) {
   m.def("linear_supported(ScalarType dtype) -> bool", &supported);
   m.def("linear_amx() -> bool", &amx_in_use);
   m.def("set_linear_amx(bool on) -> bool", &set_amx);
+  m.def("stream_sum(Tensor x) -> float", &stream_sum);
   m.def("linear_tiled(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_tiled_swiglu(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
 }
