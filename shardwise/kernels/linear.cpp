@@ -389,8 +389,8 @@ void tproduct(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define SHARDWISE_AMX 1
 // Fewer rows: the AVX-512 path. SmolLM2's 121 products in bf16 on a 2-core Xeon with AMX
-// (benchmarks/amx_bench.py), tiles against AVX-512: 0.80x at 1 row, 0.92x at 2, 1.11x at 4,
-// 1.49x at 8, 2.5x at 16, 4.2x at 32, 6.8x at 128 (RESULTS.md, issue 10).
+// (benchmarks/amx_bench.py), tiles against AVX-512: 0.80x at 1 row, 0.92x at 2, 1.11-1.16x at
+// 4, 1.5x at 8, 2.5-3.1x at 16, 4.2x at 32, 6.6-6.8x at 128 (RESULTS.md, issue 10).
 constexpr int64_t AMX_MIN_ROWS = 4;
 
 // the kernel's permission for the tile state (asked once a process)
