@@ -16,7 +16,8 @@
 //
 // Scores, softmax and sums in fp32 (exp of the score minus the row's maximum), one rounding of
 // the result to the input dtype. fp32 or bf16, any CPU (plain loops the compiler vectorizes).
-#include <torch/extension.h>
+#include <ATen/ATen.h>  // not torch/extension.h: no Python bindings here, a third of the compile
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <algorithm>

@@ -15,7 +15,8 @@
 //
 // Shapes: x (..., K) contiguous, W (N, K) contiguous, b (N) or none -> y (..., N). Other
 // dtypes, layouts or CPUs without the instructions fall back to at::linear.
-#include <torch/extension.h>
+#include <ATen/ATen.h>  // not torch/extension.h: no Python bindings here, a third of the compile
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <atomic>
 #include <cstdlib>

@@ -5,7 +5,8 @@
 // in torch's 4-7 operators per piece, each a pass over memory and a dispatch. Each rounds to the
 // input dtype where the torch composition rounds, so bf16 results match it up to the last bit of
 // an exp or of a sum's order.
-#include <torch/extension.h>
+#include <ATen/ATen.h>  // not torch/extension.h: no Python bindings here, a third of the compile
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 

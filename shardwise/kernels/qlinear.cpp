@@ -19,7 +19,8 @@
 // Work split: contiguous ranges of 16-row tiles over the intra-op threads, input rows in passes
 // of up to 4, 8 tiles streamed at once for one input row (4 for two, 2 for 3-4), a group's sums
 // kept apart and scaled once.
-#include <torch/extension.h>
+#include <ATen/ATen.h>  // not torch/extension.h: no Python bindings here, a third of the compile
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <cstring>
 #include <vector>

@@ -4,7 +4,8 @@
 // carries the index through every comparison); this reads the row twice from cache instead,
 // a vectorised max and then the first lane equal to it, ~5 us (benchmarks/RESULTS.md, issue 10).
 // A row holding a NaN answers as torch does: the NaN, at its first index.
-#include <torch/extension.h>
+#include <ATen/ATen.h>  // not torch/extension.h: no Python bindings here, a third of the compile
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 

@@ -12,7 +12,8 @@
 // ShmCommunicator attaches a segment under its group's name (shm_attach); the operator looks it
 // up by that name, as the Python operator resolves its process group. A peer that died or did
 // not arrive within the timeout raises (the message says which rank), as the Python path does.
-#include <torch/extension.h>
+#include <ATen/ATen.h>  // not torch/extension.h: no Python bindings here, a third of the compile
+#include <torch/library.h>
 
 #include "simd.h"
 
