@@ -128,14 +128,18 @@ def prepare(group: ProcessGroup | None) -> None:
     that will run: ``shardwise::shm_all_reduce`` where it can, else ``shardwise::all_reduce``."""
     if group_size(group) == 1:
         return
+    global _native
+    # marked here, not where it is defined: the mark imports dynamo, 1.2 s a process that
+    # never compiles (every CLI call, every rank of an eager run)
+    _native = torch.compiler.assume_constant_result(_native)
     comm = _shm_for(group, torch.empty(0))
     if comm is not None:
         comm.attach_native()
 
 
-@torch.compiler.assume_constant_result
 def _native(key: str) -> bool:
-    """Whether ``group``'s sums run in C++ (read once when a graph is traced: :func:`prepare`)."""
+    """Whether ``group``'s sums run in C++ (read once when a graph is traced: :func:`prepare`
+    marks it a constant for dynamo)."""
     return key in shm.NATIVE
 
 

@@ -74,6 +74,17 @@ def _stop_at(text: str, stops: list[str]) -> int | None:
     return min(cuts) if cuts else None
 
 
+def cache_tokens(n: int, context: int) -> int:
+    """The KV cache's size for ``n`` tokens: the next power of two from 256, within the model's
+    context (``n`` where it is longer). The compiled step's shapes include the cache's, so other
+    prompt lengths and ``--max-new-tokens`` reuse one graph (and the compile cache across runs)
+    instead of one for every 16 tokens."""
+    size = 256
+    while size < n:
+        size *= 2
+    return max(n, min(size, context))
+
+
 @torch.inference_mode()
 def run_generation(job: GenerateJob) -> dict:
     """Worker body (also runs in-process for tp=1). Returns this rank's result and signals."""
@@ -88,7 +99,7 @@ def run_generation(job: GenerateJob) -> dict:
     load_s = time.perf_counter() - t0
     p = job.params
     gen = torch.Generator(mesh.device).manual_seed(p.seed if p.seed is not None else 0)
-    n = len(job.prompt_ids) + p.max_tokens
+    n = cache_tokens(len(job.prompt_ids) + p.max_tokens, source.config.max_position_embeddings)
     cache = PagedKVCache(model, blocks_for(n, 16), 16)
     run_step = StaticStep(model, cache, StepOptions(compile=job.compile, max_seqs=1, max_context=n,
                                                     cuda_graphs=job.cuda_graphs))

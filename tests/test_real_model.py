@@ -57,14 +57,25 @@ def assert_same_or_near_tie(got, expect, gaps, label):
 # the time of tp=3 (an even split; test_serve's tp3-answers-as-tp2 covers it). tp=1 runs the step
 # eager (--no-compile), tp=2 compiled: both paths against transformers (compiled == eager is
 # test_compiled_step's), without a second compile in CI's budget.
+# Both prompts in one launch of the ranks (a launch, its imports and its first compile cost
+# more than a generation here): the same run_generation that ``generate`` spawns, twice a rank.
+def generate_each(jobs):
+    from shardwise.generate import run_generation
+    return [run_generation(job) for job in jobs]
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_greedy_generation_matches_transformers(smollm2, reference, tp):
-    from shardwise.generate import GenerateJob, generate
+    from shardwise.generate import GenerateJob
+    from shardwise.launch import spawn
     from shardwise.sampling import SamplingParams
     source, tok = smollm2
-    for prompt, (ids, expect, gaps) in reference.items():
-        res = generate(GenerateJob("smollm2-135m", tp, ids, SamplingParams(max_tokens=N_TOKENS),
-                                   stream=None, eos_ids=source.config.eos_ids, compile=tp > 1))
+    jobs = [GenerateJob("smollm2-135m", tp, ids, SamplingParams(max_tokens=N_TOKENS), stream=None,
+                        eos_ids=source.config.eos_ids, compile=tp > 1)
+            for ids, _, _ in reference.values()]
+    by_rank = spawn(generate_each, tp, jobs) if tp > 1 else [generate_each(jobs)]
+    for i, (prompt, (ids, expect, gaps)) in enumerate(reference.items()):
+        res = [rank[i] for rank in by_rank]
         assert all(r["token_ids"] == res[0]["token_ids"] for r in res)  # ranks agree
         assert_same_or_near_tie(res[0]["token_ids"], expect, gaps, f"tp={tp} {prompt!r}")
         if "France" in prompt:

@@ -128,18 +128,24 @@ def test_params_are_validated():
             SamplingParams(**bad)
 
 
-def test_generate_json_stop_seed_and_top_k():
+def test_generate_json_stop_seed_and_top_k(capsys):
     """--json: stdout is exactly one JSON object; --stop cuts the text; at temperature 5 a seed
-    repeats and the draw is not greedy, while --top-k 1 makes even temperature 5 greedy."""
+    repeats and the draw is not greedy, while --top-k 1 makes even temperature 5 greedy. The
+    first call is a real process (what stdout holds); the others run the same ``main`` in this
+    process (5-7 s of imports and tokenizer less each)."""
+    from shardwise.cli import main
+    argv = ["generate", "--model", "smollm2-135m", "--tp", "1", "--prompt",
+            "What is the capital of France?", "--max-new-tokens", "12", "--json",
+            "--no-compile"]  # sampling, not compilation
+    out = subprocess.run([sys.executable, "-m", "shardwise.cli", *argv, "--stop", " is"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    greedy = json.loads(out.stdout)
+
     def gen(*extra):
-        out = subprocess.run([sys.executable, "-m", "shardwise.cli", "generate", "--model",
-                              "smollm2-135m", "--tp", "1", "--prompt",
-                              "What is the capital of France?", "--max-new-tokens", "12",
-                              "--json", "--no-compile", *extra],  # sampling, not compilation
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
-    greedy = gen("--stop", " is")
+        capsys.readouterr()
+        assert main([*argv, *extra]) == 0
+        return json.loads(capsys.readouterr().out)
     assert greedy["text"] == "The capital of France", greedy
     assert set(greedy) == {"text", "token_ids", "signals"}
     a = gen("--temperature", "5", "--top-p", "0.95", "--seed", "7")

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,15 @@ def load_tokenizer(source: ModelSource):
     if source.tokenizer is None:
         raise ValueError(f"model {source.name!r} has no tokenizer; give a checkpoint directory "
                          "with tokenizer files")
+    return _tokenizer(str(source.tokenizer))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    """Read once a process (about a second each): ``generate``'s checks and its rank 0 both
+    need it, and so do a server's front end and its grammars. Used read-only."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(source.tokenizer)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def build_model(source: ModelSource, *, group=None, sequence_parallel: bool = False,
