@@ -175,7 +175,10 @@ def test_disconnect_frees_blocks_and_metrics_move(server, client):
         assert len(lines) == 3, (lines, server.output()[-4000:])
         # the gauges follow the engine's reports, which reach the server beside the tokens (not
         # before them): wait for the report that shows the request's blocks, while it streams
-        used = server.wait_metric("shardwise_kv_blocks_used", lambda v: v > 0, timeout_s=10)
+        try:
+            used = server.wait_metric("shardwise_kv_blocks_used", lambda v: v > 0, timeout_s=10)
+        except AssertionError:
+            raise AssertionError((lines, server.metrics(), server.output()[-3000:]))
         assert used > 0
     # the connection is closed: the request is cancelled and its blocks come back
     server.wait_metric("shardwise_kv_blocks_used", lambda v: v == 0, timeout_s=30)
