@@ -167,12 +167,13 @@ def test_disconnect_frees_blocks_and_metrics_move(server, client):
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       json={"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 2000,
                             "temperature": 0, "stream": True, "ignore_eos": True}) as r:
-        lines = []
-        for line in r.iter_lines():
+        # hold the line iterator: a `for ... break` would drop it, and httpx closes the
+        # connection when its stream generator is finalized (the disconnect would come early)
+        it, lines = r.iter_lines(), []
+        while len(lines) < 3:
+            line = next(it, None)
+            assert line is not None, (lines, server.output()[-4000:])
             lines += [line] if line.startswith("data:") else []
-            if len(lines) >= 3:
-                break
-        assert len(lines) == 3, (lines, server.output()[-4000:])
         # the gauges follow the engine's reports, which reach the server beside the tokens (not
         # before them): wait for the report that shows the request's blocks, while it streams
         try:
@@ -180,6 +181,7 @@ def test_disconnect_frees_blocks_and_metrics_move(server, client):
         except AssertionError:
             raise AssertionError((lines, server.metrics(), server.output()[-3000:]))
         assert used > 0
+        it.close()
     # the connection is closed: the request is cancelled and its blocks come back
     server.wait_metric("shardwise_kv_blocks_used", lambda v: v == 0, timeout_s=30)
     server.wait_metric("shardwise_requests_running", lambda v: v == 0, timeout_s=30)

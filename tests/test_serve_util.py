@@ -29,7 +29,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        # unbuffered: a server that fails to start shows how far it got
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
         launch = [sys.executable]
         if torchrun:
             launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),

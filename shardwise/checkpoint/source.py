@@ -109,9 +109,14 @@ def load_tokenizer(source: ModelSource):
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str):
     """Read once a process (about a second each): ``generate``'s checks and its rank 0 both
-    need it, and so do a server's front end and its grammars. Used read-only."""
+    need it, and so do a server's front end and its grammars. Used read-only. Lengths are
+    checked against the model's context by the callers, with the numbers in the error, so the
+    tokenizer's own limit is lifted: it would only warn (on stderr, once) about a prompt that is
+    then refused anyway."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.model_max_length = int(1e30)  # transformers' own "no limit" (VERY_LARGE_INTEGER)
+    return tok
 
 
 def build_model(source: ModelSource, *, group=None, sequence_parallel: bool = False,

@@ -49,8 +49,12 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
+    """One build per source, CPU, torch and *place*: ninja rebuilds everything when the paths in
+    its commands change, so two checkouts (or two venvs) sharing a directory would each rebuild
+    it (minutes) every time the other had loaded last."""
+    where = f"{Path(__file__).resolve().parent}|{Path(torch.__file__).resolve().parent}"
     key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + _cpu_flags().encode() +
-                         torch.__version__.encode()).hexdigest()[:16]
+                         torch.__version__.encode() + where.encode()).hexdigest()[:16]
     return Path(os.path.expanduser("~/.cache/shardwise/kernels")) / f"linear-{key}"
 
 

@@ -223,6 +223,15 @@ PRESETS: dict[str, LlamaConfig] = {
                                        num_key_value_heads=3, rope_theta=100000.0,
                                        max_position_embeddings=8192, bos_token_id=1,
                                        eos_token_id=2),
+    # every matrix of SmolLM2-135M's shape (the same bytes a token reads) with 12 heads of 48 and
+    # 4 KV heads instead of 9 of 64 and 3: it splits evenly at tp=2 and 4, where SmolLM2's 9
+    # heads split 5/4 (rank 0 reads 51.7% of the weights at tp=2); random weights, for
+    # measuring how decode scales with tp apart from the head split
+    "smollm2-135m-even": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                     num_hidden_layers=30, num_attention_heads=12,
+                                     num_key_value_heads=4, rope_theta=100000.0,
+                                     max_position_embeddings=8192, bos_token_id=1,
+                                     eos_token_id=2),
     # Llama-3-8B's shape (Meta's model card / config.json)
     "llama-3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
