@@ -91,12 +91,13 @@ def _mixed(model, decodes=15, context=100, budget=256):
     return step
 
 
-def rank_main(tp: int, dtype: str, mode: str, steps: int, quant: str | None = None) -> dict:
+def rank_main(tp: int, dtype: str, mode: str, steps: int, quant: str | None = None,
+              model_name: str = "smollm2-135m") -> dict:
     from shardwise.checkpoint.source import build_model, resolve
     from shardwise.mesh import Mesh
     from shardwise.quant.config import QuantConfig
     mesh = Mesh.init(tp=tp)
-    model = build_model(resolve("smollm2-135m", dense=quant is None), group=mesh.tp_group,
+    model = build_model(resolve(model_name, dense=quant is None), group=mesh.tp_group,
                         dtype=getattr(torch, dtype),
                         quant=QuantConfig(quant) if quant else None).eval()
     prompt = list(range(1000, 1016))
@@ -128,15 +129,18 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--quant", choices=("int8", "int4"), default=None,
                    help="the GGUF kept quantized (--dtype: the activations)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (the real weights) or a preset, e.g. smollm2-135m-even "
+                   "(the same matrices, heads that split evenly at tp=2)")
     a = p.parse_args()
     from shardwise.launch import spawn
     print(open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"),
-          f"| {os.cpu_count()} CPUs | load {os.getloadavg()[0]:.2f} | mode {a.mode}")
+          f"| {os.cpu_count()} CPUs | load {os.getloadavg()[0]:.2f} | mode {a.mode} | {a.model}")
     print("| tp | dtype | step ms | matmul | other | collectives |")
     print("|---|---|---|---|---|---|")
     for tp in (int(t) for t in a.tp.split(",")):
         for dtype in a.dtype.split(","):
-            r = spawn(rank_main, tp, tp, dtype, a.mode, a.steps, a.quant)[0]
+            r = spawn(rank_main, tp, tp, dtype, a.mode, a.steps, a.quant, a.model)[0]
             pct = lambda k: f"{r[k]:.2f} ms ({100 * r[k] / r['step_ms']:.0f}%)"  # noqa: E731
             print(f"| {tp} | {dtype} | {r['step_ms']:.2f} | {pct('matmul_ms')} | "
                   f"{pct('other_ms')} | {pct('collectives_ms')} |", flush=True)
