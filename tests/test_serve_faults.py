@@ -5,10 +5,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import httpx
 import pytest
 
+from shardwise.launch import free_port
 from test_serve_util import Server
 
 MODEL = "debug"
@@ -77,3 +81,50 @@ def test_bad_server_arguments_fail_fast():
         Server("--model", "no-such-model", "--tp", "1", timeout_s=60)
     with pytest.raises(RuntimeError, match="query heads|KV heads|tp="):
         Server("--model", MODEL, "--tp", "7", timeout_s=60)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_exit_when_their_server_is_killed_while_they_load():
+    """A server SIGKILLed while its workers still load: they finish loading, find it gone and
+    exit (a worker that read its parent only after loading read init's pid and served nothing,
+    forever, holding the model's memory)."""
+    proc = subprocess.Popen([sys.executable, "-m", "shardwise.serve", "--model", MODEL, "--tp",
+                             "2", "--no-compile", "--port", str(free_port())],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, kids = time.monotonic() + 60, []
+        while len(kids) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            kids = [k for k in _children(proc.pid)
+                    if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read()]
+            time.sleep(0.05)
+        assert len(kids) == 2, kids
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and any(_running(k) for k in kids):
+        time.sleep(0.2)
+    alive = [k for k in kids if _running(k)]
+    for k in alive:
+        os.kill(k, signal.SIGKILL)
+    assert not alive, f"workers {alive} still running 90 s after their server was killed"

@@ -71,7 +71,7 @@ class EngineClient:
             self._cmd, self._evt = ctx.Queue(), ctx.Queue()
             port = free_port()
             self.procs = [ctx.Process(target=worker_main, daemon=True, name=f"shardwise-tp{r}",
-                                      args=(r, cfg, port, self._cmd, self._evt))
+                                      args=(r, cfg, port, self._cmd, self._evt, os.getpid()))
                           for r in range(cfg.world)]
         self.info: dict[str, Any] = {}
         self.phases = ["start"] * len(self.procs)

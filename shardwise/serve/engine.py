@@ -297,9 +297,10 @@ def _add(req: Request, sched: Scheduler, grammars: Grammars, *, vocab: int,
 
 
 def _lead(runner: Runner, sched: Scheduler, grammars: Grammars, group, cmd_q, evt_q,
-          profile: bool, context: int) -> None:
-    """Rank 0: take commands, schedule, broadcast, run, report."""
-    parent, stopping, dev = os.getppid(), False, runner.cache.device
+          profile: bool, context: int, parent: int) -> None:
+    """Rank 0: take commands, schedule, broadcast, run, report; stop when ``parent`` (the
+    process that launched this one) is gone."""
+    stopping, dev = False, runner.cache.device
     groups = Groups(runner.ep) if runner.ep > 1 else None
     while True:
         cmds = _drain(cmd_q, block=not sched.has_work())
@@ -372,21 +373,26 @@ def _follow(runner: Runner, group) -> None:
                 raise
 
 
-def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q) -> None:
-    """Entry point of TP worker ``rank``, a process the server spawned: it gets torchrun's
-    environment from here, then runs :func:`run_rank`."""
+def worker_main(rank: int, cfg: EngineConfig, port: int, cmd_q, evt_q,
+                server: int | None = None) -> None:
+    """Entry point of TP worker ``rank``, a process the server (pid ``server``) spawned: it gets
+    torchrun's environment from here, then runs :func:`run_rank`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(cfg.world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(cfg.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from ..affinity import pin
     pin(rank, cfg.world)  # before loading: the weights land in this rank's NUMA node
-    run_rank(cfg, cmd_q, evt_q)
+    run_rank(cfg, cmd_q, evt_q, parent=server)
 
 
-def run_rank(cfg: EngineConfig, cmd_q, evt_q) -> None:
+def run_rank(cfg: EngineConfig, cmd_q, evt_q, *, parent: int | None = None) -> None:
     """One TP rank of the engine, on the ranks of the launcher's environment (a spawned worker or
     a torchrun process). Rank 0 serves ``cmd_q`` / ``evt_q``; the other ranks follow it (their
-    queues are unused: ``None`` under torchrun, where a failure is this process's exit)."""
+    queues are unused: ``None`` under torchrun, where a failure is this process's exit).
+    ``parent``: the process whose exit ends this one (default: this one's parent *now*; a
+    spawned worker is told the server's pid, since loading can outlast a killed server, and a
+    parent read after that would be init's)."""
+    parent = os.getppid() if parent is None else parent
     from .. import failure
     from ..checkpoint.source import build_model, load_tokenizer, resolve
     from ..mesh import Mesh, launch_env, pick_dtype
@@ -445,7 +451,8 @@ def run_rank(cfg: EngineConfig, cmd_q, evt_q) -> None:
                                  "dtype": str(cache.dtype).removeprefix("torch."),
                                  "pids": pids}))
             with failure.phase("serve"):
-                _lead(runner, sched, grammars, plans, cmd_q, evt_q, cfg.profile, context)
+                _lead(runner, sched, grammars, plans, cmd_q, evt_q, cfg.profile, context,
+                      parent)
     except BaseException as exc:  # noqa: BLE001 - reported to the server (once); die non-zero
         failure.report(exc)
         raise
