@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from shardwise.launch import free_port
-from test_serve_util import Server
+from test_serve_util import Server, proc_stat
 
 MODEL = "debug"
 
@@ -83,22 +83,22 @@ def test_bad_server_arguments_fail_fast():
         Server("--model", MODEL, "--tp", "7", timeout_s=60)
 
 
-def _children(pid: int) -> list[int]:
+def _workers(pid: int) -> list[int]:
+    """The multiprocessing workers ``pid`` spawned (not its resource tracker)."""
     out = []
-    for d in os.listdir("/proc"):
+    for d in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{d}/stat") as f:
-                if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d))
-        except (OSError, ValueError, IndexError):
+            if int(proc_stat(int(d))[1]) == pid and \
+                    b"spawn_main" in open(f"/proc/{d}/cmdline", "rb").read():
+                out.append(int(d))
+        except OSError:  # it exited meanwhile
             pass
     return out
 
 
 def _running(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+        return proc_stat(pid)[0] != "Z"  # a zombie has exited
     except OSError:
         return False
 
@@ -114,8 +114,7 @@ def test_workers_exit_when_their_server_is_killed_while_they_load():
     try:
         deadline, kids = time.monotonic() + 60, []
         while len(kids) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            kids = [k for k in _children(proc.pid)
-                    if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read()]
+            kids = _workers(proc.pid)
             time.sleep(0.05)
         assert len(kids) == 2, kids
     finally:

@@ -16,6 +16,12 @@ from shardwise.launch import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name: ``[state, ppid, ...]``."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 class Server:
     """``python -m shardwise.serve ARGS``; with ``torchrun=N``, under ``torchrun
     --nproc-per-node N`` (``proc`` is then torchrun's agent, the ranks its children).

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from shardwise.launch import free_port
-from test_serve_util import ROOT, Server
+from test_serve_util import ROOT, Server, proc_stat
 
 MODEL, PROMPT, SEED, NEW = "debug", "Tell me about rivers", 3, 6
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -36,11 +36,6 @@ def spawned():
     out = generate(job)
     return {"ids": ids, "token_ids": out[0]["token_ids"], "text": out[0]["text"],
             "ppids": [r["signals"]["ppid"] for r in out]}
-
-
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def test_generate_under_torchrun_uses_its_ranks(spawned):
@@ -70,7 +65,7 @@ def test_serve_under_torchrun_rank0_hosts_http(spawned):
         health = httpx.get(s.url + "/health", timeout=10).json()
         assert health["status"] == "ok" and health["tp"] == 2
         assert len(set(health["workers"])) == 2
-        assert [_ppid(p) for p in health["workers"]] == [s.proc.pid] * 2
+        assert [int(proc_stat(p)[1]) for p in health["workers"]] == [s.proc.pid] * 2
         r = httpx.post(s.url + "/v1/completions", timeout=120, json={
             "model": MODEL, "prompt": spawned["ids"], "max_tokens": NEW, "temperature": 1.0,
             "seed": SEED})
