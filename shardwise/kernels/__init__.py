@@ -15,8 +15,8 @@ the shared-memory all-reduce of :mod:`shardwise.shm` without Python in the loop
 (``shardwise::shm_all_reduce``), ``sample.cpp`` the greedy pick over a row of logits
 (``shardwise::row_argmax``, :mod:`shardwise.sampling`);
 ``pieces.cpp`` the eager step's RMSNorm, SiLU-and-multiply and rope (:func:`native_pieces`);
-``simd.h`` what they share. They are compiled with the C++ compiler torch.compile
-already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the
+``simd.h`` what they share. They are compiled as two translation units (``small.cpp`` holds
+all but ``linear.cpp``) with the C++ compiler torch.compile already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the
 source and this CPU's flags) through ``torch.utils.cpp_extension``; its threads are torch's
 intra-op threads (the one OpenMP runtime torch loaded). Where it cannot be built or the CPU
 lacks the instructions, :func:`linear` is plain ``F.linear``.
@@ -33,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in (
-    "linear.cpp", "qlinear.cpp", "attention.cpp", "shm.cpp", "sample.cpp", "pieces.cpp"))
-HEADERS = (Path(__file__).with_name("simd.h"),)
+# two translation units: linear.cpp, and small.cpp, which includes the other five (torch's headers
+# are parsed once for them: 14 s of a file's build here)
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("linear.cpp", "small.cpp"))
+HEADERS = tuple(Path(__file__).with_name(f) for f in (
+    "simd.h", "qlinear.cpp", "attention.cpp", "shm.cpp", "sample.cpp", "pieces.cpp"))
 MAX_ROWS = 16          # above this many rows a GEMM (oneDNN/MKL) wins: F.linear
 _STATE: dict[str, object] = {}
 
