@@ -53,10 +53,11 @@ def assert_same_or_near_tie(got, expect, gaps, label):
     assert len(got) == len(expect), f"{label}: {len(got)} tokens vs {len(expect)}"
 
 
-# tp=2 splits SmolLM2's 9 query and 3 KV heads unevenly (5 + 4, 2 + 1), and compiles in half
-# the time of tp=3 (an even split; test_serve's tp3-answers-as-tp2 covers it). tp=1 runs the step
-# eager (--no-compile), tp=2 compiled: both paths against transformers (compiled == eager is
-# test_compiled_step's), without a second compile in CI's budget.
+# tp=1 runs the compiled step (what `shardwise generate` runs: bucket 1), tp=2 the eager one
+# (--no-compile) with SmolLM2's 9 query and 3 KV heads split unevenly (5 + 4, 2 + 1): both paths
+# against transformers. Compiled == eager is test_compiled_step's (on random models, an uneven
+# split among them); one compile of SmolLM2 here, in one process: two ranks compiling their
+# halves cost CI twice the CPU (165 s against ~80 s cold).
 # Both prompts in one launch of the ranks (a launch, its imports and its first compile cost
 # more than a generation here): the same run_generation that ``generate`` spawns, twice a rank.
 def generate_each(jobs):
@@ -71,7 +72,7 @@ def test_greedy_generation_matches_transformers(smollm2, reference, tp):
     from shardwise.sampling import SamplingParams
     source, tok = smollm2
     jobs = [GenerateJob("smollm2-135m", tp, ids, SamplingParams(max_tokens=N_TOKENS), stream=None,
-                        eos_ids=source.config.eos_ids, compile=tp > 1)
+                        eos_ids=source.config.eos_ids, compile=tp == 1)
             for ids, _, _ in reference.values()]
     by_rank = spawn(generate_each, tp, jobs) if tp > 1 else [generate_each(jobs)]
     for i, (prompt, (ids, expect, gaps)) in enumerate(reference.items()):
