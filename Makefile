@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/shardwise generate --model smollm2-135m --tp 3 --prompt "What is the capital of France?"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -x -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 clean:
 	rm -rf $(VENV) build *.egg-info
