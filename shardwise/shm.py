@@ -110,14 +110,16 @@ class ShmCommunicator:
 
     def _wait(self, phase: int, op: str) -> None:
         row, target = self.flags[phase], self.seq
-        spins, start = 0, None
+        spins, start, checked = 0, None, 0.0
         while row.min() < target:
             spins += 1
             if spins > 64:
                 os.sched_yield()
-            if spins % 4096 == 0:
-                start = start or time.monotonic()
-                self._check_peers(row, target, op, time.monotonic() - start)
+                now = time.monotonic()
+                start = start or now
+                if now - checked >= 0.05:  # by the clock: a yield may last a whole time slice
+                    checked = now
+                    self._check_peers(row, target, op, now - start)
 
     def _check_peers(self, row, target, op, waited) -> None:
         late = [r for r in range(self.t) if row[r] < target]

@@ -74,7 +74,8 @@ std::string rank_list(const std::vector<int64_t>& ranks) {
 
 // Until every rank raised flag `phase` to this call's number. Spins with pause a little (a
 // pinned peer arrives within microseconds), then yields the core (a shared core's other rank
-// needs it); every 4096 rounds it checks for dead peers and the timeout.
+// needs it); every 50 ms of waiting it checks for dead peers and the timeout (by the clock: on a
+// loaded machine a yield can last a whole time slice, so a count of yields measures no time).
 void wait(const Segment& g, int phase) {
   const int64_t target = *g.seq;
   const int64_t* row = g.flags(phase);
@@ -84,13 +85,15 @@ void wait(const Segment& g, int phase) {
     return true;
   };
   uint64_t spins = 0;
-  auto start = std::chrono::steady_clock::time_point{};
+  auto start = std::chrono::steady_clock::time_point{}, checked = start;
   while (!arrived()) {
     if (++spins < 256) { _mm_pause(); continue; }
     sched_yield();
-    if (spins % 4096 != 0) continue;
+    if (spins % 16 != 0) continue;
     auto now = std::chrono::steady_clock::now();
-    if (start == std::chrono::steady_clock::time_point{}) start = now;
+    if (start == std::chrono::steady_clock::time_point{}) start = checked = now;
+    if (now - checked < std::chrono::milliseconds(50)) continue;
+    checked = now;
     std::vector<int64_t> late, dead, dead_pids;
     for (int64_t r = 0; r < g.t; ++r)
       if (__atomic_load_n(row + r, __ATOMIC_ACQUIRE) < target) late.push_back(r);
