@@ -25,11 +25,11 @@ def pool():
 # fresh clone, 2026-12-03); files not named follow in their usual order. Scheduling only: no
 # test depends on where or when it runs.
 LONGEST_FIRST = (
-    "test_serve_hardening.py", "test_compiled_step.py", "test_serve_faults.py", "test_serve.py",
-    "test_serve_prefix.py", "test_real_model.py", "test_serve_openai.py", "test_gguf.py",
-    "test_families.py", "test_train_cli.py", "test_torchrun_entry.py", "test_failures.py",
-    "test_sampling.py", "test_model.py", "test_core.py", "test_train.py", "test_train_zero.py",
-    "test_convert_cli.py", "test_bench.py", "test_quant_ckpt.py",
+    "test_serve.py", "test_compiled_step.py", "test_real_model.py", "test_serve_faults.py",
+    "test_gguf.py", "test_serve_prefix.py", "test_serve_openai.py", "test_train.py",
+    "test_families.py", "test_failures.py", "test_torchrun_entry.py", "test_model.py",
+    "test_sampling.py", "test_train_zero.py", "test_core.py", "test_serve_hardening.py",
+    "test_comm_backend.py", "test_convert_cli.py", "test_bench.py", "test_quant_ckpt.py",
 )
 
 

@@ -1,4 +1,5 @@
-"""The real server (SmolLM2-135M, tp=2) through the official ``openai`` client and raw HTTP.
+"""The real server (SmolLM2-135M, tp=2) through the official ``openai`` client and raw HTTP;
+the compiled server against the eager one on the tiny model.
 
 One server for the module; every loop is bounded in count and time.
 """
@@ -30,8 +31,8 @@ def client(server):
 
 
 def chat(client, content: str, **kw):
-    return client.chat.completions.create(model=MODEL, messages=[{"role": "user",
-                                                                  "content": content}], **kw)
+    return client.chat.completions.create(**{"model": MODEL, **kw},
+                                          messages=[{"role": "user", "content": content}])
 
 
 def test_models_health_chat_completion_streams(server, client):
@@ -210,3 +211,28 @@ def test_tp3_answers_as_tp2(client):
         assert len(set(workers)) == 3 and s.proc.pid not in workers, workers
     finally:
         s.close()
+
+
+def test_compiled_server_answers_as_eager():
+    """The compiled server (the CPU default) on the tiny random model: its decode graphs built at
+    start-up (one for a batch of one, one for every larger bucket), and the eager server's greedy
+    answers for requests in flight together (decode batches of 2-4: the larger graph; prompts in
+    eager mixed steps). tp=1: compiled == eager across ranks is test_compiled_step's."""
+    args = ("--model", "debug", "--tp", "1", "--max-seqs", "4", "--kv-tokens", "1024")
+    texts = [f"request {i}: " + "word " * (3 * i) for i in range(4)]
+    answers = {}
+    for compiled in (True, False):
+        s = Server(*args, compile=compiled)
+        try:
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", timeout=120, max_retries=0)
+            with cf.ThreadPoolExecutor(len(texts)) as ex:
+                answers[compiled] = list(ex.map(
+                    lambda t: chat(c, t, model="debug", temperature=0, max_tokens=16)
+                    .choices[0].message.content, texts))
+            log = s.output()
+        finally:
+            s.close()
+        if compiled:
+            assert " 2 decode graphs ready" in log, log
+    assert answers[True] == answers[False]
+    assert all(answers[True]), answers

@@ -29,8 +29,8 @@ FUZZ = settings(deadline=None, database=None, derandomize=True, print_blob=False
 @pytest.fixture(scope="module")
 def server():
     s = Server("--model", MODEL, "--tp", "2", "--api-key", KEY, "--max-seqs", "4",
-               "--max-queue", "2", "--max-prompt-tokens", "200", "--kv-tokens", "1024",
-               compile=True)  # the compiled server (three batch buckets of a tiny model)
+               "--max-queue", "2", "--max-prompt-tokens", "200", "--kv-tokens", "1024")
+    # eager steps: what is hardened is the server; the compiled one is test_serve's
     yield s
     s.close()
 
