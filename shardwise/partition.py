@@ -23,9 +23,12 @@ def _check(total: int, parts: int, unit: str) -> None:
             f"use tp <= {total}")
 
 
-def split_sizes(total: int, parts: int, *, unit: str = "units") -> list[int]:
-    """Sizes of ``parts`` contiguous pieces of ``total`` units, as even as possible."""
-    _check(total, parts, unit)
+def split_sizes(total: int, parts: int, *, unit: str = "units",
+                empty_ok: bool = False) -> list[int]:
+    """Sizes of ``parts`` contiguous pieces of ``total`` units, as even as possible.
+    ``empty_ok`` allows pieces of none (the planner scores layouts a model cannot take)."""
+    if parts < 1 or not empty_ok:
+        _check(total, parts, unit)
     base, extra = divmod(total, parts)
     return [base + (1 if r < extra else 0) for r in range(parts)]
 

@@ -6,7 +6,8 @@ import pytest
 from shardwise.planner.gpus import GPUS, get_gpu, intra_link
 from shardwise.planner.memory import GiB, matrix_bytes
 from shardwise.planner.model_catalog import MODELS, get_model
-from shardwise.planner.models import kv_heads_per_rank, layer_params_per_rank, split_sizes
+from shardwise.partition import split_sizes
+from shardwise.planner.models import kv_heads_per_rank, layer_params_per_rank
 
 # Exact counts: each checkpoint's model.safetensors.index.json total_size / 2 (bf16) on the Hub.
 EXACT = {
@@ -92,6 +93,7 @@ def test_gpu_short_forms_and_link_rates():
 
 def test_head_partitions():
     assert split_sizes(9, 2) == [5, 4]
+    assert split_sizes(3, 4, empty_ok=True) == [1, 1, 1, 0]  # a layout the planner rules out
     smol = get_model("smollm2-135m")  # 9 query heads, 3 KV heads
     assert kv_heads_per_rank(smol, 3) == 1
     assert kv_heads_per_rank(smol, 2) == 2  # rank 0 has q heads 0-4 -> KV heads 0, 1

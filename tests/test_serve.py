@@ -229,10 +229,14 @@ def test_compiled_server_answers_as_eager():
                 answers[compiled] = list(ex.map(
                     lambda t: chat(c, t, model="debug", temperature=0, max_tokens=16)
                     .choices[0].message.content, texts))
-            log = s.output()
+            log, m = s.output(), s.metrics()
         finally:
             s.close()
         if compiled:
             assert " 2 decode graphs ready" in log, log
+            # fewer decode steps than tokens they made: batches above one, the larger graph ran
+            count = lambda name: sum(v for k, v in m.items() if k.startswith(f"shardwise_{name}"))
+            decode_steps = count("engine_steps_total") - count("engine_mixed_steps_total")
+            assert 0 < decode_steps < count("generation_tokens_total") - len(texts), m
     assert answers[True] == answers[False]
     assert all(answers[True]), answers

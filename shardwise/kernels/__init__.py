@@ -16,10 +16,11 @@ the shared-memory all-reduce of :mod:`shardwise.shm` without Python in the loop
 (``shardwise::row_argmax``, :mod:`shardwise.sampling`);
 ``pieces.cpp`` the eager step's RMSNorm, SiLU-and-multiply and rope (:func:`native_pieces`);
 ``simd.h`` what they share. They are compiled as two translation units (``small.cpp`` holds
-all but ``linear.cpp``) with the C++ compiler torch.compile already needs on CPU (``-march=native -fopenmp``; the build directory is keyed by the
-source and this CPU's flags) through ``torch.utils.cpp_extension``; its threads are torch's
-intra-op threads (the one OpenMP runtime torch loaded). Where it cannot be built or the CPU
-lacks the instructions, :func:`linear` is plain ``F.linear``.
+all but ``linear.cpp``) with the C++ compiler torch.compile already needs on CPU
+(``-march=native -fopenmp``; the build directory is keyed by the source and this CPU's flags)
+through ``torch.utils.cpp_extension``; its threads are torch's intra-op threads (the one OpenMP
+runtime torch loaded). Where it cannot be built or the CPU lacks the instructions,
+:func:`linear` is plain ``F.linear``.
 """
 from __future__ import annotations
 

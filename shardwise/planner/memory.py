@@ -68,8 +68,9 @@ from dataclasses import dataclass, fields
 from . import moe
 from ..quant.config import DEFAULT_GROUP
 from ..quant.grid import kernel_bytes
+from ..partition import split_sizes
 from .models import (ModelSpec, heads_per_rank, kv_heads_per_rank, layer_params_per_rank,
-                     layers_per_stage, matmul_params_per_rank, split_sizes, vocab_rows_per_rank)
+                     layers_per_stage, matmul_params_per_rank, vocab_rows_per_rank)
 
 GiB = 2**30
 RUNTIME_BYTES = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers
@@ -250,7 +251,7 @@ def _mlp_columns(m: ModelSpec, tp: int, group: int) -> int:
     """Rank 0's MLP columns: split on multiples of the quantization group (``aligned_sizes``)."""
     while group > 1 and -(-m.ffn // group) < tp:
         group //= 2
-    return split_sizes(-(-m.ffn // group), tp)[0] * group
+    return split_sizes(-(-m.ffn // group), tp, empty_ok=True)[0] * group
 
 
 def quantized_weight_bytes(m: ModelSpec, *, tp: int, pp: int, precision: str,
@@ -261,7 +262,7 @@ def quantized_weight_bytes(m: ModelSpec, *, tp: int, pp: int, precision: str,
     group = DEFAULT_GROUP[precision] if group is None else group
     h, hd = m.hidden, m.hd
     q, k = heads_per_rank(m, tp) * hd, kv_heads_per_rank(m, tp) * hd
-    f = _mlp_columns(m, tp, group) if group else split_sizes(m.ffn, tp)[0]
+    f = _mlp_columns(m, tp, group) if group else split_sizes(m.ffn, tp, empty_ok=True)[0]
     mat = lambda n, cols: kernel_bytes(n, cols, group or cols, 0, act_bytes=act_bytes,  # noqa: E731
                                        method=precision)
     layer = mat(q + 2 * k, h) + mat(h, q) + mat(2 * f, h) + mat(h, f) + 2 * h * act_bytes

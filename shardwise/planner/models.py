@@ -30,6 +30,8 @@ import math
 import os
 from dataclasses import dataclass, replace
 
+from ..partition import split_sizes
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -144,14 +146,9 @@ class ModelSpec:
 
 
 # -- what one TP rank holds ------------------------------------------------------------------
-def split_sizes(n: int, t: int) -> list[int]:
-    """Split n units over t ranks as evenly as possible: split_sizes(9, 2) == [5, 4]."""
-    return [n // t + (1 if r < n % t else 0) for r in range(t)]
-
-
 def heads_per_rank(m: ModelSpec, tp: int) -> int:
     """Most query heads on any rank."""
-    return max(split_sizes(m.heads, tp))
+    return max(split_sizes(m.heads, tp, empty_ok=True))
 
 
 def kv_heads_per_rank(m: ModelSpec, tp: int) -> int:
@@ -163,7 +160,7 @@ def kv_heads_per_rank(m: ModelSpec, tp: int) -> int:
         return m.kv_heads // tp
     group = m.heads // m.kv_heads  # query heads per KV head
     most, start = 0, 0
-    for n in split_sizes(m.heads, tp):
+    for n in split_sizes(m.heads, tp, empty_ok=True):
         if n:
             most = max(most, (start + n - 1) // group - start // group + 1)
         start += n
